@@ -203,11 +203,12 @@ class HttpClient:
     async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                       json_body: Any = None, data: Any = None, headers: Mapping[str, str] | None = None,
                       ok: tuple[int, ...] = (200, 201, 202, 204), retry: bool | None = None,
-                      allow_redirects: bool = False) -> Response:
+                      allow_redirects: bool = False, timeout: aiohttp.ClientTimeout | None = None) -> Response:
         """Send one API request (body read whole, bounded) and return it if its status is in `ok`.
 
         Non-idempotent methods are retried only when the caller says so: a POST that reached the
-        server must not be repeated blindly.
+        server must not be repeated blindly. `timeout` overrides the API timeout for calls the
+        server legitimately holds open (a synchronous build).
         """
         url = self.url(path)
         if retry is None:
@@ -217,7 +218,8 @@ class HttpClient:
             self.requests_made += 1
             try:
                 async with self.session.request(method, url, params=params, json=json_body, data=data,
-                                                headers=headers, allow_redirects=allow_redirects) as resp:
+                                                headers=headers, allow_redirects=allow_redirects,
+                                                **({"timeout": timeout} if timeout else {})) as resp:
                     body = await resp.content.read(MAX_API_BODY + 1)
                     if len(body) > MAX_API_BODY:
                         raise ProtocolError(self.service, "answer too large", status=resp.status,

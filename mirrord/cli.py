@@ -1,0 +1,217 @@
+"""The `mirrord` command. Parses arguments, loads config, hands over to the daemon or a view.
+
+Exit codes: 0 done, 1 something failed (listed), 2 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from mirrord import __version__, logsetup
+from mirrord.config import Config, ConfigError, load_config
+
+log = structlog.get_logger("mirrord.cli")
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    logsetup.configure(args.log_level or config.log.level, args.log_format or config.log.format)
+    for warning in config.warnings:
+        log.warning("config.warning", problem=warning)
+    return config
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    for warning in config.warnings:
+        print(f"warning: {warning}")
+    enabled = config.enabled_jobs()
+    print(f"configuration OK; jobs enabled: {', '.join(enabled) if enabled else 'none'}")
+    if not enabled:
+        print("warning: no job is enabled, mirrord would do nothing")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def main() -> int:
+        from mirrord.daemon import Mirrord, install_signal_handlers
+        from mirrord.web import WebServer, make_app
+
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        async with Mirrord(config, migrate_schema=not args.no_migrate) as app:
+            server = None
+            if config.web.enabled:
+                token = config.web.token.get_secret_value() if config.web.token else None
+                server = WebServer(make_app(app, token=token), config.web.listen, config.web.port)
+                url = await server.start()
+                log.info("web.listening", url=url)
+            try:
+                await app.run_forever(stop)
+            finally:
+                if server is not None:
+                    await server.stop()
+        return EXIT_OK
+
+    return _run_async(main())
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def main() -> int:
+        from mirrord.daemon import Mirrord
+        from mirrord.progress import terminal_progress
+
+        with terminal_progress() as progress:
+            async with Mirrord(config, progress=progress) as app:
+                outcome = await app.run_once(horizon=args.wait)
+        for line in outcome.attention:
+            print(f"needs attention: {line}")
+        for line in outcome.failed:
+            print(f"failed: {line}")
+        print(f"mirrord once: {outcome.passes} pass(es); {len(outcome.failed)} failed, "
+              f"{len(outcome.attention)} need attention")
+        return outcome.exit_code
+
+    return _run_async(main())
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def main() -> int:
+        from mirrord.store import Store, migrate
+
+        store = Store(config.daemon.resolved_database_url)
+        try:
+            if args.db_command == "upgrade":
+                before, after = await migrate.upgrade(store)
+                print(f"schema {before or 'empty'} -> {after}")
+            elif args.db_command == "current":
+                current = await migrate.current_revision(store)
+                head = migrate.head_revision()
+                print(f"{current or 'empty'} (head: {head}{', up to date' if current == head else ''})")
+            elif args.db_command == "revision":
+                await migrate.autogenerate(store, args.message)
+        finally:
+            await store.close()
+        return EXIT_OK
+
+    return _run_async(main())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def main() -> int:
+        from mirrord.status_page import summary
+        from mirrord.store import Store
+        from mirrord.views import print_status
+
+        store = Store(config.daemon.resolved_database_url)
+        try:
+            data = await summary(store)
+        finally:
+            await store.close()
+        if args.json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            print_status(data)
+        return EXIT_OK
+
+    return _run_async(main())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mirrord.demo import run_demo
+
+    logsetup.configure(args.log_level or "warning", args.log_format or "auto")
+    return _run_async(run_demo(keep=args.keep, state_dir=args.state_dir))
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from mirrord.demo import run_emulators
+
+    logsetup.configure(args.log_level or "info", args.log_format or "auto")
+    return _run_async(run_emulators(data_dir=args.data_dir, port=args.port, fault_rate=args.fault_rate))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "once": cmd_once, "check-config": cmd_check_config, "db": cmd_db, "status": cmd_status,
+    "demo": cmd_demo, "emulate": cmd_emulate,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirrord", description="Keeps fragment-screening data moving between "
+                                     "Fragalysis, ISPyB, PDIS and Design Hub.")
+    parser.add_argument("--version", action="version", version=f"mirrord {__version__}")
+    parser.add_argument("-c", "--config", help="TOML config file (default: $MIRRORD_CONFIG, then "
+                        "/etc/mirrord/mirrord.toml; environment MIRRORD_<SECTION>__<KEY> overrides any key)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["auto", "console", "json", "journald"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run as a daemon: poll on schedules until SIGTERM")
+    run.add_argument("--no-migrate", action="store_true",
+                     help="do not migrate the schema; refuse to start unless it is current (replicas)")
+    once = sub.add_parser("once", help="do all work that can progress now, then exit (0 done, 1 failures)")
+    once.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="also wait for retries and status checks due within this many seconds")
+    sub.add_parser("check-config", help="validate the configuration; print every problem (exit 2)")
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="migrate the schema to the newest revision")
+    db_sub.add_parser("current", help="show the schema revision")
+    rev = db_sub.add_parser("revision", help="(developers) autogenerate a migration from the models")
+    rev.add_argument("-m", "--message", required=True)
+    status = sub.add_parser("status", help="what mirrord did and what needs a person")
+    status.add_argument("--json", action="store_true")
+    demo = sub.add_parser("demo", help="run the whole pipeline against built-in emulators (no setup needed)")
+    demo.add_argument("--keep", action="store_true", help="keep emulators and status page running afterwards")
+    demo.add_argument("--state-dir", help="where to keep the demo's state (default: a temporary directory)")
+    emulate = sub.add_parser("emulate", help="serve the four emulators on loopback for trying a real config")
+    emulate.add_argument("--data-dir", help="where the emulated raw data is written (default: temporary)")
+    emulate.add_argument("--port", type=int, default=0, help="first port (default: free ports)")
+    emulate.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests that fail")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"mirrord: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from mirrord.lock import AlreadyRunning
+        from mirrord.store.migrate import SchemaError
+
+        if isinstance(exc, AlreadyRunning | SchemaError):
+            print(f"mirrord: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Typed settings from a TOML file plus `MIRRORD_<SECTION>__<KEY>` environment overrides.
+
+Every problem is reported at once, each naming its key, so an operator fixes a config in one go.
+Secrets are read from `*_file` keys or the environment only, held as `SecretStr` (masked in `repr`)
+and registered with the redactor so no log line or exception can carry them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mirrord.redact import register_secret
+
+DEFAULT_CONFIG_PATH = Path("/etc/mirrord/mirrord.toml")
+ENV_PREFIX = "MIRRORD_"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """`"90s"`, `"10m"`, `"6h"`, `"2d"` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '90s', '10m' or '6h'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"expected a duration like '90s', '10m' or '6h', got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class ConfigError(Exception):
+    """The configuration is wrong. `problems` holds one line per mistake, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class JobSection(Section):
+    """What every job shares: a switch, a schedule and its upstream URL."""
+
+    enabled: bool = False
+    url: str = ""
+    interval: Duration = 900.0
+    jitter: Duration = 30.0
+    cron: str | None = Field(default=None, description="crontab expression; overrides interval")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(v)
+            except ValueError as exc:
+                raise ValueError(f"not a valid crontab expression: {exc}") from None
+        return v or None
+
+    @model_validator(mode="after")
+    def _enabled_needs_url(self) -> JobSection:
+        if self.enabled and not self.url:
+            raise ValueError("url is required when the job is enabled")
+        return self
+
+
+class DaemonSection(Section):
+    state_dir: Path = Field(default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "/var/lib/mirrord")))
+    database_url: str = ""  # default: SQLite in state_dir
+    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    shutdown_grace: Duration = 60.0
+    lease: Duration = 300.0  # how long a claimed item stays ours without a heartbeat
+    max_attempts: int = Field(default=10, ge=1)  # before an item gives up and needs a person
+    retry_base: Duration = 60.0  # backoff of failed items: base * 2^attempts, capped
+    retry_max: Duration = 6 * 3600.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _db(cls, v: str) -> str:
+        if v and not v.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return v
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'mirrord.db'}"
+
+
+class LogSection(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json", "journald"] = "auto"
+
+
+class WebSection(Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: int = Field(default=8787, ge=0, le=65535)
+    token: SecretStr | None = None  # from token_file or MIRRORD_WEB__TOKEN
+    token_file: Path | None = None
+    public_url: str = ""  # how links in notifications refer to the status page
+
+
+class NotifySection(Section):
+    webhook_url: str = ""
+    timeout: Duration = 10.0
+
+
+class TargetSpec(Section):
+    name: str
+    tas: str
+    all_aligned_structures: bool = True
+    metadata_info: bool = True
+    pdb_info: bool = True  # crystallographic files
+    cif_info: bool = False
+    mtz_info: bool = False
+    map_info: bool = False
+    event_file: bool = False
+    diff_file: bool = False
+    sigmaa_file: bool = False
+    single_sdf_file: bool = True
+    trans_matrix_info: bool = False
+
+    @field_validator("tas")
+    @classmethod
+    def _tas(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z]{2}\d+-\d+", v):
+            raise ValueError("a Target Access String looks like 'lb32627-66' (code, number, '-', visit)")
+        return v
+
+    def download_options(self) -> dict[str, bool]:
+        return self.model_dump(exclude={"name", "tas"})
+
+
+class FragalysisSection(JobSection):
+    url: str = "https://fragalysis.diamond.ac.uk"
+    token: SecretStr | None = None  # sessionid; from token_file or MIRRORD_FRAGALYSIS__TOKEN
+    token_file: Path | None = None
+    bearer_token: SecretStr | None = None
+    bearer_token_file: Path | None = None
+    targets: list[TargetSpec] = Field(default_factory=list)
+    all_visible: bool = False
+    mirror_root: Path | None = None  # default: <state_dir>/mirror
+    settle: Duration = 600.0
+    keep_versions: int = Field(default=3, ge=1)
+    identity_check: Duration = 4 * 3600.0
+    max_archive_bytes: int = Field(default=50 * 1024**3, gt=0)
+    max_members: int = Field(default=200_000, gt=0)
+
+
+class IspybSection(JobSection):
+    plugin: str = "dummy"
+    login: str = ""
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    token: SecretStr | None = None  # e.g. a Keycloak access token for keycloak plugins
+    token_file: Path | None = None
+    proposals: list[str] = Field(default_factory=list)
+    beamlines: list[str] = Field(default_factory=list)
+    lookback: Duration = 30 * 86400.0
+    quiet_period: Duration = 600.0
+    missing_deadline: Duration = 2 * 86400.0
+    path_map: dict[str, str] = Field(default_factory=dict)  # facility prefix -> local mount
+    link_rule: Literal["sample_is_experiment_code", "none"] = "sample_is_experiment_code"
+
+    @model_validator(mode="after")
+    def _scope(self) -> IspybSection:
+        if self.enabled and not (self.proposals or self.beamlines):
+            raise ValueError("list at least one of proposals or beamlines to follow")
+        if self.enabled and not self.login:
+            raise ValueError("login is required when the job is enabled")
+        return self
+
+
+class BeamlineOverride(Section):
+    synchrotron_id: int
+    beamline_id: int
+
+
+class PdisSection(JobSection):
+    url: str = "https://proteindiffraction.org/api/v1"
+    username: str = ""
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    token_cache: Path | None = None  # default: <state_dir>/pdis.token (0600)
+    deposit: Literal["linked", "all", "none"] = "linked"
+    dry_run: bool = False
+    include_proposals: list[str] = Field(default_factory=list)
+    exclude_proposals: list[str] = Field(default_factory=list)
+    include_beamlines: list[str] = Field(default_factory=list)
+    exclude_beamlines: list[str] = Field(default_factory=list)
+    title_template: str = "Raw diffraction data for {sample} ({proposal}, {beamline})"
+    authors: str = ""
+    equipment: dict[str, BeamlineOverride] = Field(default_factory=dict)  # ISPyB beamline -> PDIS ids
+    synchrotron: str = "Diamond"  # the PDIS synchrotron short name our beamlines belong to
+    spool_dir: Path | None = None  # default: <state_dir>/spool
+    spool_retention: Duration = 0.0  # keep published spool files this long (0: remove at once)
+    spool_margin: int = Field(default=1024**3, ge=0)  # free bytes to keep besides the archive
+    zstd_level: int = Field(default=3, ge=1, le=22)
+    pack_concurrency: int = Field(default=1, ge=1)
+    upload_concurrency: int = Field(default=1, ge=1)
+    poll_interval: Duration = 600.0
+
+
+class DesignHubSection(JobSection):
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    bearer_token: SecretStr | None = None
+    bearer_token_file: Path | None = None
+    auth_domain: str = ""
+    tags: list[str] = Field(default_factory=lambda: ["crystal-structure"])
+    data_columns: dict[str, str] = Field(default_factory=dict)  # "pdb_code"/"resolution" -> column name
+    overlap: Duration = 600.0
+    full_reconcile: Duration = 86400.0
+    visibility: Literal["internal", "public"] = "internal"
+
+
+class Config(Section):
+    daemon: DaemonSection = Field(default_factory=DaemonSection)
+    log: LogSection = Field(default_factory=LogSection)
+    web: WebSection = Field(default_factory=WebSection)
+    notify: NotifySection = Field(default_factory=NotifySection)
+    fragalysis: FragalysisSection = Field(default_factory=FragalysisSection)
+    ispyb: IspybSection = Field(default_factory=IspybSection)
+    pdis: PdisSection = Field(default_factory=PdisSection)
+    designhub: DesignHubSection = Field(default_factory=DesignHubSection)
+
+    warnings: list[str] = Field(default_factory=list, exclude=True)
+
+    def jobs(self) -> dict[str, JobSection]:
+        return {"fragalysis": self.fragalysis, "ispyb": self.ispyb, "pdis": self.pdis, "designhub": self.designhub}
+
+    def enabled_jobs(self) -> list[str]:
+        return [name for name, section in self.jobs().items() if section.enabled]
+
+    # Derived locations, in one place.
+    @property
+    def mirror_root(self) -> Path:
+        return self.fragalysis.mirror_root or self.daemon.state_dir / "mirror"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.pdis.spool_dir or self.daemon.state_dir / "spool"
+
+    @property
+    def pdis_token_cache(self) -> Path:
+        return self.pdis.token_cache or self.daemon.state_dir / "pdis.token"
+
+
+# (section, secret key) pairs: each may come from `<key>_file` or MIRRORD_<SECTION>__<KEY>, never inline.
+SECRETS = [("web", "token"), ("fragalysis", "token"), ("fragalysis", "bearer_token"), ("ispyb", "password"),
+           ("ispyb", "token"), ("pdis", "password"), ("designhub", "api_key"), ("designhub", "bearer_token")]
+
+
+def _coerce_env(value: str) -> Any:
+    """Environment values are strings; lists and tables are given as JSON."""
+    stripped = value.strip()
+    if stripped[:1] in "[{":
+        try:
+            return json.loads(stripped)
+        except ValueError:
+            return value
+    return value
+
+
+def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    problems = []
+    sections = set(Config.model_fields) - {"warnings"}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "MIRRORD_CONFIG":
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        section, sep, field = key.partition("__")
+        if not sep or section not in sections or not field:
+            problems.append(f"{name}: not a setting (expected MIRRORD_<SECTION>__<KEY>, sections: "
+                            f"{', '.join(sorted(sections))})")
+            continue
+        overrides.setdefault(section, {})[field] = _coerce_env(value)
+    return overrides, problems
+
+
+def _read_secret_files(data: dict[str, dict[str, Any]], env_keys: set[tuple[str, str]],
+                       warnings: list[str]) -> list[str]:
+    problems = []
+    for section, key in SECRETS:
+        table = data.get(section, {})
+        if key in table and (section, key) not in env_keys:
+            problems.append(f"{section}.{key}: secrets are not read from the config file; use {key}_file "
+                            f"or the environment variable MIRRORD_{section.upper()}__{key.upper()}")
+            table.pop(key)
+        path_value = table.get(f"{key}_file")
+        if path_value and key not in table:
+            path = Path(path_value)
+            try:
+                mode = path.stat().st_mode
+                table[key] = path.read_text().strip()
+            except OSError as exc:
+                problems.append(f"{section}.{key}_file: cannot read {path}: {exc.strerror}")
+                continue
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                warnings.append(f"{section}.{key}_file: {path} is readable by others (mode "
+                                f"{stat.S_IMODE(mode):o}); chmod 600 it")
+    return problems
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc or 'config'}: {msg}"
+
+
+def resolve_path(explicit: str | Path | None, env: dict[str, str]) -> tuple[Path | None, bool]:
+    """The config file to read, and whether the user asked for it (then it must exist)."""
+    if explicit:
+        return Path(explicit), True
+    if env.get("MIRRORD_CONFIG"):
+        return Path(env["MIRRORD_CONFIG"]), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read, merge and validate. Raises ConfigError listing every problem."""
+    env = dict(os.environ if env is None else env)
+    file_path, required = resolve_path(path, env)
+    data: dict[str, Any] = {}
+    problems: list[str] = []
+    if file_path is not None and (required or file_path.exists()):
+        try:
+            data = tomllib.loads(file_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError([f"config file {file_path} does not exist"]) from None
+        except OSError as exc:
+            raise ConfigError([f"config file {file_path}: {exc.strerror}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"config file {file_path} is not valid TOML: {exc}"]) from None
+    overrides, env_problems = _env_overrides(env)
+    problems += env_problems
+    for section, values in overrides.items():
+        if not isinstance(data.get(section, {}), dict):
+            problems.append(f"{section}: must be a table")
+            continue
+        data.setdefault(section, {}).update(values)
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            problems.append(f"{section}: must be a table ([{section}]), not a value")
+    data = {k: v for k, v in data.items() if isinstance(v, dict)}
+    warnings: list[str] = []
+    env_keys = {(s, k) for s, values in overrides.items() for k in values}
+    problems += _read_secret_files(data, env_keys, warnings)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems += [_format_error(e) for e in exc.errors()]
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    config.warnings = warnings
+    for section, key in SECRETS:
+        secret = getattr(getattr(config, section), key)
+        if secret is not None:
+            register_secret(secret.get_secret_value())
+    return config

@@ -1,0 +1,229 @@
+"""The long-running process (`mirrord run`) and the one-shot catch-up (`mirrord once`).
+
+Both open the store the same way, build the same jobs and run them through the same JobRunner.
+`run` drives ticks from APScheduler; `once` runs passes until one makes no progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import signal
+from dataclasses import dataclass
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import func, select
+
+from mirrord import __version__
+from mirrord.config import Config
+from mirrord.jobs import JOBS, job_class
+from mirrord.jobs.base import Job, JobContext, NoProgress, Progress
+from mirrord.lock import InstanceLock
+from mirrord.notify import WebhookNotifier
+from mirrord.runner import JobRunner
+from mirrord.sdnotify import SystemdNotifier
+from mirrord.store import Store, migrate
+from mirrord.store.items import release_all, release_mine
+from mirrord.store.models import ITEM_MODELS, Event, utcnow
+
+log = structlog.get_logger("mirrord.daemon")
+
+# States in which an item is done for good or waits for a person: `once` does not wait for these.
+RESTING_STATES = {"mirrored", "superseded", "skipped", "eligible", "published", "attached", "unmatched",
+                  "failed", "needs_attention", "dry_run", "not_deposited"}
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    passes: int
+    failed: list[str]
+    attention: list[str]
+
+
+class Mirrord:
+    """Everything a process needs: lock, store, jobs, runner. Used by `run`, `once` and `demo`."""
+
+    def __init__(self, config: Config, *, progress: Progress | None = None, migrate_schema: bool = True) -> None:
+        self.config = config
+        self.instance = config.daemon.instance_id
+        self.progress = progress or NoProgress()
+        self.migrate_schema = migrate_schema
+        self.store: Store | None = None
+        self.lock: InstanceLock | None = None
+        self.jobs: dict[str, Job] = {}
+        self.runner: JobRunner | None = None
+        self.notifier = WebhookNotifier(config.notify, instance=self.instance)
+
+    async def open(self) -> None:
+        config = self.config
+        self.store = Store(config.daemon.resolved_database_url, instance=self.instance)
+        if self.store.is_sqlite:
+            # One process per SQLite state; nobody else can hold a lease, so stale ones are ours.
+            self.lock = InstanceLock(config.daemon.state_dir)
+            self.lock.acquire()
+        config.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.migrate_schema:
+            before, after = await migrate.upgrade(self.store)
+            if before != after:
+                log.info("db.migrated", before=before, after=after)
+        else:
+            await migrate.check_schema(self.store)
+        if self.store.is_sqlite:
+            for model in ITEM_MODELS.values():
+                await release_all(self.store, model)
+        ctx = JobContext(config=config, store=self.store, instance=self.instance, progress=self.progress,
+                         notifier=self.notifier)
+        for name in JOBS:
+            if config.jobs()[name].enabled:
+                self.jobs[name] = job_class(name)(ctx)
+        self.runner = JobRunner(ctx, self.jobs)
+        for name, job in self.jobs.items():
+            try:
+                await job.start()
+            except Exception as exc:  # a bad upstream at start must not stop the others; the tick retries
+                log.error("job.start_failed", job=name, error=str(exc))
+
+    async def close(self) -> None:
+        for job in self.jobs.values():
+            with contextlib.suppress(Exception):
+                await job.close()
+        await self.notifier.close()
+        if self.store is not None:
+            for model in ITEM_MODELS.values():
+                with contextlib.suppress(Exception):
+                    await release_mine(self.store, model, self.instance)
+            await self.store.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    async def __aenter__(self) -> Mirrord:
+        try:
+            await self.open()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- one-shot -------------------------------------------------------------------------------------
+    async def run_once(self, *, horizon: float = 0.0, max_passes: int = 200) -> Outcome:
+        """Run every job until a pass makes no progress and nothing is due within `horizon` seconds."""
+        assert self.runner is not None and self.store is not None
+        passes = 0
+        while passes < max_passes:
+            passes += 1
+            before = await self._event_count()
+            for name in self.jobs:
+                await self.runner.run(name, force_poll=True)
+            if await self._event_count() != before:
+                continue
+            due = await self._next_due()
+            if due is None:
+                break
+            wait = (due - utcnow()).total_seconds()
+            if wait > horizon:
+                break
+            await asyncio.sleep(max(0.05, wait))
+        failed, attention = await self.problem_items()
+        return Outcome(1 if failed else 0, passes, failed, attention)
+
+    async def _event_count(self) -> int:
+        async with self.store.read() as session:
+            return await session.scalar(select(func.count(Event.id)))
+
+    async def _next_due(self) -> dt.datetime | None:
+        """The soonest retry or re-check among items that are not resting."""
+        soonest = None
+        async with self.store.read() as session:
+            for model in ITEM_MODELS.values():
+                value = await session.scalar(
+                    select(func.min(model.next_attempt_at)).where(model.state.not_in(RESTING_STATES)))
+                if value is not None:
+                    value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+                    soonest = value if soonest is None else min(soonest, value)
+        return soonest
+
+    async def problem_items(self) -> tuple[list[str], list[str]]:
+        """Items that failed (gave up, or erred and wait for a retry) and items that need a person."""
+        failed, attention = [], []
+        async with self.store.read() as session:
+            for kind, model in ITEM_MODELS.items():
+                rows = (await session.execute(
+                    select(model.id, model.state, model.last_error)
+                    .where((model.state.in_(("failed", "needs_attention"))) | (model.last_error.is_not(None)))
+                )).all()
+                for item_id, state, error in rows:
+                    line = f"{kind} {item_id} [{state}]: {error or ''}".rstrip(": ")
+                    (attention if state == "needs_attention" else failed).append(line)
+        return failed, attention
+
+    # -- daemon ---------------------------------------------------------------------------------------
+    async def run_forever(self, stop: asyncio.Event, *, on_ready=None) -> None:  # noqa: ANN001
+        assert self.runner is not None
+        systemd = SystemdNotifier()
+        scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
+        running: set[asyncio.Task] = set()
+
+        async def tick(name: str) -> None:
+            task = asyncio.current_task()
+            running.add(task)
+            try:
+                await self.runner.run(name)
+            finally:
+                running.discard(task)
+
+        for name in self.jobs:
+            section = self.config.jobs()[name]
+            if section.cron:
+                trigger = CronTrigger.from_crontab(section.cron, timezone=dt.UTC)
+                trigger.jitter = section.jitter or None
+            else:
+                trigger = IntervalTrigger(seconds=section.interval, jitter=section.jitter or None)
+            scheduler.add_job(tick, trigger, args=[name], id=name, name=name, coalesce=True, max_instances=1,
+                              misfire_grace_time=int(max(60, section.interval)), next_run_time=utcnow())
+        scheduler.start()
+        watchdog = asyncio.create_task(_watchdog(systemd)) if systemd.watchdog_interval else None
+        status = f"mirrord {__version__}: {len(self.jobs)} job(s): {', '.join(self.jobs) or 'none enabled'}"
+        systemd.ready(status)
+        log.info("daemon.ready", version=__version__, jobs=list(self.jobs), instance=self.instance,
+                 store=self.store.describe())
+        if on_ready is not None:
+            await on_ready()
+        await stop.wait()
+
+        # Drain: no new ticks, let running jobs finish within the grace period, then cancel.
+        systemd.stopping()
+        scheduler.pause()
+        grace = self.config.daemon.shutdown_grace
+        log.info("daemon.draining", running=len(running), grace=grace)
+        if running:
+            done, pending = await asyncio.wait(set(running), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("daemon.cancelled_jobs", count=len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        scheduler.shutdown(wait=False)
+        if watchdog is not None:
+            watchdog.cancel()
+        log.info("daemon.stopped")
+
+
+async def _watchdog(systemd: SystemdNotifier) -> None:
+    # Sent from a loop task: if the loop is blocked, the pings stop and systemd restarts us.
+    while True:
+        systemd.watchdog()
+        await asyncio.sleep(systemd.watchdog_interval)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,162 @@
+"""What every job is: a `poll` of its upstream (once per tick across replicas) and a `work`
+phase that advances the items this replica claims. Jobs read clients and write the store; they
+never build URLs and never hold a transaction across a network await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import structlog
+
+from mirrord.config import Config
+from mirrord.store import Store
+from mirrord.store.items import backoff, claim, heartbeat, move
+from mirrord.store.models import WorkItem, utcnow
+
+
+class Progress(Protocol):
+    """Where long steps report bytes (rich bars on a terminal, nothing otherwise)."""
+
+    def task(self, description: str, total: int | None) -> Callable[[int], None]: ...
+
+    def done(self, description: str) -> None: ...
+
+
+class NoProgress:
+    def task(self, description: str, total: int | None) -> Callable[[int], None]:
+        return lambda _n: None
+
+    def done(self, description: str) -> None:
+        pass
+
+
+class Notifier(Protocol):
+    def item(self, kind: str, item_id: str, state: str, detail: str) -> None: ...
+
+
+class NoNotifier:
+    def item(self, kind: str, item_id: str, state: str, detail: str) -> None:
+        pass
+
+
+@dataclass
+class JobContext:
+    config: Config
+    store: Store
+    instance: str
+    progress: Progress = field(default_factory=NoProgress)
+    notifier: Notifier = field(default_factory=NoNotifier)
+
+
+@dataclass
+class RunResult:
+    """What one run did. `counters` end up in job_runs and /metrics."""
+
+    counters: Counter = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] += n
+
+
+class Job:
+    name: ClassVar[str]
+    # Item states this job's items may rest in that need a person or gave up (for `once` and status).
+    failed_states: ClassVar[tuple[str, ...]] = ("failed", "needs_attention")
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.store = ctx.store
+        self.log = structlog.get_logger(f"mirrord.jobs.{self.name}")
+
+    async def start(self) -> None:
+        """Open clients and check credentials. Called once before the first run."""
+
+    async def close(self) -> None:
+        """Close clients."""
+
+    async def poll(self, result: RunResult) -> None:
+        """Ask the upstream what changed and record it. Runs on one replica per tick."""
+
+    async def work(self, result: RunResult) -> None:
+        """Advance claimable items. Runs on every replica, every tick."""
+
+    # -- helpers for item steps ---------------------------------------------------------------------
+    @property
+    def lease(self) -> float:
+        return self.config.daemon.lease
+
+    async def claim(self, model: type[WorkItem], states: tuple[str, ...], limit: int = 1,
+                    extra: tuple = ()) -> list[Any]:
+        return await claim(self.store, model, states, owner=self.ctx.instance, lease=self.lease,
+                           limit=limit, extra=extra)
+
+    async def transition(self, model: type[WorkItem], item_id: int, to_state: str, reason: str = "",
+                         *, release: bool = True, **values: Any) -> Any:
+        """Record a step's outcome in one short write: new state, extra column values, an event."""
+        async with self.store.write() as session:
+            item = await session.get(model, item_id)
+            if to_state not in self.failed_states:
+                # A step that succeeded clears the retry schedule: each step gets its own attempts.
+                item.attempts, item.last_error, item.next_attempt_at = 0, None, None
+            for key, value in values.items():
+                setattr(item, key, value)
+            move(session, item, to_state, reason, instance=self.ctx.instance, release=release)
+            return item
+
+    async def fail(self, model: type[WorkItem], item_id: int, error: BaseException | str, *,
+                   state: str | None = None, result: RunResult | None = None) -> None:
+        """A step failed: keep the item's state (it resumes there) unless told otherwise, back off,
+        and give up into `failed` after max_attempts."""
+        message = str(error)
+        daemon = self.config.daemon
+        async with self.store.write() as session:
+            item = await session.get(model, item_id)
+            item.attempts += 1
+            item.last_error = message[:4000]
+            item.next_attempt_at = utcnow() + backoff(item.attempts, daemon.retry_base, daemon.retry_max)
+            target = state or item.state
+            if item.attempts >= daemon.max_attempts:
+                target = "failed"
+            move(session, item, target, message, instance=self.ctx.instance)
+            kind = type(item).__tablename__.removesuffix("s")
+        self.log.warning("item.failed", item=f"{kind}:{item_id}", error=message, state=target)
+        if result is not None:
+            result.count("failures")
+            result.failures.append(f"{kind} {item_id}: {message}")
+        if target == "failed":
+            self.ctx.notifier.item(kind, str(item_id), "failed", message)
+
+    async def with_heartbeat(self, model: type[WorkItem], item_id: int, step: Awaitable[Any]) -> Any:
+        """Run a long step while renewing the item's lease; abort if the lease is lost."""
+        task = asyncio.ensure_future(step)
+        interval = max(1.0, self.lease / 3)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=interval)
+                if done:
+                    return task.result()
+                if not await heartbeat(self.store, model, item_id, owner=self.ctx.instance, lease=self.lease):
+                    task.cancel()
+                    raise LeaseLost(f"lease on {model.__tablename__} {item_id} expired")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+class LeaseLost(RuntimeError):
+    """Another replica took the item over; stop touching it."""
+
+
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.UTC)

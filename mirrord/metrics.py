@@ -1,0 +1,19 @@
+"""Prometheus metrics, in a registry of mirrord's own (several daemons can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+job_runs = Counter("mirrord_job_runs", "Job runs by outcome", ["job", "outcome"], registry=REGISTRY)
+job_last_success = Gauge("mirrord_job_last_success_timestamp_seconds", "When each job last succeeded",
+                         ["job"], registry=REGISTRY)
+job_counters = Counter("mirrord_job_items", "Counters reported by job runs", ["job", "counter"],
+                       registry=REGISTRY)
+bytes_downloaded = Counter("mirrord_downloaded_bytes", "Bytes downloaded", ["service"], registry=REGISTRY)
+bytes_uploaded = Counter("mirrord_uploaded_bytes", "Bytes uploaded", ["service"], registry=REGISTRY)
+items_by_state = Gauge("mirrord_items", "Items by kind and state", ["kind", "state"], registry=REGISTRY)
+transfer_seconds = Histogram("mirrord_transfer_duration_seconds", "Duration of downloads, packs and uploads",
+                             ["kind"], registry=REGISTRY,
+                             buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600))

@@ -1,0 +1,114 @@
+"""Runs one job once: records the run, binds log context, decides who polls, tracks health.
+
+Shared by the daemon's ticks and `mirrord once`, so both take the same code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import structlog
+from sqlalchemy import update
+
+from mirrord import metrics
+from mirrord.jobs.base import Job, JobContext, RunResult
+from mirrord.store.items import claim_tick
+from mirrord.store.models import JobRun, utcnow
+
+log = structlog.get_logger("mirrord.runner")
+
+
+@dataclass
+class Health:
+    """A job's recent history, for /readyz and for logging failures once, not every tick."""
+
+    last_success: dt.datetime | None = None
+    failing_since: dt.datetime | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    runs: int = 0
+
+
+@dataclass
+class JobRunner:
+    ctx: JobContext
+    jobs: dict[str, Job]
+    health: dict[str, Health] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.jobs:
+            self.health.setdefault(name, Health())
+
+    def slot(self, name: str) -> int:
+        """The schedule slot this tick belongs to; replicas agree on it without talking."""
+        section = self.ctx.config.jobs()[name]
+        period = 60.0 if section.cron else max(1.0, section.interval)
+        return int(time.time() // period)
+
+    async def run(self, name: str, *, force_poll: bool = False) -> RunResult:
+        job = self.jobs[name]
+        result = RunResult()
+        run_id = str(uuid.uuid4())
+        store = self.ctx.store
+        async with store.write() as session:
+            run = JobRun(run_id=run_id, job=name, instance=self.ctx.instance, started_at=utcnow())
+            session.add(run)
+        outcome, error = "ok", None
+        with structlog.contextvars.bound_contextvars(job=name, run_id=run_id):
+            polled = False
+            try:
+                polled = force_poll or await claim_tick(store, name, self.slot(name), self.ctx.instance)
+                if polled:
+                    await job.poll(result)
+                await job.work(result)
+            except asyncio.CancelledError:
+                outcome, error = "interrupted", "cancelled at shutdown"
+                raise
+            except Exception as exc:  # a job failing must never take the daemon down
+                outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+                self._failed(name, error, exc)
+            else:
+                self._succeeded(name)
+            finally:
+                # Record the run even when cancelled: shield the short write from the cancellation.
+                await asyncio.shield(self._finish(run_id, outcome, error, result, polled))
+                metrics.job_runs.labels(name, outcome).inc()
+                for key, value in result.counters.items():
+                    metrics.job_counters.labels(name, key).inc(value)
+        return result
+
+    async def _finish(self, run_id: str, outcome: str, error: str | None, result: RunResult,
+                      polled: bool) -> None:
+        async with self.ctx.store.write() as session:
+            await session.execute(update(JobRun).where(JobRun.run_id == run_id).values(
+                finished_at=utcnow(), outcome=outcome, error=error, polled=polled,
+                counters=dict(result.counters)))
+
+    def _failed(self, name: str, error: str, exc: BaseException) -> None:
+        health = self.health[name]
+        health.runs += 1
+        health.consecutive_failures += 1
+        health.last_error = error
+        if health.failing_since is None:
+            health.failing_since = utcnow()
+            log.error("job.failing", error=error, exc_info=exc)
+            self.ctx.notifier.item("job", name, "failing", error)
+        else:
+            log.debug("job.still_failing", error=error, failures=health.consecutive_failures)
+
+    def _succeeded(self, name: str) -> None:
+        health = self.health[name]
+        health.runs += 1
+        if health.failing_since is not None:
+            log.info("job.recovered", failing_for=str(utcnow() - health.failing_since),
+                     failures=health.consecutive_failures)
+            self.ctx.notifier.item("job", name, "recovered", "")
+        health.failing_since = None
+        health.consecutive_failures = 0
+        health.last_error = None
+        health.last_success = utcnow()
+        metrics.job_last_success.labels(name).set(health.last_success.timestamp())

@@ -1,0 +1,105 @@
+"""Read-only HTTP views of a running daemon: /healthz, /readyz, /metrics, /status, /api/status.
+
+Served on loopback unless configured otherwise. An optional bearer token protects all but /healthz.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from mirrord import metrics
+from mirrord.store.models import utcnow
+
+if TYPE_CHECKING:
+    from mirrord.daemon import Mirrord
+
+MIRRORD_KEY = web.AppKey("mirrord", object)
+STARTED_KEY = web.AppKey("started", float)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler):
+    token = request.app["token"]
+    if token and request.path != "/healthz":
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(supplied.encode(), token.encode()):
+            raise web.HTTPUnauthorized(text='{"error": "bearer token required"}', content_type="application/json")
+    return await handler(request)
+
+
+def make_app(app_state: Mirrord, *, token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[_auth])
+    app["token"] = token
+    app[MIRRORD_KEY] = app_state
+    app[STARTED_KEY] = time.monotonic()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    from mirrord import status_page
+
+    status_page.add_routes(app)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    # Answering at all proves the loop runs; the scheduler's ticks are covered by /readyz.
+    return web.json_response({"status": "ok"})
+
+
+async def readiness(app_state: Mirrord, uptime: float) -> list[str]:
+    """Reasons the daemon is not ready; empty when it is."""
+    problems = []
+    try:
+        async with app_state.store.read() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception as exc:  # any database failure means not ready
+        problems.append(f"store unreachable: {type(exc).__name__}")
+    now = utcnow()
+    for name, health in app_state.runner.health.items():
+        section = app_state.config.jobs()[name]
+        window = 3 * (section.interval if not section.cron else 3600)
+        if health.last_success is None:
+            if uptime > window:
+                problems.append(f"{name}: no successful run since start ({health.last_error or 'never ran'})")
+        elif (now - health.last_success).total_seconds() > window:
+            problems.append(f"{name}: last success {health.last_success.isoformat()} "
+                            f"({health.last_error or 'no run since'})")
+    return problems
+
+
+async def readyz(request: web.Request) -> web.Response:
+    problems = await readiness(request.app[MIRRORD_KEY], time.monotonic() - request.app[STARTED_KEY])
+    if problems:
+        return web.json_response({"status": "not ready", "reasons": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    from mirrord import status_page
+
+    await status_page.refresh_item_gauges(request.app[MIRRORD_KEY].store)
+    return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class WebServer:
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self.app, self.host, self.port = app, host, port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return f"http://{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,64 @@
+"""Fixtures shared by the whole suite: databases (real SQLite and PostgreSQL) and configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.pg import PostgresServer, create_database, find_binaries
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url():
+    """A PostgreSQL server for the session, or a skip naming why there is none."""
+    if os.environ.get("MIRRORD_TEST_PG_URL"):
+        yield os.environ["MIRRORD_TEST_PG_URL"]
+        return
+    bindir = find_binaries()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb/pg_ctl) on this machine")
+    server = PostgresServer(bindir)
+    server.start()
+    try:
+        yield server.admin_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return create_database(pg_admin_url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'state' / 'mirrord.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Runs a test once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'state' / 'mirrord.db'}"
+    return create_database(request.getfixturevalue("pg_admin_url"))
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]):
+    """A validated Config with state under tmp_path; sections override defaults."""
+    from mirrord.config import Config
+
+    data: dict[str, Any] = {"daemon": {"state_dir": str(tmp_path / "state")}}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return Config.model_validate(data)

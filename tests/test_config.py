@@ -1,0 +1,166 @@
+"""Configuration: every mistake reported with its key, env overrides, secrets never shown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mirrord import logsetup
+from mirrord.cli import main
+from mirrord.config import ConfigError, load_config, parse_duration
+
+FIVE_MISTAKES = """
+[daemon]
+shutdown_grace = "soon"          # 1: not a duration
+
+[fragalysis]
+enabled = true
+keep_versions = 0                # 2: must be >= 1
+kep_versions = 3                 # 3: unknown key
+targets = [{ name = "A71EV2A", tas = "lb32627" }]   # 4: TAS without visit
+
+[pdis]
+deposit = "everything"           # 5: not one of linked/all/none
+"""
+
+
+def test_five_mistakes_are_five_problems_naming_their_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(FIVE_MISTAKES)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    problems = err.value.problems
+    assert len(problems) == 5, problems
+    keys = [p.split(":")[0] for p in problems]
+    assert sorted(keys) == sorted(["daemon.shutdown_grace", "fragalysis.keep_versions", "fragalysis.kep_versions",
+                                   "fragalysis.targets.0.tas", "pdis.deposit"])
+
+
+def test_check_config_exits_2_and_prints_each_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(FIVE_MISTAKES)
+    proc = subprocess.run([sys.executable, "-m", "mirrord.cli", "--config", str(path), "check-config"],
+                          capture_output=True, text=True, env={**os.environ, "MIRRORD_CONFIG": ""})
+    assert proc.returncode == 2
+    for key in ("daemon.shutdown_grace", "fragalysis.keep_versions", "fragalysis.kep_versions",
+                "fragalysis.targets.0.tas", "pdis.deposit"):
+        assert key in proc.stderr
+
+
+def test_missing_explicit_file_and_bad_toml_are_config_errors(tmp_path: Path) -> None:
+    assert main(["--config", str(tmp_path / "nope.toml"), "check-config"]) == 2
+    bad = tmp_path / "broken.toml"
+    bad.write_text("[daemon\nstate_dir=")
+    assert main(["--config", str(bad), "check-config"]) == 2
+
+
+def test_environment_overrides_every_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[fragalysis]\nkeep_versions = 2\n[ispyb]\nproposals = ["lb1"]\n')
+    env = {
+        "MIRRORD_FRAGALYSIS__KEEP_VERSIONS": "7",
+        "MIRRORD_FRAGALYSIS__SETTLE": "90s",
+        "MIRRORD_ISPYB__PROPOSALS": '["lb32627", "lb32633"]',
+        "MIRRORD_ISPYB__PATH_MAP": '{"/dls": "/mnt/dls"}',
+        "MIRRORD_DAEMON__STATE_DIR": str(tmp_path / "st"),
+        "MIRRORD_PDIS__DRY_RUN": "true",
+    }
+    config = load_config(path, env=env)
+    assert config.fragalysis.keep_versions == 7
+    assert config.fragalysis.settle == 90
+    assert config.ispyb.proposals == ["lb32627", "lb32633"]
+    assert config.ispyb.path_map == {"/dls": "/mnt/dls"}
+    assert config.daemon.state_dir == tmp_path / "st"
+    assert config.pdis.dry_run is True
+
+
+def test_container_needs_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mirrord.config.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    config = load_config(None, env={"MIRRORD_FRAGALYSIS__ENABLED": "1",
+                                    "MIRRORD_FRAGALYSIS__URL": "http://127.0.0.1:1"})
+    assert config.enabled_jobs() == ["fragalysis"]
+
+
+def test_unknown_env_setting_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"MIRRORD_FRAGALYSYS__URL": "x", "MIRRORD_CONFIG": ""})
+    assert any("MIRRORD_FRAGALYSYS__URL" in p for p in err.value.problems)
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("6h", 21600), ("2d", 172800), (15, 15)])
+def test_durations(text, seconds) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_inline_secret_in_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[pdis]\npassword = "hunter2-inline"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert err.value.problems[0].startswith("pdis.password:")
+    assert "hunter2-inline" not in str(err.value)
+
+
+def test_secrets_never_shown(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    secret = "s3cr3t-pdis-password-value"
+    key = "dh-key-0123456789abcdef"
+    pw_file = tmp_path / "pdis.pw"
+    pw_file.write_text(secret + "\n")
+    pw_file.chmod(0o644)
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[pdis]\npassword_file = "{pw_file}"\n')
+    config = load_config(path, env={"MIRRORD_DESIGNHUB__API_KEY": key})
+    assert config.pdis.password.get_secret_value() == secret
+    assert config.designhub.api_key.get_secret_value() == key
+    # Not in repr, not in a dump, not in check-config's output.
+    for text in (repr(config), str(config), repr(config.pdis), config.model_dump_json()):
+        assert secret not in text and key not in text
+    assert any("readable by others" in w for w in config.warnings)
+    env = {**os.environ, "MIRRORD_DESIGNHUB__API_KEY": key, "MIRRORD_CONFIG": ""}
+    proc = subprocess.run([sys.executable, "-m", "mirrord.cli", "--config", str(path), "check-config"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert secret not in proc.stdout + proc.stderr and key not in proc.stdout + proc.stderr
+    assert "readable by others" in proc.stdout
+    # Not in log lines either, even when a message or an exception carries it.
+    import io
+
+    stream = io.StringIO()
+    logsetup.configure("info", "json", stream=stream)
+    logging.getLogger("aiohttp.client").warning("request failed with api key %s", key)
+    import structlog
+
+    try:
+        raise RuntimeError(f"login failed for password {secret}")
+    except RuntimeError:
+        structlog.get_logger("t").exception("boom", token=key)
+    out = stream.getvalue()
+    assert "request failed" in out and "boom" in out
+    assert secret not in out and key not in out
+
+
+def test_journald_format_adds_priority() -> None:
+    import io
+
+    import structlog
+
+    stream = io.StringIO()
+    logsetup.configure("info", "journald", stream=stream)
+    structlog.get_logger("t").warning("careful")
+    structlog.get_logger("t").info("fine")
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("<4>{") and lines[1].startswith("<6>{")
+
+
+def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parents[1] / "config.example.toml"
+    monkeypatch.setenv("MIRRORD_PDIS__PASSWORD", "x" * 8)
+    config = load_config(example, env={"MIRRORD_PDIS__PASSWORD": "example-pw",
+                                       "MIRRORD_ISPYB__PASSWORD": "example-pw",
+                                       "MIRRORD_DESIGNHUB__API_KEY": "example-key"})
+    assert set(config.enabled_jobs()) == {"fragalysis", "ispyb", "pdis", "designhub"}
