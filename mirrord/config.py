@@ -306,7 +306,13 @@ def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list
             continue
         key = name[len(ENV_PREFIX):].lower()
         section, sep, field = key.partition("__")
-        if not sep or section not in sections or not field:
+        if not sep:
+            # Other MIRRORD_* variables are not ours to judge, unless they look like a setting with one "_".
+            head, _, rest = key.partition("_")
+            if head in sections and rest:
+                problems.append(f"{name}: not a setting; did you mean MIRRORD_{head.upper()}__{rest.upper()}?")
+            continue
+        if section not in sections or not field:
             problems.append(f"{name}: not a setting (expected MIRRORD_<SECTION>__<KEY>, sections: "
                             f"{', '.join(sorted(sections))})")
             continue

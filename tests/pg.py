@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def create_database(admin_url: str) -> str:
             except (OSError, asyncpg.CannotConnectNowError):
                 if attempt == 49:
                     raise
-                time.sleep(0.1)
+                await asyncio.sleep(0.1)
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:

@@ -164,3 +164,9 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
                                        "MIRRORD_ISPYB__PASSWORD": "example-pw",
                                        "MIRRORD_DESIGNHUB__API_KEY": "example-key"})
     assert set(config.enabled_jobs()) == {"fragalysis", "ispyb", "pdis", "designhub"}
+
+
+def test_single_underscore_setting_gets_a_hint() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"MIRRORD_PDIS_PASSWORD": "x", "MIRRORD_CONFIG": "", "MIRRORD_UNRELATED": "1"})
+    assert err.value.problems == ["MIRRORD_PDIS_PASSWORD: not a setting; did you mean MIRRORD_PDIS__PASSWORD?"]

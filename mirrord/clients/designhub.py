@@ -317,12 +317,13 @@ class DesignHubClient:
     # -- compounds ------------------------------------------------------------------------------
     async def export(self, *, modify_date_after: dt.datetime | str | None = None,
                      project_label: str | None = None, structure: str | None = None,
-                     search_type: str | None = None, page_size: int = 100,
-                     source_format: str = "smiles") -> AsyncIterator[Compound]:
+                     search_type: str | None = None, registration_ids: Iterable[str] | None = None,
+                     page_size: int = 100, source_format: str = "smiles") -> AsyncIterator[Compound]:
         """Every compound matching the filters, paging with offset/limit until `hasMore` is false.
 
         `modify_date_after` is strict; the caller subtracts its overlap and dedupes by
         `(id, modify_date)`. With a SMILES `source_format` (the default) `Compound.smiles` is the source.
+        `registration_ids` reads given compounds by their latest known id (a fresh look at a few).
         """
         params: dict[str, Any] = {"format": source_format}
         if modify_date_after is not None:
@@ -333,6 +334,8 @@ class DesignHubClient:
             params["structure"] = structure
         if search_type is not None:
             params["searchType"] = search_type
+        if registration_ids is not None:
+            params["registration_ids"] = ",".join(str(i) for i in registration_ids)
         smiles_source = source_format.lower() in _SMILES_FORMATS
         offset = 0
         while True:

@@ -102,6 +102,14 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Read a body to its end, stopping at `limit` bytes (`read(n)` alone returns only what has arrived)."""
+    body = bytearray()
+    while len(body) < limit and (chunk := await content.read(limit - len(body))):
+        body += chunk
+    return bytes(body)
+
+
 def error_for_status(service: str, status: int, url: str, body: str, headers: Mapping[str, str]) -> UpstreamError:
     """Map an HTTP failure to the typed error jobs act on."""
     detail = redact(body.strip()[:300])
@@ -220,7 +228,7 @@ class HttpClient:
                 async with self.session.request(method, url, params=params, json=json_body, data=data,
                                                 headers=headers, allow_redirects=allow_redirects,
                                                 **({"timeout": timeout} if timeout else {})) as resp:
-                    body = await resp.content.read(MAX_API_BODY + 1)
+                    body = await read_bounded(resp.content, MAX_API_BODY + 1)
                     if len(body) > MAX_API_BODY:
                         raise ProtocolError(self.service, "answer too large", status=resp.status,
                                             url=redact(str(resp.url)))
@@ -263,7 +271,7 @@ class HttpClient:
                         body = (await resp.content.read(4096)).decode("utf-8", "replace")
                         raise error_for_status(self.service, resp.status, str(resp.url), body, resp.headers)
                     expected = resp.content_length
-                    with open(dest, "wb") as out:  # noqa: ASYNC230 - local open is instant; writes are 1 MiB
+                    with open(dest, "wb") as out:
                         async for chunk in resp.content.iter_chunked(CHUNK):
                             if len(head) < 512:
                                 head += chunk[: 512 - len(head)]

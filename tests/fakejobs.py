@@ -1,0 +1,58 @@
+"""Stand-in jobs for testing the daemon itself (drain, exit codes) without any upstream.
+
+Launched in a subprocess by `python -m tests.fakejobs <JobClass> <mirrord args>`, which swaps the
+registry entry of the `fragalysis` job for the named class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from mirrord.jobs.base import Job, RunResult
+from mirrord.store.models import Target, Upload
+
+
+class SlowJob(Job):
+    """Takes `FAKEJOB_SECONDS` per run and leaves marker files at start and end."""
+
+    name = "fragalysis"
+
+    async def work(self, result: RunResult) -> None:
+        marker = Path(os.environ["FAKEJOB_MARKERS"])
+        runs = len(list(marker.glob("started-*")))
+        (marker / f"started-{runs}").touch()
+        await asyncio.sleep(float(os.environ.get("FAKEJOB_SECONDS", "2")))
+        (marker / f"finished-{runs}").touch()
+        result.count("slept")
+
+
+class FailingItemJob(Job):
+    """Creates one item and fails it for good on its first step."""
+
+    name = "fragalysis"
+
+    async def poll(self, result: RunResult) -> None:
+        async with self.store.write() as session:
+            if await session.get(Target, 1) is None:
+                session.add(Target(id=1, name="T", tas="lb1-1"))
+                session.add(Upload(id=1, target_id=1, upload_index=1, state="building"))
+
+    async def work(self, result: RunResult) -> None:
+        for item in await self.claim(Upload, ("building",)):
+            await self.fail(Upload, item.id, "archive is hostile: member ../../etc/passwd", state="failed",
+                            result=result)
+
+
+class QuietJob(Job):
+    name = "fragalysis"
+
+
+if __name__ == "__main__":
+    import mirrord.jobs as registry
+    from mirrord.cli import main
+
+    registry.JOBS["fragalysis"] = f"tests.fakejobs:{sys.argv[1]}"
+    sys.exit(main(sys.argv[2:]))

@@ -1,0 +1,150 @@
+"""The daemon as a process: clean drain on SIGTERM, `once` exit codes, the lock, systemd notify."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, **extra: str) -> Path:
+    lines = [
+        "[daemon]", f'state_dir = "{tmp_path / "state"}"', 'shutdown_grace = "20s"',
+        "[log]", 'format = "json"',
+        "[web]", "enabled = false",
+        "[fragalysis]", "enabled = true", 'url = "http://127.0.0.1:9"', 'interval = "1h"', "jitter = 0",
+    ]
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    path = tmp_path / "mirrord.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def launch(job: str, config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.fakejobs", job, "--config", str(config), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MIRRORD_CONFIG": "", **(env or {})})
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_sigterm_drains_running_job_and_exits_0(tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = write_config(tmp_path)
+    proc = launch("SlowJob", config, "run", env={"FAKEJOB_MARKERS": str(markers),
+                                                   "FAKEJOB_SECONDS": "2"})
+    try:
+        wait_for(lambda: (markers / "started-0").exists())
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert (markers / "finished-0").exists(), "the running job was not allowed to finish"
+    db = sqlite3.connect(tmp_path / "state" / "mirrord.db")
+    rows = db.execute("SELECT job, outcome, finished_at IS NOT NULL, counters FROM job_runs").fetchall()
+    assert rows == [("fragalysis", "ok", 1, '{"slept": 1}')]
+    assert '"event": "daemon.stopped"' in err
+
+
+def test_sigterm_after_grace_cancels_and_records_interrupted(tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('shutdown_grace = "20s"', 'shutdown_grace = "0.5s"'))
+    proc = launch("SlowJob", config, "run", env={"FAKEJOB_MARKERS": str(markers),
+                                                   "FAKEJOB_SECONDS": "60"})
+    try:
+        wait_for(lambda: (markers / "started-0").exists())
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    db = sqlite3.connect(tmp_path / "state" / "mirrord.db")
+    assert db.execute("SELECT outcome FROM job_runs").fetchall() == [("interrupted",)]
+
+
+def test_second_daemon_on_same_state_is_refused(tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = write_config(tmp_path)
+    env = {"FAKEJOB_MARKERS": str(markers), "FAKEJOB_SECONDS": "30"}
+    first = launch("SlowJob", config, "run", env=env)
+    try:
+        wait_for(lambda: (markers / "started-0").exists())
+        second = launch("SlowJob", config, "run", env=env)
+        _, err = second.communicate(timeout=30)
+        assert second.returncode == 1
+        assert "already using the state directory" in err
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_once_exit_codes(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    done = launch("QuietJob", config, "once")
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 0, err
+    failing = launch("FailingItemJob", config, "once")
+    out, err = failing.communicate(timeout=60)
+    assert failing.returncode == 1, err
+    assert "failed: upload 1 [failed]: archive is hostile" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fragalysis]\nenabled = true\nurl = 'not a url'\n")
+    broken = launch("QuietJob", bad, "once")
+    _, err = broken.communicate(timeout=60)
+    assert broken.returncode == 2 and "fragalysis.url" in err
+
+
+def test_systemd_notify_ready_and_stopping(tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(30)
+    config = write_config(tmp_path)
+    proc = launch("SlowJob", config, "run", env={"FAKEJOB_MARKERS": str(markers),
+                                                   "FAKEJOB_SECONDS": "0.1",
+                                                   "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+    try:
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert any("STATUS=mirrord" in m for m in messages)
+        watchdog = sock.recv(4096).decode()
+        assert "WATCHDOG=1" in watchdog  # pinged at half of WATCHDOG_USEC
+        proc.send_signal(signal.SIGTERM)
+        while True:
+            message = sock.recv(4096).decode()
+            if "STOPPING=1" in message:
+                break
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        sock.close()
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["once", "--help"]])
+def test_cli_help(command: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mirrord.cli", *command], capture_output=True, text=True)
+    assert proc.returncode == 0 and "mirrord" in proc.stdout
