@@ -21,6 +21,8 @@ def pg_admin_url():
         return
     bindir = find_binaries()
     if bindir is None:
+        if os.environ.get("MIRRORD_REQUIRE_POSTGRES"):
+            pytest.fail("MIRRORD_REQUIRE_POSTGRES is set but no PostgreSQL server binaries were found")
         pytest.skip("no PostgreSQL server binaries (initdb/pg_ctl) on this machine")
     server = PostgresServer(bindir)
     server.start()

@@ -1,0 +1,33 @@
+"""The systemd units pass `systemd-analyze verify` (where it is available)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNITS = Path(__file__).resolve().parents[1] / "systemd"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_units_verify(tmp_path: Path) -> None:
+    # The units name the installed console script; point them at this environment's for the check.
+    mirrord = Path(sys.executable).with_name("mirrord")
+    for unit in UNITS.iterdir():
+        (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/local/bin/mirrord", str(mirrord)))
+    proc = subprocess.run(["systemd-analyze", "verify", *sorted(str(p) for p in tmp_path.iterdir())],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_units_have_the_essentials() -> None:
+    service = (UNITS / "mirrord.service").read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "StateDirectory=mirrord",
+                 "ProtectSystem=strict", "Conflicts=mirrord-once.service"):
+        assert line in service
+    assert "Persistent=true" in (UNITS / "mirrord-once.timer").read_text()
+    assert "Conflicts=mirrord.service" in (UNITS / "mirrord-once.service").read_text()
