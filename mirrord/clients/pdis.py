@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import re
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -273,7 +274,7 @@ class TokenFile:
 
     def write(self, token: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         # Created 0600 from the first byte: the token is never readable by others, not even briefly.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -312,7 +313,11 @@ class _FilePayload(aiohttp_payload.Payload):
 
     async def write(self, writer: Any) -> None:
         with open(self._path, "rb") as source:  # noqa: ASYNC230 - opening is instant; reads run in a thread
-            while chunk := await asyncio.to_thread(source.read, CHUNK):
+            # Never more than the announced Content-Length, and a shrunken file is an error, not a hang.
+            while self.sent < self._size:
+                chunk = await asyncio.to_thread(source.read, min(CHUNK, self._size - self.sent))
+                if not chunk:
+                    raise OSError(f"{self._path} shrank to {self.sent} bytes during the upload")
                 try:
                     async with asyncio.timeout(self._stall_timeout):
                         await writer.write(chunk)

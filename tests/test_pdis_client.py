@@ -1,0 +1,452 @@
+"""PdisClient against the PDIS emulator over loopback (aioresponses only for malformed answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+from aiohttp import web
+
+from mirrord.clients.errors import AuthError, BadRequest, Conflict, NotFound, ProtocolError, TransientError
+from mirrord.clients.http import HttpClient, RetryPolicy
+from mirrord.clients.pdis import PdisClient, SubmitMetadata, parse_submission
+from mirrord.emulators.base import Served
+from mirrord.emulators.pdis import PdisEmulator
+from mirrord.redact import redact
+
+USER, PASSWORD = "you@lab.edu", "s3cret-pass"
+CBF = b"###CBF: VERSION 1.5\n" + b"\x00" * 200
+FAST_RETRY = {"retry": RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01)}
+OTHER = SubmitMetadata(dataset_type="other", project_title="Fragment screen of NSP3 macrodomain",
+                       project_authors="Smith J., Doe A.", synchrotron_id=12, beamline_id=32)
+
+
+def write_tar(path: Path, files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def write_tar_zst(path: Path, files: dict[str, bytes]) -> bytes:
+    """Returns the inner tar, whose md5 and size PDIS reports."""
+    inner = write_tar(path.with_suffix(""), files)
+    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(inner))
+    return inner
+
+
+def write_sparse_tar(path: Path, member_size: int) -> None:
+    """A valid tar of one `member_size`-byte member, written sparse: huge on the wire, free on disk."""
+    info = tarfile.TarInfo("big_0001.cbf")
+    info.size = member_size
+    with open(path, "wb") as out:
+        out.write(info.tobuf(format=tarfile.PAX_FORMAT))
+        padded = -(-member_size // 512) * 512
+        out.truncate(out.tell() + padded + 1024)
+
+
+class Env:
+    def __init__(self, emulator: PdisEmulator, served: Served, tmp: Path) -> None:
+        self.emu, self.served, self.tmp = emulator, served, tmp
+        self.url = PdisEmulator.api_url(served.url)
+        self.token_file = tmp / "state" / "pdis.token"
+        self.upload_headers: list[dict[str, str]] = []
+
+    def client(self, **kwargs) -> PdisClient:
+        kwargs.setdefault("http", FAST_RETRY)
+        return PdisClient(self.url, username=USER, password=PASSWORD, token_file=self.token_file, **kwargs)
+
+    def auth_requests(self) -> int:
+        return self.served.requests.count("POST", "/api/v1/auth/token/")
+
+
+async def start_env(tmp_path: Path, **options) -> tuple[Env, Served]:
+    emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, **options)
+    seen: list[dict[str, str]] = []
+
+    @web.middleware
+    async def record_upload_headers(request, handler):
+        if request.path.endswith("/upload/"):
+            seen.append(dict(request.headers))
+        return await handler(request)
+
+    emulator.app.middlewares.insert(0, record_upload_headers)
+    served = await Served(emulator.app).start()
+    env = Env(emulator, served, tmp_path)
+    env.upload_headers = seen
+    return env, served
+
+
+@pytest.fixture
+async def env(tmp_path: Path):
+    env, served = await start_env(tmp_path, step_seconds=None)
+    yield env
+    await served.stop()
+
+
+async def upload_submitted(env: Env, client: PdisClient, files: dict[str, bytes], name="ds.tar.zst") -> str:
+    write_tar_zst(env.tmp / name, files)
+    result = await client.upload(env.tmp / name)
+    assert await client.submit(result.token, OTHER) == "submitted"
+    return result.token
+
+
+# -- token handling -------------------------------------------------------------------------------
+async def test_token_is_stored_0600_and_reused_across_clients(env):
+    async with env.client() as client:
+        assert await client.equipment()
+    token = env.token_file.read_text().strip()
+    assert len(token) == 40
+    assert stat.S_IMODE(env.token_file.stat().st_mode) == 0o600
+    assert env.auth_requests() == 1
+    async with env.client() as again:  # a restart: the stored token is used, no new exchange
+        await again.submissions()
+    assert env.auth_requests() == 1
+    assert sorted(p.name for p in env.token_file.parent.iterdir()) == ["pdis.token"]  # no temp file left
+
+
+async def test_a_401_re_exchanges_once_and_rewrites_the_file(env):
+    async with env.client() as client:
+        await client.submissions()
+        old = env.token_file.read_text()
+        env.emu.regenerate_token(USER)
+        assert await client.submissions() == []
+    assert env.auth_requests() == 2
+    assert env.token_file.read_text() != old
+    assert stat.S_IMODE(env.token_file.stat().st_mode) == 0o600
+
+
+async def test_a_stale_stored_token_is_replaced(env):
+    env.token_file.parent.mkdir(parents=True)
+    env.token_file.write_text("f" * 40)
+    async with env.client() as client:
+        await client.submissions()
+    assert env.token_file.read_text().strip() != "f" * 40
+    assert env.auth_requests() == 1
+
+
+async def test_persistent_401_is_an_auth_error(env):
+    async with env.client() as client:
+        await client.submissions()
+        env.emu.fail_next("/submissions/", 401)
+        env.emu.fail_next("/submissions/", 401)
+        with pytest.raises(AuthError) as caught:
+            await client.submissions()
+    assert caught.value.status == 401 and env.auth_requests() == 2
+
+
+async def test_wrong_password_is_an_auth_error_with_the_server_message(env):
+    client = PdisClient(env.url, username=USER, password="wrong-password", token_file=env.token_file)
+    async with client:
+        with pytest.raises(AuthError) as caught:
+            await client.submissions()
+    assert "Unable to log in" in str(caught.value)
+    assert not env.token_file.exists()
+
+
+async def test_secrets_stay_out_of_repr_and_errors(env):
+    async with env.client() as client:
+        await client.submissions()
+        token = env.token_file.read_text().strip()
+        assert PASSWORD not in repr(client) and token not in repr(client)
+        assert redact(f"Authorization: Token {token} pw={PASSWORD}") == "Authorization: Token *** pw=***"
+
+
+# -- upload ---------------------------------------------------------------------------------------
+async def test_upload_tar_zst_reports_the_inner_tar(env):
+    inner = write_tar_zst(env.tmp / "dataset_5ABC.tar.zst", {"a_0001.cbf": CBF, "a_0002.cbf": CBF})
+    sent: list[int] = []
+    async with env.client() as client:
+        result = await client.upload(env.tmp / "dataset_5ABC.tar.zst", progress=sent.append)
+    assert result.md5hash == hashlib.md5(inner).hexdigest() and result.size == len(inner)
+    assert result.filename == "dataset_5ABC.tar" and result.pdbid == "5ABC" and not result.is_pdb_exists
+    assert sum(sent) == (env.tmp / "dataset_5ABC.tar.zst").stat().st_size
+    headers = env.upload_headers[-1]
+    assert int(headers["Content-Length"]) > sum(sent) and "Transfer-Encoding" not in headers
+    assert headers["Authorization"].startswith("Token ")
+
+
+async def test_duplicate_upload_is_a_conflict_with_the_server_message(env):
+    write_tar_zst(env.tmp / "a.tar.zst", {"a.cbf": CBF})
+    async with env.client() as client:
+        first = await client.upload(env.tmp / "a.tar.zst")
+        with pytest.raises(Conflict) as caught:
+            await client.upload(env.tmp / "a.tar.zst", filename="renamed.tar.zst")
+    assert "Duplicate file hash" in caught.value.detail and first.md5hash in caught.value.detail
+
+
+async def test_lost_upload_answer_is_reconciled_and_published_exactly_once(env):
+    inner = write_tar_zst(env.tmp / "a.tar.zst", {"a_0001.cbf": CBF})
+    md5 = hashlib.md5(inner).hexdigest()
+    env.emu.fail_next("/upload/", "truncate")  # stored by the server, answer cut off
+    async with env.client() as client:
+        with pytest.raises(TransientError):
+            await client.upload(env.tmp / "a.tar.zst")
+        assert env.served.requests.count("POST", "/api/v1/upload/") == 1  # never retried by itself
+        with pytest.raises(Conflict):
+            await client.upload(env.tmp / "a.tar.zst")
+        adopted = await client.find_by_md5(md5)
+        assert adopted is not None and adopted.status == "uploaded"
+        assert await client.submit(adopted.token, OTHER) == "submitted"
+        with pytest.raises(Conflict) as caught:
+            await client.submit(adopted.token, OTHER)
+        assert "already processed" in str(caught.value)
+        assert await client.find_by_md5("0" * 32) is None
+    assert env.emu.uploads_by_md5[md5] == 1 and env.emu.submissions_by_md5[md5] == 1
+
+
+async def test_upload_after_token_regeneration_is_sent_again(env):
+    write_tar_zst(env.tmp / "a.tar.zst", {"a.cbf": CBF})
+    async with env.client() as client:
+        await client.submissions()
+        env.emu.regenerate_token(USER)
+        result = await client.upload(env.tmp / "a.tar.zst")
+    assert env.emu.uploads_by_md5[result.md5hash] == 1 and env.auth_requests() == 2
+
+
+async def test_too_large_is_a_clear_bad_request(tmp_path):
+    env, served = await start_env(tmp_path, max_upload_bytes=4096)
+    try:
+        write_tar(tmp_path / "big.tar", {"a.cbf": CBF + b"\x01" * 20_000})
+        async with env.client() as client:
+            with pytest.raises(BadRequest) as caught:
+                await client.upload(tmp_path / "big.tar")
+        assert caught.value.status == 413 and "too large" in str(caught.value)
+    finally:
+        await served.stop()
+
+
+@pytest.mark.parametrize(("member_size", "phrase"), [
+    (1024, "no answer 0.3 s after sending"),  # the whole body fits in socket buffers; the answer never comes
+    (32 * 1024**2, "the server took nothing for 0.3 s"),  # blocked mid-body
+])
+async def test_stalled_upload_is_cut_by_the_watchdog(env, member_size, phrase):
+    env.emu.faults.stall_seconds = 1  # the server's stalled handler outlives the test by up to this
+    write_sparse_tar(env.tmp / "a.tar", member_size)
+    async with env.client(stall_timeout=0.3) as client:
+        await client.submissions()
+        env.emu.fail_next("/upload/", "stall")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TransientError) as caught:
+            await client.upload(env.tmp / "a.tar")
+    assert asyncio.get_running_loop().time() - started < 3
+    assert phrase in str(caught.value) and "may have reached the server" in str(caught.value)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    import os
+
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_a_200_mb_upload_streams_in_bounded_memory(env):
+    size = 200 * 1024**2
+    write_sparse_tar(env.tmp / "big.tar", size)
+    baseline = rss_bytes()
+    peak = baseline
+
+    def sample(_: int) -> None:
+        nonlocal peak
+        peak = max(peak, rss_bytes())
+
+    async with env.client() as client:
+        result = await client.upload(env.tmp / "big.tar", progress=sample)
+    assert result.size == (env.tmp / "big.tar").stat().st_size > size
+    # Client and emulator share this process: both streamed, neither held the file.
+    assert peak - baseline < 50 * 1024**2
+
+
+# -- submit and status ----------------------------------------------------------------------------
+async def test_submit_validation_errors_carry_the_server_message(env):
+    write_tar_zst(env.tmp / "a.tar.zst", {"a.cbf": CBF})
+    async with env.client() as client:
+        upload = await client.upload(env.tmp / "a.tar.zst")
+        with pytest.raises(BadRequest) as caught:
+            await client.submit(upload.token, SubmitMetadata(pdb_code="5ABC", project_title="too short"))
+        assert "at least 10 characters" in caught.value.detail
+        with pytest.raises(BadRequest, match="project_authors is required"):
+            await client.submit(upload.token, SubmitMetadata(dataset_type="other", project_title="A long enough title",
+                                                             equipment_other="home source"))
+        with pytest.raises(NotFound):
+            await client.submit("0" * 40, SubmitMetadata(pdb_code="5ABC"))
+    assert sum(env.emu.submissions_by_md5.values()) == 0
+
+
+def test_submit_metadata_leaves_unset_fields_out():
+    body = SubmitMetadata(pdb_code="5ABC").to_json("tok")
+    assert body == {"token": "tok", "pdb_code": "5ABC", "dataset_type": "pdb"}
+
+
+async def test_status_clock_runs_to_published(tmp_path):
+    env, served = await start_env(tmp_path, step_seconds=0.02)
+    try:
+        async with env.client() as client:
+            token = await upload_submitted(env, client, {"a_0001.cbf": CBF})
+            seen = []
+            for _ in range(100):
+                submission = await client.submission(token)
+                if not seen or seen[-1] != submission.status:
+                    seen.append(submission.status)
+                if submission.is_published:
+                    break
+                await asyncio.sleep(0.01)
+        assert seen[0] == "submitted" and seen[-1] == "published"
+        assert set(seen) <= {"submitted", "pending", "validated", "published"}
+        assert submission.synchrotron.short == "Diamond" and submission.beamline.short == "I04-1"
+        assert submission.inserted is not None and submission.updated >= submission.inserted
+        assert submission.original_filename == "ds.tar"
+    finally:
+        await served.stop()
+
+
+@pytest.mark.parametrize(("files", "outcome"), [
+    ({"README.txt": b"nothing to see"}, "error_no_data"),
+    ({"a_0001.cbf": b"NOT A CBF" + b"\x00" * 32}, "header_not_readable"),
+])
+async def test_validation_failures_need_attention(env, files, outcome):
+    async with env.client() as client:
+        token = await upload_submitted(env, client, files)
+        env.emu.advance(3)
+        submission = await client.submission(token)
+    assert submission.status == outcome and submission.needs_attention and submission.is_final
+    assert submission.status_details
+
+
+async def test_delete_rules(env):
+    async with env.client() as client:
+        uploaded = (await client.upload(write_and_return(env, "u.tar", {"u.cbf": CBF}))).token
+        await client.delete(uploaded)
+        with pytest.raises(NotFound):
+            await client.submission(uploaded)
+        in_flight = await upload_submitted(env, client, {"f.cbf": CBF}, name="f.tar.zst")
+        with pytest.raises(Conflict):
+            await client.delete(in_flight)
+        env.emu.advance(3)
+        assert (await client.submission(in_flight)).is_published
+        with pytest.raises(BadRequest):
+            await client.delete(in_flight)
+        no_data = await upload_submitted(env, client, {"notes.txt": b"x"}, name="n.tar.zst")
+        env.emu.advance(2)
+        assert (await client.submission(no_data)).deletable
+        await client.delete(no_data)
+        assert [s.token for s in await client.submissions()] == [in_flight]
+
+
+def write_and_return(env: Env, name: str, files: dict[str, bytes]) -> Path:
+    write_tar(env.tmp / name, files)
+    return env.tmp / name
+
+
+async def test_another_users_submission_is_forbidden(env):
+    env.emu.users["other@lab.edu"] = "other-pass"
+    other = PdisClient(env.url, username="other@lab.edu", password="other-pass", token_file=env.tmp / "other.token")
+    async with env.client() as client, other:
+        token = (await client.upload(write_and_return(env, "a.tar", {"a.cbf": CBF}))).token
+        with pytest.raises(AuthError) as caught:
+            await other.submission(token)
+    assert caught.value.status == 403 and "permission" in caught.value.detail
+
+
+# -- equipment ------------------------------------------------------------------------------------
+async def test_equipment_is_cached_and_beamlines_resolve(env):
+    async with env.client() as client:
+        first = await client.equipment()
+        assert await client.equipment() is first
+        found = await client.find_beamline("i04-1")
+        assert await client.find_beamline("24-ID-C", synchrotron="diamond") is None
+        aps = await client.find_beamline("24-id-c", synchrotron="APS")
+    assert env.served.requests.count("GET", "/api/v1/equipment/") == 1
+    assert (found[0].short, found[1].short) == ("Diamond", "I04-1")
+    assert (aps[0].id, aps[1].id) == (25, 42)
+
+
+# -- odd answers (a scripted server: aioresponses 0.7.9 does not work with aiohttp 3.14) ----------
+@pytest.fixture
+async def scripted(tmp_path: Path):
+    """A server answering each path from a queue of (status, body, content type); every call is logged."""
+    answers: dict[str, list[tuple[int, str, str]]] = {}
+    calls: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(f"{request.method} {request.path}")
+        await request.read()
+        status, body, content_type = answers[request.path].pop(0)
+        return web.Response(status=status, text=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    (tmp_path / "tok").write_text("a" * 40)
+    async with Served(app) as served:
+        async with HttpClient("pdis", served.url + "/api/v1", **FAST_RETRY) as http:
+            # A client given an HttpClient uses it as is and leaves closing it to its owner.
+            yield PdisClient(served.url + "/api/v1", username=USER, password=PASSWORD, token_file=tmp_path / "tok",
+                             http=http), answers, calls
+
+
+def answer(answers, path: str, status: int, body, content_type: str = "application/json") -> None:
+    text = body if isinstance(body, str) else json.dumps(body)
+    answers.setdefault("/api/v1/" + path, []).append((status, text, content_type))
+
+
+async def test_malformed_upload_answer_is_a_protocol_error(scripted, tmp_path):
+    client, answers, _ = scripted
+    answer(answers, "upload/", 201, {"token": "t" * 40, "size": 10})  # no md5hash
+    write_tar(tmp_path / "a.tar", {"a.cbf": CBF})
+    with pytest.raises(ProtocolError, match="md5hash"):
+        await client.upload(tmp_path / "a.tar")
+
+
+async def test_html_and_shapeless_listings_are_protocol_errors_and_5xx_get_is_retried(scripted):
+    client, answers, calls = scripted
+    answer(answers, "submissions/", 503, "<html>down</html>", "text/html")
+    answer(answers, "submissions/", 200, "<html>Maintenance</html>", "text/html")
+    answer(answers, "submissions/", 200, [{"token": "x", "unexpected": 1}])  # no status
+    with pytest.raises(ProtocolError):
+        await client.submissions()
+    assert calls == ["GET /api/v1/submissions/"] * 2  # the 503 was retried
+    with pytest.raises(ProtocolError, match="status"):
+        await client.submissions()
+
+
+async def test_submit_is_never_retried_on_a_server_error(scripted):
+    client, answers, calls = scripted
+    answer(answers, "submit/", 502, "bad gateway", "text/plain")
+    answer(answers, "submit/", 200, {"status": "submitted", "token": "t"})
+    with pytest.raises(TransientError):
+        await client.submit("t", SubmitMetadata(pdb_code="5ABC"))
+    assert calls == ["POST /api/v1/submit/"]
+
+
+async def test_long_error_messages_survive_and_400_token_refusal_is_auth(scripted):
+    client, answers, calls = scripted
+    message = "Submission is being processed " + "x" * 400
+    answer(answers, "submissions/t/", 409, {"error": message})
+    with pytest.raises(Conflict) as caught:
+        await client.delete("t")
+    assert caught.value.detail.startswith("Submission is being processed") and "{" not in caught.value.detail
+    answer(answers, "submissions/", 401, {"error": "Invalid token."})
+    answer(answers, "auth/token/", 400, {"non_field_errors": ["Unable to log in with provided credentials."]})
+    with pytest.raises(AuthError, match="Unable to log in"):
+        await client.submissions()
+
+
+def test_submission_parsing_is_lenient_about_extras_and_optionals():
+    parsed = parse_submission({"token": "t", "status": "mystery_status", "new_field": [1], "inserted": "garbage",
+                               "synchrotron": {"id": 25, "short": "APS"}, "md5hash": "ABC"})
+    assert parsed.status == "mystery_status" and not parsed.needs_attention and not parsed.is_final
+    assert parsed.inserted is None and parsed.synchrotron.id == 25 and parsed.md5hash == "abc"
+    with pytest.raises(ProtocolError):
+        parse_submission(["not", "an", "object"])
