@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from types import SimpleNamespace
 
 import pytest
-from aiohttp import ClientResponse
-from aioresponses import aioresponses as _aioresponses
 
 from mirrord.clients.designhub import AttachmentFile, Compound, DesignHubClient, Features
 from mirrord.clients.errors import AuthError, BadRequest, NotFound, ProtocolError
@@ -15,21 +12,11 @@ from mirrord.clients.http import RetryPolicy
 from mirrord.emulators.base import Faults, Served
 from mirrord.emulators.campaign import Campaign
 from mirrord.emulators.designhub import DesignHubEmulator
+from tests.mockhttp import aioresponses
 
 FAST = {"retry": RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01)}
 
 
-class _CompatResponse(ClientResponse):
-    """aioresponses 0.7.9 omits `stream_writer`, which aiohttp 3.14 requires (aioresponses#289)."""
-
-    def __init__(self, *args, stream_writer=None, **kwargs) -> None:
-        super().__init__(*args, stream_writer=stream_writer or SimpleNamespace(output_size=0), **kwargs)
-
-
-class aioresponses(_aioresponses):  # noqa: N801 - a drop-in for the library class
-    def add(self, *args, **kwargs) -> None:
-        kwargs["response_class"] = kwargs.get("response_class") or _CompatResponse
-        super().add(*args, **kwargs)
 
 
 @pytest.fixture

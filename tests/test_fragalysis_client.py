@@ -9,11 +9,8 @@ import re
 import tarfile
 import zipfile
 from contextlib import asynccontextmanager
-from types import SimpleNamespace
 
 import pytest
-from aiohttp import ClientResponse
-from aioresponses import aioresponses as _aioresponses
 from yarl import URL
 
 from mirrord.clients.errors import AuthError, NotFound, ProtocolError, TransientError
@@ -22,22 +19,12 @@ from mirrord.clients.http import HttpClient, RetryPolicy
 from mirrord.emulators.base import Served
 from mirrord.emulators.campaign import Campaign
 from mirrord.emulators.fragalysis import FragalysisEmulator
+from tests.mockhttp import aioresponses
 
 FAST_HTTP = {"retry": RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.005)}
 TOKEN = "s3ss10n-t0ken-for-tests"
 
 
-class _CompatResponse(ClientResponse):
-    """aioresponses 0.7.9 omits `stream_writer`, which aiohttp 3.14 requires (aioresponses#289)."""
-
-    def __init__(self, *args, stream_writer=None, **kwargs) -> None:
-        super().__init__(*args, stream_writer=stream_writer or SimpleNamespace(output_size=0), **kwargs)
-
-
-class aioresponses(_aioresponses):  # noqa: N801 - a drop-in for the library class
-    def add(self, *args, **kwargs) -> None:
-        kwargs["response_class"] = kwargs.get("response_class") or _CompatResponse
-        super().add(*args, **kwargs)
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ import asyncio
 import datetime as dt
 import re
 import time
-from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import pytest
-from aiohttp import ClientResponse, web
-from aioresponses import aioresponses as _aioresponses
+from aiohttp import web
 
 from mirrord.clients.errors import AuthError, BadRequest, ProtocolError
 from mirrord.clients.http import RetryPolicy
@@ -23,20 +21,7 @@ from tests.ispyb_openapi import (
     ispyb_emulator,  # noqa: F401 - pytest fixture
     ispyb_emulator_factory,  # noqa: F401 - pytest fixture
 )
-
-
-class _CompatResponse(ClientResponse):
-    """aioresponses 0.7.9 omits `stream_writer`, which aiohttp 3.14 requires (aioresponses#289)."""
-
-    def __init__(self, *args, stream_writer=None, **kwargs) -> None:
-        super().__init__(*args, stream_writer=stream_writer or SimpleNamespace(output_size=0), **kwargs)
-
-
-class aioresponses(_aioresponses):  # noqa: N801 - a drop-in for the library class
-    def add(self, *args, **kwargs) -> None:
-        kwargs["response_class"] = kwargs.get("response_class") or _CompatResponse
-        super().add(*args, **kwargs)
-
+from tests.mockhttp import aioresponses
 
 FAST_RETRY = {"retry": RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01)}
 
