@@ -75,6 +75,7 @@ class Collection:
     start: dt.datetime
     end: dt.datetime | None
     beamline: str
+    corrupt: bool = False  # images whose headers no reader can parse (a detector fault)
 
     @property
     def prefix(self) -> str:
@@ -133,8 +134,12 @@ class Campaign:
 
     @classmethod
     def demo(cls, seed: int = 0, *, targets: int = 2, experiments: int = 6, image_size: int = 8 * 1024,
-             images_per_collection: int = 5, now: dt.datetime | None = None) -> Campaign:
-        """Two targets of six experiments each by default: about a dozen data collections."""
+             images_per_collection: int = 5, now: dt.datetime | None = None, with_problem: bool = False) -> Campaign:
+        """Two targets of six experiments each by default: about a dozen data collections.
+
+        `with_problem` adds a re-collection of a deposited crystal whose image headers are corrupt,
+        so a run has something that needs a person.
+        """
         rng = random.Random(seed)
         names = ["A71EV2A", "NSP3A", "Mpro", "D68EV3C", "Zika_NS3", "PHIPA"]
         now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
@@ -169,6 +174,10 @@ class Campaign:
             # One failed run and one unrelated sample per session: recorded, never deposited.
             camp.add_collection(target.tas, target.experiments[0].code, beamline=target.beamline,
                                 run_status="Data collection failed", images=2)
+        if with_problem:
+            target = camp.targets[-1]
+            crystal = next(e for e in target.experiments if e.pdb_code)
+            camp.add_collection(target.tas, crystal.code, beamline=target.beamline, images=3).corrupt = True
         return camp
 
     # -- growth over time (tests and the demo call these) ----------------------------------------
@@ -218,7 +227,8 @@ class Campaign:
         for i, name in enumerate(names[: count if count is not None else len(names)], start=1):
             path = directory / name
             if not path.exists():
-                path.write_bytes(image_bytes(collection, name, i, self.image_size))
+                data = image_bytes(collection, name, i, self.image_size)
+                path.write_bytes(b"\x00" * 16 + data[16:] if collection.corrupt else data)
         return directory
 
     def write_all_images(self, root: Path) -> None:

@@ -1,0 +1,105 @@
+"""`mirrord demo` and `mirrord emulate`.
+
+The demo is the real pipeline, not a simulation of it: the four emulators serve a synthetic campaign
+on loopback, and an ordinary mirrord (SQLite, a generated config file) mirrors the targets, discovers
+the datasets on disk, deposits the linked ones until PDIS publishes them, and annotates Design Hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from sqlalchemy import func, select
+
+from mirrord.config import load_config
+from mirrord.daemon import Mirrord, install_signal_handlers
+from mirrord.emulators.bundle import EmulatorBundle
+from mirrord.emulators.campaign import Campaign
+from mirrord.progress import terminal_progress
+from mirrord.status_page import summary
+from mirrord.store.models import Annotation, Dataset, Deposition, Upload
+from mirrord.views import print_status
+from mirrord.web import WebServer, make_app
+
+
+async def run_demo(*, keep: bool = False, state_dir: str | None = None, console: Console | None = None) -> int:
+    console = console or Console(stderr=False)
+    root = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="mirrord-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    campaign = Campaign.demo(with_problem=True)
+    started = time.monotonic()
+    async with EmulatorBundle(campaign, root / "upstreams") as bundle:
+        config_path = root / "mirrord.toml"
+        config_path.write_text(bundle.config_toml(root / "state"))
+        config = load_config(config_path, env={})
+        console.print(f"[bold]mirrord demo[/bold]: {len(campaign.targets)} targets, "
+                      f"{len(campaign.collections)} data collections, emulated upstreams:")
+        for name, url in bundle.urls.items():
+            console.print(f"  {name:<11}{url}")
+        console.print(f"  config     {config_path}\n")
+        with terminal_progress() as progress:
+            async with Mirrord(config, progress=progress) as app:
+                server = WebServer(make_app(app), "127.0.0.1", 0)
+                url = await server.start()
+                try:
+                    outcome = await app.run_once(horizon=20)
+                    counts = await _counts(app)
+                    print_status(await summary(app.store), console)
+                    elapsed = time.monotonic() - started
+                    console.print(f"\nmirrored {counts['mirrored']} target version(s), discovered "
+                                  f"{counts['datasets']} datasets, published {counts['published']} deposition(s), "
+                                  f"attached evidence to {counts['attached']} compound(s), "
+                                  f"{len(outcome.attention)} item(s) need attention; {elapsed:.1f}s.")
+                    console.print(f"status page: {url}/status   (state in {root})")
+                    if keep:
+                        console.print("--keep: emulators and status page stay up; Ctrl-C to stop.")
+                        stop = asyncio.Event()
+                        install_signal_handlers(stop)
+                        await app.run_forever(stop)
+                finally:
+                    await server.stop()
+    expected = sum(1 for t in campaign.targets for e in t.experiments if e.pdb_code)
+    if counts["published"] < expected or counts["mirrored"] < len(campaign.targets) or outcome.failed:
+        console.print(f"[red]demo incomplete[/red]: expected {expected} publications, got {counts['published']}")
+        for line in outcome.failed:
+            console.print(f"  failed: {line}")
+        return 1
+    return 0
+
+
+async def _counts(app: Mirrord) -> dict[str, int]:
+    async with app.store.read() as session:
+        async def count(model, *where) -> int:  # noqa: ANN001
+            return await session.scalar(select(func.count()).select_from(model).where(*where))
+
+        return {
+            "mirrored": await count(Upload, Upload.state == "mirrored"),
+            "datasets": await count(Dataset),
+            "published": await count(Deposition, Deposition.state == "published"),
+            "attached": await count(Annotation, Annotation.state == "attached"),
+        }
+
+
+async def run_emulators(*, data_dir: str | None = None, port: int = 0, fault_rate: float = 0.0) -> int:
+    console = Console()
+    root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="mirrord-emulate-"))
+    campaign = Campaign.demo(with_problem=True)
+    bundle = EmulatorBundle(campaign, root, fault_rate=fault_rate)
+    await bundle.start(first_port=port)
+    try:
+        config_path = root / "mirrord.toml"
+        config_path.write_text(bundle.config_toml(root / "state"))
+        for name, url in bundle.urls.items():
+            console.print(f"{name:<11}{url}")
+        console.print(f"raw data   {bundle.data_root}\nconfig     {config_path}  (mirrord --config {config_path} once)")
+        console.print("Ctrl-C to stop.")
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await stop.wait()
+    finally:
+        await bundle.stop()
+    return 0
