@@ -6,9 +6,11 @@ Served on loopback unless configured otherwise. An optional bearer token protect
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import time
 from typing import TYPE_CHECKING
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -19,13 +21,15 @@ from mirrord.store.models import utcnow
 if TYPE_CHECKING:
     from mirrord.daemon import Mirrord
 
+log = structlog.get_logger("mirrord.web")
 MIRRORD_KEY = web.AppKey("mirrord", object)
 STARTED_KEY = web.AppKey("started", float)
+TOKEN_KEY = web.AppKey("token", str)
 
 
 @web.middleware
 async def _auth(request: web.Request, handler):
-    token = request.app["token"]
+    token = request.app[TOKEN_KEY]
     if token and request.path != "/healthz":
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(supplied.encode(), token.encode()):
@@ -35,7 +39,7 @@ async def _auth(request: web.Request, handler):
 
 def make_app(app_state: Mirrord, *, token: str | None = None) -> web.Application:
     app = web.Application(middlewares=[_auth])
-    app["token"] = token
+    app[TOKEN_KEY] = token or ""
     app[MIRRORD_KEY] = app_state
     app[STARTED_KEY] = time.monotonic()
     app.router.add_get("/healthz", healthz)
@@ -93,6 +97,10 @@ class WebServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
+        if not _is_loopback(self.host) and not self.app.get(TOKEN_KEY):
+            log.warning("web.unprotected", listen=self.host,
+                        problem="listening beyond loopback without [web] token: anyone who can reach "
+                                "this port reads the status page")
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -103,3 +111,12 @@ class WebServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

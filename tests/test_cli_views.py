@@ -1,0 +1,176 @@
+"""Operator commands: `status --json`, `show` (lineage and history), `retry` (re-queue where it
+failed) and `check` (each upstream reachable with our credentials, against the real emulators)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mirrord.cli import main
+from mirrord.config import load_config
+from mirrord.emulators.bundle import EmulatorBundle
+from mirrord.emulators.campaign import Campaign
+from mirrord.inspect import RESTART_STATES, check_upstreams
+from mirrord.store import Store, migrate
+from mirrord.store.models import Dataset, Deposition, Event, Upload
+from mirrord.views import print_checks
+from tests.test_web import seed
+
+
+@pytest.fixture
+def seeded(tmp_path: Path) -> Path:
+    """A config file whose store holds the seeded campaign of test_web."""
+    state = tmp_path / "state"
+    config = tmp_path / "mirrord.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\ninstance_id = "cli-test"\n')
+
+    async def prepare() -> None:
+        store = Store(load_config(config, env={}).daemon.resolved_database_url)
+        try:
+            await migrate.upgrade(store)
+            await seed(store)
+        finally:
+            await store.close()
+
+    asyncio.run(prepare())
+    return config
+
+
+def read(config: Path, fn):  # noqa: ANN001 - a small async probe of the store
+    async def run():
+        store = Store(load_config(config, env={}).daemon.resolved_database_url)
+        try:
+            async with store.read() as session:
+                return await fn(session)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def test_status_json(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", str(seeded), "status", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["targets"][0]["name"] == "A71EV2A"
+    assert data["items"]["upload"] == {"failed": 1, "mirrored": 1}
+    assert {(a["kind"], a["state"]) for a in data["attention"]} == {
+        ("fragalysis", "identity"), ("deposition", "needs_attention"), ("upload", "failed"),
+        ("annotation", "unmatched")}
+
+
+def test_status_table_names_what_needs_attention(seeded: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # rich would wrap cells in a narrow terminal
+    assert main(["-c", str(seeded), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "Needs attention" in out and "header_not_readable" in out and "A71EV2A" in out
+
+
+def test_show_deposition_lineage_and_history(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", str(seeded), "show", "deposition", "2", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "needs_attention"
+    facts = {s["title"]: s["facts"] for s in shown["sections"]}
+    assert facts["PDIS deposition 2"]["PDIS status"] == "header_not_readable"
+    assert facts["PDIS deposition 2"]["upload token"] == "tok-2"
+    assert facts["ISPyB data collection 903"]["session"].startswith("lb32627-66")
+    assert facts["Fragalysis experiment A71EV2A-x0123"]["PDB code"] == "5RH1"
+    assert [h["to_state"] for h in shown["history"]] == ["uploaded", "submitted", "pending", "needs_attention"]
+
+
+def test_show_dataset_by_sample_name_and_target_by_tas(seeded: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    # Two collections of the same crystal: the name is ambiguous and the ids are offered.
+    assert main(["-c", str(seeded), "show", "dataset", "A71EV2A-x0123"]) == 1
+    assert "ambiguous" in capsys.readouterr().err
+    assert main(["-c", str(seeded), "show", "dataset", "xtal-unknown", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["id"] == 2 and shown["sections"][-1]["facts"] == {"deposition": "none"}
+    assert main(["-c", str(seeded), "show", "target", "lb32627-66/A71EV2A"]) == 0
+    out = capsys.readouterr().out
+    assert "upload 2" in out and "archive is hostile" in out and "A71EV2A-x0456" in out
+    assert main(["-c", str(seeded), "show", "upload", "A71EV2A/1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "mirrored"
+    assert main(["-c", str(seeded), "show", "deposition", "999"]) == 1
+    assert "no deposition '999'" in capsys.readouterr().err
+
+
+def test_retry_requeues_where_the_item_failed(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-c", str(seeded), "retry", "deposition", "2"]) == 0
+    assert "needs_attention -> pending" in capsys.readouterr().out
+    assert main(["-c", str(seeded), "retry", "upload", "2"]) == 0
+    assert "failed -> extracting" in capsys.readouterr().out
+
+    async def probe(session):  # noqa: ANN001, ANN202
+        deposition, upload = await session.get(Deposition, 2), await session.get(Upload, 2)
+        last = (await session.execute(Event.__table__.select().order_by(Event.id.desc()).limit(1))).first()
+        return deposition, upload, last
+
+    deposition, upload, last = read(seeded, probe)
+    assert (deposition.state, deposition.attempts, deposition.last_error) == ("pending", 0, None)
+    assert deposition.next_attempt_at is not None
+    assert (upload.state, upload.attempts, upload.last_error) == ("extracting", 0, None)
+    assert (last.item_type, last.from_state, last.to_state, last.reason) == (
+        "upload", "failed", "extracting", "retried by operator")
+    assert last.instance == "operator@cli-test"
+
+    # Not failed any more: nothing to retry.
+    assert main(["-c", str(seeded), "retry", "deposition", "2"]) == 1
+    assert "nothing to retry" in capsys.readouterr().err
+
+
+def test_retry_without_history_uses_the_kinds_restart_state(seeded: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    async def fail_dataset() -> None:
+        store = Store(load_config(seeded, env={}).daemon.resolved_database_url)
+        try:
+            async with store.write() as session:
+                (await session.get(Dataset, 2)).state = "failed"
+        finally:
+            await store.close()
+
+    asyncio.run(fail_dataset())
+    assert main(["-c", str(seeded), "retry", "dataset", "2"]) == 0
+    assert f"failed -> {RESTART_STATES['dataset']}" in capsys.readouterr().out
+
+
+@pytest.fixture
+async def bundle(tmp_path: Path):
+    async with EmulatorBundle(Campaign.demo(), tmp_path / "upstreams") as started:
+        config = tmp_path / "mirrord.toml"
+        config.write_text(started.config_toml(tmp_path / "state"))
+        yield config
+
+
+async def test_check_passes_against_the_emulators(bundle: Path) -> None:
+    from rich.console import Console
+
+    results = await check_upstreams(load_config(bundle, env={}))
+    assert [(r.upstream, r.ok) for r in results] == [
+        ("fragalysis", True), ("ispyb", True), ("pdis", True), ("designhub", True)], results
+    console = Console(record=True, width=200)
+    print_checks(results, console)
+    lines = console.export_text().splitlines()
+    assert len(lines) == 4 and all(line.startswith("OK") for line in lines)
+
+
+async def test_check_with_a_wrong_key_exits_1_naming_the_upstream(bundle: Path) -> None:
+    env = {**os.environ, "MIRRORD_DESIGNHUB__API_KEY": "not-the-key", "MIRRORD_PDIS__PASSWORD": "wrong",
+           "COLUMNS": "200"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirrord.cli", "-c", str(bundle), "--log-level", "error", "check",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = out.decode()
+    assert proc.returncode == 1, (text, err.decode())
+    lines = {line.split()[1]: line for line in text.splitlines() if line.strip()}
+    assert lines["designhub"].startswith("FAIL") and "credential rejected" in lines["designhub"]
+    assert lines["pdis"].startswith("FAIL") and "token exchange refused" in lines["pdis"]
+    assert lines["fragalysis"].startswith("OK") and lines["ispyb"].startswith("OK")
+    assert "not-the-key" not in text + err.decode()

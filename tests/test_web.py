@@ -1,0 +1,239 @@
+"""The daemon's HTTP face: /status and /api/status from a seeded store, /readyz turning 503 when a
+job keeps failing, /metrics parseable with the counters in it, and the optional bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mirrord.daemon import Mirrord
+from mirrord.jobs.base import Job, RunResult
+from mirrord.store import Store
+from mirrord.store.models import (
+    Annotation,
+    Dataset,
+    Deposition,
+    Event,
+    Experiment,
+    KeyValue,
+    Session,
+    Target,
+    Upload,
+    utcnow,
+)
+from mirrord.web import WebServer, make_app
+from tests.conftest import make_config
+
+HOSTILE = "<script>alert('x')</script>"
+IDENTITY_PROBLEM = "Target access string lb99999-1 is not in user alice's target access list"
+
+
+class BrokenJob(Job):
+    """Every run fails the same way, like an upstream that refuses us."""
+
+    name = "fragalysis"
+
+    async def work(self, result: RunResult) -> None:  # work runs every tick; poll only once per slot
+        raise RuntimeError("upstream said no")
+
+
+class CountingJob(Job):
+    name = "fragalysis"
+
+    async def work(self, result: RunResult) -> None:
+        result.count("widgets", 3)
+
+
+async def seed(store: Store) -> None:
+    """A small campaign in every state the operator views care about."""
+    now = utcnow()
+    ago = lambda minutes: now - dt.timedelta(minutes=minutes)  # noqa: E731
+    async with store.write() as s:
+        s.add(Target(id=1, name="A71EV2A", tas="lb32627-66", latest_upload=2, mirrored_upload=1,
+                     mirrored_at=ago(30)))
+        s.add(Session(id=55, name="lb32627-66", proposal="lb32627", beamline="i04-1"))
+        await s.flush()  # no ORM relationships: parents go in first
+        s.add(Upload(id=1, target_id=1, upload_index=1, state="mirrored", mirror_path="A71EV2A/lb32627-66/upload_1",
+                     file_count=12))
+        s.add(Upload(id=2, target_id=1, upload_index=2, state="failed", attempts=10,
+                     last_error="archive is hostile: member ../../etc/passwd", updated_at=ago(5)))
+        s.add(Experiment(id=1, target_id=1, upload_index=1, code="A71EV2A-x0123", pdb_code="5RH1",
+                         compound_code="Z1234", smiles="CCO"))
+        s.add(Experiment(id=2, target_id=1, upload_index=1, code="A71EV2A-x0456", smiles="c1ccccc1"))
+    async with store.write() as s:
+        for ds_id, sample, collection, state in ((1, "A71EV2A-x0123", 901, "eligible"),
+                                                 (2, "xtal-unknown", 902, "skipped"),
+                                                 (3, "A71EV2A-x0123", 903, "eligible")):
+            s.add(Dataset(id=ds_id, group_id=800 + ds_id, collection_id=collection, session_id=55,
+                          session_name="lb32627-66", proposal="lb32627", beamline="i04-1", sample_name=sample,
+                          state=state, experiment_id=None if ds_id == 2 else 1,
+                          reason="no Fragalysis experiment" if ds_id == 2 else None))
+    async with store.write() as s:
+        s.add(Deposition(id=1, dataset_id=1, state="published", pdb_code="5RH1", pdis_status="published",
+                         upload_token="tok-1", tar_md5="d41d8cd98f00b204e9800998ecf8427e",
+                         spool_path="spool/1.tar.zst", updated_at=ago(20)))
+        s.add(Deposition(id=2, dataset_id=3, state="needs_attention", pdb_code="5RH1",
+                         pdis_status="header_not_readable", status_details=f"image 2 header unreadable {HOSTILE}",
+                         upload_token="tok-2", updated_at=ago(2)))
+        s.add(Annotation(id=1, experiment_id=2, evidence_key="lb32627-66/A71EV2A/A71EV2A-x0456", content_hash="h",
+                         state="unmatched", reason="no Design Hub compound has this structure", updated_at=ago(8)))
+        s.add(KeyValue(key="fragalysis.identity", value={"problems": [IDENTITY_PROBLEM],
+                                                          "checked_at": ago(1).isoformat()}))
+        for n, (frm, to, reason) in enumerate((("queued", "uploaded", "uploaded"),
+                                               ("uploaded", "submitted", "submitted"),
+                                               ("submitted", "pending", "PDIS is validating"),
+                                               ("pending", "needs_attention", "header_not_readable"))):
+            s.add(Event(at=ago(10 - n), item_type="deposition", item_id="2", from_state=frm, to_state=to,
+                        reason=reason, instance="replica-a"))
+        s.add(Event(at=ago(6), item_type="upload", item_id="2", from_state="extracting", to_state="failed",
+                    reason="archive is hostile", instance="replica-a"))
+
+
+def enable(monkeypatch: pytest.MonkeyPatch, job: type[Job]) -> None:
+    monkeypatch.setitem(__import__("mirrord.jobs", fromlist=["JOBS"]).JOBS, "fragalysis",
+                        f"{__name__}:{job.__name__}")
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path):
+    config = make_config(tmp_path, daemon={"instance_id": "replica-a"})
+    async with Mirrord(config) as app:
+        await seed(app.store)
+        yield app
+
+
+async def serve(app: Mirrord, token: str | None = None):
+    server = WebServer(make_app(app, token=token), "127.0.0.1", 0)
+    return server, await server.start()
+
+
+async def get(url: str, **headers: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
+
+
+async def test_status_page_shows_targets_depositions_and_attention_escaped(daemon: Mirrord) -> None:
+    server, url = await serve(daemon)
+    try:
+        status, ctype, page = await get(f"{url}/status")
+    finally:
+        await server.stop()
+    assert status == 200 and ctype.startswith("text/html")
+    assert "A71EV2A" in page and "lb32627-66" in page
+    assert "replica-a" in page  # the replica that serves the page
+    assert "5RH1" in page and "header_not_readable" in page and "tok-" not in page
+    assert "archive is hostile" in page  # failed upload
+    assert "no Design Hub compound has this structure" in page  # unmatched compound
+    assert IDENTITY_PROBLEM.replace("'", "&#x27;") in page  # identity problem, escaped
+    assert HOSTILE not in page and "&lt;script&gt;" in page  # escaped everywhere
+    assert "<script" not in page.lower()  # and no JavaScript of our own either
+
+
+async def test_api_status_lists_attention_newest_first(daemon: Mirrord) -> None:
+    server, url = await serve(daemon)
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/api/status") as resp:
+            data = await resp.json()
+    finally:
+        await server.stop()
+    assert data["instance"] == "replica-a"
+    what = [(a["kind"], str(a["id"]), a["state"]) for a in data["attention"]]
+    assert what == [("fragalysis", "identity", "identity"), ("deposition", "2", "needs_attention"),
+                    ("upload", "2", "failed"), ("annotation", "1", "unmatched")]
+    deposition = next(a for a in data["attention"] if a["kind"] == "deposition")
+    assert "PDIS status header_not_readable" in deposition["reason"] and "x0123" in deposition["label"]
+    assert data["items"]["deposition"] == {"needs_attention": 1, "published": 1}
+    by_id = {d["id"]: d for d in data["depositions"]}
+    assert by_id[1]["sample"] == "A71EV2A-x0123" and by_id[1]["pdis_status"] == "published"
+    assert [d["state"] for d in data["depositions"]] == ["needs_attention", "published"]  # problems first
+    assert {d["id"]: d["deposition_state"] for d in data["datasets"]} == {1: "published", 2: None,
+                                                                           3: "needs_attention"}
+    assert data["targets"][0]["mirrored_upload"] == 1
+
+
+async def test_failing_job_turns_readyz_503_and_shows_on_status(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    enable(monkeypatch, BrokenJob)
+    config = make_config(tmp_path, fragalysis={"enabled": True, "interval": "0.05s", "jitter": 0})
+    async with Mirrord(config) as app:
+        server, url = await serve(app)
+        try:
+            await app.runner.run("fragalysis")
+            await asyncio.sleep(0.2)  # past 3 x interval since start, never a success
+            await app.runner.run("fragalysis")
+            status, _, body = await get(f"{url}/readyz")
+            assert status == 503
+            assert "fragalysis" in body and "upstream said no" in body
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/api/status") as resp:
+                data = await resp.json()
+            failing = [a for a in data["attention"] if a["kind"] == "job"]
+            assert failing and failing[0]["id"] == "fragalysis" and "upstream said no" in failing[0]["reason"]
+            assert (await get(f"{url}/healthz"))[0] == 200  # alive, though not ready
+        finally:
+            await server.stop()
+
+
+async def test_readyz_ready_after_success_and_metrics_parse(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    enable(monkeypatch, CountingJob)
+    config = make_config(tmp_path, fragalysis={"enabled": True, "interval": "60s", "jitter": 0})
+    async with Mirrord(config) as app:
+        await seed(app.store)
+        server, url = await serve(app)
+        try:
+            await app.runner.run("fragalysis")
+            status, _, body = await get(f"{url}/readyz")
+            assert status == 200, body
+            status, ctype, text = await get(f"{url}/metrics")
+            assert status == 200 and ctype.startswith("text/plain")
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(text) for s in family.samples}
+            assert samples[("mirrord_job_runs_total", (("job", "fragalysis"), ("outcome", "ok")))] >= 1
+            assert samples[("mirrord_job_items_total", (("counter", "widgets"), ("job", "fragalysis")))] >= 3
+            last = samples[("mirrord_job_last_success_timestamp_seconds", (("job", "fragalysis"),))]
+            assert abs(last - utcnow().timestamp()) < 60
+            assert samples[("mirrord_items", (("kind", "deposition"), ("state", "published")))] == 1
+            names = {family.name for family in text_string_to_metric_families(text)}
+            assert {"mirrord_downloaded_bytes", "mirrord_uploaded_bytes",
+                    "mirrord_transfer_duration_seconds"} <= names
+
+            # A state that empties disappears from the gauge instead of keeping its last count.
+            async with app.store.write() as s:
+                (await s.get(Deposition, 2)).state = "published"
+            text = (await get(f"{url}/metrics"))[2]
+            gauges = {tuple(sorted(s.labels.items())): s.value for family in text_string_to_metric_families(text)
+                      if family.name == "mirrord_items" for s in family.samples}
+            assert gauges[(("kind", "deposition"), ("state", "published"))] == 2
+            assert (("kind", "deposition"), ("state", "needs_attention")) not in gauges
+        finally:
+            await server.stop()
+
+
+async def test_bearer_token_guards_everything_but_healthz(daemon: Mirrord) -> None:
+    server, url = await serve(daemon, token="s3cret-token")
+    try:
+        assert (await get(f"{url}/healthz"))[0] == 200
+        for path in ("/status", "/api/status", "/metrics", "/readyz"):
+            assert (await get(f"{url}{path}"))[0] == 401, path
+            assert (await get(f"{url}{path}", Authorization="Bearer wrong"))[0] == 401, path
+        status, _, page = await get(f"{url}/status", Authorization="Bearer s3cret-token")
+        assert status == 200 and "A71EV2A" in page
+    finally:
+        await server.stop()
+
+
+async def test_web_listens_on_loopback_by_default(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    assert config.web.listen == "127.0.0.1"
+    async with Mirrord(config) as app:
+        server = WebServer(make_app(app), config.web.listen, 0)
+        url = await server.start()
+        try:
+            assert url.startswith("http://127.0.0.1:")
+        finally:
+            await server.stop()
