@@ -138,6 +138,97 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _run_async(main())
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def main() -> int:
+        from mirrord.jobs.deposit_policy import plan
+        from mirrord.store import Store
+
+        store = Store(config.daemon.resolved_database_url)
+        try:
+            async with store.read() as session:
+                entries = await plan(session, config.pdis)
+        finally:
+            await store.close()
+        if args.json:
+            print(json.dumps([{"dataset": e.facts.dataset_id, "sample": e.facts.sample_name,
+                               "proposal": e.facts.proposal, "beamline": e.facts.beamline,
+                               "state": e.facts.deposition_state, "deposit": e.decision.deposit,
+                               "pdb_code": e.decision.pdb_code, "reason": e.decision.reason} for e in entries],
+                             indent=2))
+            return EXIT_OK
+        mode = f"policy {config.pdis.deposit}" + (", dry run" if config.pdis.dry_run else "")
+        print(f"PDIS deposition plan ({mode}); nothing is uploaded by this command")
+        for e in entries:
+            f = e.facts
+            print(f"dataset {f.dataset_id} {f.sample_name or '?'} ({f.proposal}, {f.beamline or '?'}) "
+                  f"[{f.deposition_state or 'new'}]: {e.decision.summary}")
+        return EXIT_OK
+
+    return _run_async(main())
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def main() -> int:
+        from mirrord.inspect import InspectError, lineage
+        from mirrord.store import Store
+        from mirrord.views import print_lineage
+
+        store = Store(config.daemon.resolved_database_url)
+        try:
+            found = await lineage(store, args.kind, args.ref)
+        except InspectError as exc:
+            print(f"mirrord show: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            await store.close()
+        if args.json:
+            print(json.dumps(found.to_dict(), indent=2, default=str))
+        else:
+            print_lineage(found)
+        return EXIT_OK
+
+    return _run_async(main())
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def main() -> int:
+        from mirrord.inspect import InspectError, retry
+        from mirrord.store import Store
+
+        store = Store(config.daemon.resolved_database_url)
+        try:
+            done = await retry(store, args.kind, args.id, instance=f"operator@{config.daemon.instance_id}")
+        except InspectError as exc:
+            print(f"mirrord retry: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            await store.close()
+        print(f"{done.kind} {done.id}: {done.from_state} -> {done.to_state}; the next run picks it up")
+        return EXIT_OK
+
+    return _run_async(main())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+
+    async def main() -> int:
+        from mirrord.inspect import check_upstreams
+        from mirrord.views import print_checks
+
+        results = await check_upstreams(config)
+        print_checks(results)
+        return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+    return _run_async(main())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mirrord.demo import run_demo
 
@@ -153,8 +244,9 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "show": cmd_show, "retry": cmd_retry, "check": cmd_check,
     "run": cmd_run, "once": cmd_once, "check-config": cmd_check_config, "db": cmd_db, "status": cmd_status,
-    "demo": cmd_demo, "emulate": cmd_emulate,
+    "demo": cmd_demo, "emulate": cmd_emulate, "plan": cmd_plan,
 }
 
 
@@ -183,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("-m", "--message", required=True)
     status = sub.add_parser("status", help="what mirrord did and what needs a person")
     status.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="one item's lineage across the four systems and its event history")
+    show.add_argument("kind", choices=["target", "upload", "dataset", "deposition", "annotation"])
+    show.add_argument("ref", help="an id, or a name: target name (or TAS/name), <target>/<upload index>, "
+                      "sample name, PDB code or PDIS token, evidence key or experiment code")
+    show.add_argument("--json", action="store_true")
+    retry = sub.add_parser("retry", help="re-queue a failed or needs-attention item where it failed")
+    retry.add_argument("kind", choices=["upload", "dataset", "deposition", "annotation"])
+    retry.add_argument("id", type=int)
+    sub.add_parser("check", help="can each enabled upstream be reached with our credentials? (exit 1 if not)")
+    plan = sub.add_parser("plan", help="what the PDIS job would deposit, and why not (from the store; no upload)")
+    plan.add_argument("--json", action="store_true")
     demo = sub.add_parser("demo", help="run the whole pipeline against built-in emulators (no setup needed)")
     demo.add_argument("--keep", action="store_true", help="keep emulators and status page running afterwards")
     demo.add_argument("--state-dir", help="where to keep the demo's state (default: a temporary directory)")

@@ -247,6 +247,8 @@ class PdisEmulator:
         self.existing_pdb_ids = {p.upper() for p in existing_pdb_ids or ()}
         self.uploads_by_md5: Counter[str] = Counter()  # accepted (201) uploads per md5
         self.submissions_by_md5: Counter[str] = Counter()  # accepted submits per md5: exactly once?
+        # The next N uploads are stored damaged (as if corrupted in transit): their md5 is not the sent one.
+        self.damage_next_uploads = 0
         self._records: dict[str, Record] = {}
         self._tokens: dict[str, str] = {}  # API token → user email
         self._forced: dict[str, list[int]] = {}
@@ -415,6 +417,9 @@ class PdisEmulator:
 
     def _store(self, user: str, received: _Received, dataset_type: str) -> dict[str, Any]:
         token = secrets.token_hex(20)
+        if self.damage_next_uploads > 0:
+            self.damage_next_uploads -= 1
+            received.md5hash = hashlib.md5(received.md5hash.encode()).hexdigest()  # noqa: S324 - a fake digest
         stored = received.path.rename(self.storage_dir / f"{token}{received.suffix}")
         pdbid = pdb_id_in(received.inner_name)
         published = {r.pdbid for r in self._records.values() if r.status == "published"}

@@ -1,0 +1,478 @@
+"""The PDIS deposition job end to end: the real emulator over loopback, the real job through
+`Mirrord.run_once`, real image files in tmp_path. Dataset/Experiment rows are written here the way the
+ISPyB and Fragalysis jobs leave them; the last tests run those jobs too, and kill a real `mirrord once`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from mirrord import cli
+from mirrord.clients.pdis import PdisClient
+from mirrord.config import PdisSection
+from mirrord.daemon import Mirrord
+from mirrord.emulators.base import Served
+from mirrord.emulators.campaign import Campaign, Collection, cbf_image
+from mirrord.emulators.pdis import PdisEmulator
+from mirrord.jobs import deposit
+from mirrord.jobs.deposit import pack_for_deposit
+from mirrord.jobs.deposit_policy import DatasetFacts, decide, facts_for, render_title
+from mirrord.store import Store, migrate
+from mirrord.store.models import Dataset, Deposition, Event, Experiment, Target
+from mirrord.store.models import Session as SessionRow
+from tests.conftest import make_config
+from tests.ispyb_openapi import ispyb_emulator_factory  # noqa: F401 - pytest fixture
+
+USER, PASSWORD = "you@lab.edu", "secret"
+
+
+# -- fixtures and helpers ---------------------------------------------------------------------------
+@pytest.fixture
+def campaign() -> Campaign:
+    return Campaign.demo(seed=0, targets=1, experiments=6)
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> PdisEmulator:
+    return PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.02)
+
+
+@pytest.fixture
+async def served(emulator: PdisEmulator):
+    async with Served(emulator.app) as served:
+        yield served
+
+
+def config_for(tmp_path: Path, served: Served, *, database_url: str = "", **pdis: Any):
+    section = {"enabled": True, "url": PdisEmulator.api_url(served.url), "username": USER, "password": PASSWORD,
+               "poll_interval": "20ms", "spool_margin": 0, **pdis}
+    daemon = {"retry_base": "10ms", "retry_max": "50ms", "database_url": database_url}
+    return make_config(tmp_path, pdis=section, daemon=daemon)
+
+
+async def run(config, *, horizon: float = 3.0):
+    async with Mirrord(config) as app:
+        return await app.run_once(horizon=horizon)
+
+
+async def open_store(config) -> Store:
+    store = Store(config.daemon.resolved_database_url)
+    await migrate.upgrade(store)
+    return store
+
+
+async def add_datasets(config, campaign: Campaign, root: Path, collections: list[Collection] | None = None, *,
+                       link: bool = True) -> list[int]:
+    """Complete Dataset rows with their image files on disk, linked to Experiment rows (as ISPyB leaves them)."""
+    collections = collections if collections is not None else [
+        c for c in campaign.collections if "success" in c.run_status.lower()]
+    store = await open_store(config)
+    ids = []
+    try:
+        async with store.write() as session:
+            for col in collections:
+                found = campaign.experiment(col.sample)
+                target = found[0] if found else campaign.targets[0]
+                directory = campaign.write_images(root, col)
+                files = sorted(p.name for p in directory.iterdir() if p.name.startswith(col.prefix))
+                target_row = await session.scalar(select(Target).where(Target.tas == target.tas))
+                if target_row is None:
+                    target_row = Target(name=target.name, tas=target.tas)
+                    session.add(target_row)
+                    await session.flush()
+                experiment_id = None
+                if link and found:
+                    exp = await session.scalar(select(Experiment).where(Experiment.code == col.sample))
+                    if exp is None:
+                        exp = Experiment(target_id=target_row.id, upload_index=1, code=col.sample,
+                                         pdb_code=found[1].pdb_code)
+                        session.add(exp)
+                        await session.flush()
+                    experiment_id = exp.id
+                sid = 9000 + target.visit_number
+                if await session.get(SessionRow, sid) is None:
+                    session.add(SessionRow(id=sid, name=target.tas, proposal=target.proposal, beamline=col.beamline))
+                    await session.flush()
+                row = Dataset(group_id=col.group_id, collection_id=col.collection_id, session_id=sid,
+                              session_name=col.session, proposal=target.proposal, beamline=col.beamline,
+                              sample_name=col.sample, protein_acronym=target.name, local_dir=str(directory),
+                              files=files, total_bytes=sum((directory / f).stat().st_size for f in files),
+                              experiment_id=experiment_id, state="complete")
+                session.add(row)
+                await session.flush()
+                ids.append(row.id)
+    finally:
+        await store.close()
+    return ids
+
+
+async def depositions(config) -> dict[int, Deposition]:
+    """Deposition rows by dataset id."""
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        async with store.read() as session:
+            return {d.dataset_id: d for d in (await session.scalars(select(Deposition))).all()}
+    finally:
+        await store.close()
+
+
+def spool_files(config) -> list[str]:
+    return sorted(p.name for p in config.spool_dir.iterdir()) if config.spool_dir.exists() else []
+
+
+def uploads(served: Served) -> int:
+    return served.requests.count("POST", "/api/v1/upload/")
+
+
+def assert_exactly_once(emulator: PdisEmulator, rows: list[Deposition]) -> None:
+    assert emulator.submissions_by_md5, "nothing was submitted"
+    assert set(emulator.submissions_by_md5.values()) == {1}, emulator.submissions_by_md5
+    assert {r.tar_md5 for r in rows} == set(emulator.submissions_by_md5)
+
+
+# -- the policy, as a pure function ------------------------------------------------------------------
+def facts(**overrides: Any) -> DatasetFacts:
+    base = dict(dataset_id=1, dataset_state="complete", collection_id=7, proposal="lb32627", beamline="i04-1",
+                session_name="lb32627-66", sample_name="A71EV2A-x0152", protein_acronym="A71EV2A",
+                local_dir="/data/x", files=("a.cbf",), total_bytes=10)
+    return DatasetFacts(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(("section", "overrides", "expected"), [
+    ({}, {"experiment_code": "X", "pdb_code": "5abc"}, "deposit as 5ABC"),
+    ({}, {"experiment_code": "X"}, "not deposited: experiment X has no PDB code yet (policy: linked)"),
+    ({}, {}, "not deposited: not linked to a Fragalysis experiment (policy: linked)"),
+    ({"deposit": "none"}, {"pdb_code": "5ABC"}, "not deposited: policy: deposit = none"),
+    ({}, {"pdb_code": "5ABC", "dataset_state": "waiting"}, "not deposited: dataset is waiting, not complete"),
+    ({"include_proposals": ["lb1"]}, {"pdb_code": "5ABC"}, "not deposited: proposal lb32627 is not in include_proposals"),
+    ({"exclude_proposals": ["LB32627"]}, {"pdb_code": "5ABC"}, "not deposited: proposal lb32627 is in exclude_proposals"),
+    ({"include_beamlines": ["I04-1"]}, {"pdb_code": "5ABC"}, "deposit as 5ABC"),
+    ({"exclude_beamlines": ["I04-1"]}, {"pdb_code": "5ABC"}, "not deposited: beamline i04-1 is in exclude_beamlines"),
+    ({"deposit": "all", "authors": "Smith J."}, {},
+     "deposit as other: 'Raw diffraction data for A71EV2A-x0152 (lb32627, i04-1)'"),
+    ({"deposit": "all"}, {}, "not deposited: authors is not configured (required without a PDB code)"),
+    ({"deposit": "all", "authors": "S", "title_template": "{nope}"}, {},
+     "not deposited: title_template cannot be filled in: 'nope'"),
+    ({"deposit": "all", "authors": "S", "title_template": "{visit}"}, {"session_name": "lb1-1"},
+     "not deposited: title 'lb1-1' is shorter than 10 characters"),
+])
+def test_policy_decisions(section, overrides, expected):
+    assert decide(facts(**overrides), PdisSection(**section)).summary == expected
+
+
+def test_title_template_fields():
+    title = render_title("{protein}: {sample} {visit} {beamline} {proposal}", facts())
+    assert title == "A71EV2A: A71EV2A-x0152 lb32627-66 i04-1 lb32627"
+
+
+# -- end to end against the emulator -----------------------------------------------------------------
+async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, campaign, emulator, served, db_url):
+    config = config_for(tmp_path, served, database_url="" if db_url.startswith("sqlite") else db_url)
+    ids = await add_datasets(config, campaign, tmp_path / "dls")
+    outcome = await run(config)
+    assert outcome.exit_code == 0, outcome
+    rows = await depositions(config)
+    expected = {d: campaign.experiment(c.sample)[1].pdb_code for d, c in zip(ids, campaign.collections, strict=False)}
+    published = {d: r.pdb_code for d, r in rows.items() if r.state == "published"}
+    assert published == {d: p for d, p in expected.items() if p}
+    unlinked = [r for r in rows.values() if r.state == "not_deposited"]
+    assert len(unlinked) == 2 and all("has no PDB code yet" in r.status_details for r in unlinked)
+    assert_exactly_once(emulator, [r for r in rows.values() if r.state == "published"])
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        remote = {s.md5hash: s for s in await client.submissions()}
+    for row in rows.values():
+        if row.state == "published":
+            assert remote[row.tar_md5].pdbid == row.pdb_code and remote[row.tar_md5].status == "published"
+            assert row.server_md5 == row.tar_md5 and row.server_size == row.tar_size
+            assert row.spool_removed_at is not None
+    assert spool_files(config) == []  # no retention: every archive is gone once published
+    assert oct(config.pdis_token_cache.stat().st_mode & 0o777) == "0o600"
+
+    # An experiment gains its PDB code later: the dataset is decided again and deposited.
+    waiting = unlinked[0]
+    store = await open_store(config)
+    async with store.write() as session:
+        dataset = await session.get(Dataset, waiting.dataset_id)
+        (await session.get(Experiment, dataset.experiment_id)).pdb_code = "7ZZZ"
+    await store.close()
+    assert (await run(config)).exit_code == 0
+    row = (await depositions(config))[waiting.dataset_id]
+    assert (row.state, row.pdb_code) == ("published", "7ZZZ")
+    assert set(emulator.submissions_by_md5.values()) == {1} and len(emulator.submissions_by_md5) == 5
+
+
+async def test_all_policy_maps_equipment_with_override_and_fallback(tmp_path, campaign, emulator, served):
+    target = campaign.targets[0]
+    cols = [campaign.add_collection(target.tas, f"loose-{bl}", beamline=bl, images=2) for bl in ("i04-1", "i03", "i99")]
+    config = config_for(tmp_path, served, deposit="all", authors="Smith J., Doe A.",
+                        equipment={"I03": {"synchrotron_id": 25, "beamline_id": 42}})
+    ids = await add_datasets(config, campaign, tmp_path / "dls", cols, link=False)
+    assert (await run(config)).exit_code == 0
+    rows = await depositions(config)
+    assert all(rows[i].state == "published" and rows[i].dataset_type == "other" for i in ids)
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        remote = {s.md5hash: s for s in await client.submissions()}
+    mapped, overridden, fallback = (remote[rows[i].tar_md5] for i in ids)
+    assert (mapped.synchrotron.short, mapped.beamline.short) == ("Diamond", "I04-1")  # case-insensitive match
+    assert (overridden.synchrotron.id, overridden.beamline.id) == (25, 42)  # the override table wins
+    assert fallback.synchrotron is None and fallback.equipment_other == "Diamond i99"
+    assert mapped.project_title == f"Raw diffraction data for loose-i04-1 ({target.proposal}, i04-1)"
+    assert mapped.project_authors == "Smith J., Doe A." and mapped.dataset_type == "other"
+
+
+async def test_dry_run_records_decisions_and_uploads_nothing(tmp_path, campaign, emulator, served):
+    config = config_for(tmp_path, served, dry_run=True)
+    await add_datasets(config, campaign, tmp_path / "dls")
+    assert (await run(config)).exit_code == 0
+    states = sorted(r.state for r in (await depositions(config)).values())
+    assert states == ["dry_run"] * 4 + ["not_deposited"] * 2
+    assert uploads(served) == 0 and not emulator.uploads_by_md5 and spool_files(config) == []
+    # Switching the dry run off deposits what was decided.
+    config = config_for(tmp_path, served)
+    assert (await run(config)).exit_code == 0
+    assert sorted(r.state for r in (await depositions(config)).values()) == ["not_deposited"] * 2 + ["published"] * 4
+
+
+async def test_preflight_failure_needs_attention_without_upload(tmp_path, campaign, emulator, served):
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+    store = await open_store(config)
+    async with store.read() as session:
+        dataset = await session.get(Dataset, dataset_id)
+    for name in dataset.files:
+        Path(dataset.local_dir, name).write_bytes(b"junk, not a detector image")
+    await store.close()
+    outcome = await run(config)
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "needs_attention" and "image header not readable" in row.status_details
+    assert outcome.attention and uploads(served) == 0 and spool_files(config) == []
+
+
+async def test_error_no_data_from_pdis_needs_attention(tmp_path, campaign, emulator, served):
+    config = config_for(tmp_path, served)
+    col = campaign.collections[0]
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
+    store = await open_store(config)
+    async with store.write() as session:
+        dataset = await session.get(Dataset, dataset_id)
+        # Image headers mirrord recognises, in files PDIS does not take for images (".dat").
+        directory = Path(dataset.local_dir)
+        (directory / "frame_0001.dat").write_bytes(cbf_image(col, 1, 256))
+        dataset.files = ["frame_0001.dat"]
+        dataset.total_bytes = (directory / "frame_0001.dat").stat().st_size
+    await store.close()
+    outcome = await run(config)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.pdis_status) == ("needs_attention", "error_no_data")
+    assert "No diffraction images" in row.status_details and outcome.attention
+    assert emulator.submissions_by_md5[row.tar_md5] == 1
+
+
+async def test_md5_mismatch_is_never_submitted(tmp_path, campaign, emulator, served):
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+    emulator.damage_next_uploads = 1
+    outcome = await run(config)
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "needs_attention" and row.status_details.startswith("integrity")
+    assert row.server_md5 != row.tar_md5 and row.upload_token
+    assert not emulator.submissions_by_md5 and served.requests.count("POST", "/api/v1/submit/") == 0
+    assert served.requests.count("DELETE", "/api/v1/submissions/") == 1  # the damaged copy is not left behind
+    assert outcome.attention
+
+
+async def test_revoked_token_is_exchanged_again(tmp_path, campaign, emulator, served):
+    config = config_for(tmp_path, served)
+    first, second = campaign.collections[0], campaign.collections[1]
+    await add_datasets(config, campaign, tmp_path / "dls", [first])
+    assert (await run(config)).exit_code == 0
+    old_token = config.pdis_token_cache.read_text().strip()
+    emulator.regenerate_token(USER)  # the stored token answers 401 from now on
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [second])
+    assert (await run(config)).exit_code == 0
+    assert (await depositions(config))[dataset_id].state == "published"
+    assert config.pdis_token_cache.read_text().strip() != old_token
+    assert served.requests.count("POST", "/api/v1/auth/token/") == 2
+
+
+async def test_conflict_adopts_the_earlier_upload_without_a_second_submission(tmp_path, campaign, emulator, served):
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+    store = await open_store(config)
+    async with store.read() as session:
+        dataset_facts = await facts_for(session, dataset_id)
+    await store.close()
+    # An earlier attempt reached PDIS but its answer was lost: the same archive is there, unsubmitted.
+    packed = pack_for_deposit(dataset_facts, tmp_path / "earlier.tar.zst", level=config.pdis.zstd_level)
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        earlier = await client.upload(packed.path)
+    assert (await run(config)).exit_code == 0
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.upload_token, row.tar_md5) == ("published", earlier.token, packed.tar_md5)
+    assert emulator.uploads_by_md5[packed.tar_md5] == 1 and emulator.submissions_by_md5[packed.tar_md5] == 1
+    assert served.requests.count("POST", "/api/v1/upload/") == 2  # ours answered 409
+
+
+async def test_a_lost_submit_answer_is_recorded_not_repeated(tmp_path, campaign, emulator, served):
+    """Killed after the submit reached PDIS, before `submitted` was recorded: the status is read first."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+    emulator.step_seconds = None  # hold the clock so the row stops at `uploaded`
+    original = deposit.DepositJob._submit
+    deposit.DepositJob._submit = lambda self, dep, result: asyncio.sleep(0)  # type: ignore[method-assign]
+    try:
+        await run(config, horizon=0)
+    finally:
+        deposit.DepositJob._submit = original  # type: ignore[method-assign]
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "uploaded" and row.upload_token
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        from mirrord.clients.pdis import SubmitMetadata
+
+        await client.submit(row.upload_token, SubmitMetadata(pdb_code=row.pdb_code))
+    emulator.step_seconds = 0.02
+    assert (await run(config)).exit_code == 0
+    assert (await depositions(config))[dataset_id].state == "published"
+    assert emulator.submissions_by_md5[row.tar_md5] == 1
+
+
+async def test_waiting_for_spool_space_and_changed_files(tmp_path, campaign, emulator, served, monkeypatch):
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+    monkeypatch.setattr(deposit, "free_space_ok", lambda directory, needed: False)
+    outcome = await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.attempts, row.status_details) == ("queued", 0, "waiting for spool space")
+    assert outcome.exit_code == 0 and uploads(served) == 0
+    monkeypatch.undo()
+
+    calls = []
+    real_pack = deposit.pack_for_deposit
+
+    def pack_once_changed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise deposit.DatasetChanged("x.cbf", "grew while being read")
+        return real_pack(*args, **kwargs)
+
+    monkeypatch.setattr(deposit, "pack_for_deposit", pack_once_changed)
+    assert (await run(config)).exit_code == 0
+    assert (await depositions(config))[dataset_id].state == "published" and len(calls) == 2
+    store = await open_store(config)
+    async with store.read() as session:
+        reasons = (await session.scalars(select(Event.reason).where(Event.to_state == "queued"))).all()
+    await store.close()
+    assert any("packing again later" in r for r in reasons)
+
+
+async def test_plan_lists_decisions_without_uploading(tmp_path, campaign, emulator, served, capsys):
+    config = config_for(tmp_path, served)
+    await add_datasets(config, campaign, tmp_path / "dls")
+    path = tmp_path / "mirrord.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\n[pdis]\ndeposit = "linked"\n')
+    assert await asyncio.to_thread(cli.main, ["--config", str(path), "plan"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("PDIS deposition plan (policy linked)")
+    assert sum("deposit as " in line for line in lines) == 4
+    assert sum("has no PDB code yet" in line for line in lines) == 2
+    assert await asyncio.to_thread(cli.main, ["--config", str(path), "plan", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert len(entries) == 6 and sum(e["deposit"] for e in entries) == 4
+    assert uploads(served) == 0
+
+
+# -- crash safety: SIGKILL a real `mirrord once` at each state boundary ----------------------------
+def first_reached(db: Path, state: str) -> bool:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as conn:
+            return conn.execute("SELECT 1 FROM events WHERE item_type = 'deposition' AND to_state = ?",
+                                (state,)).fetchone() is not None
+    except sqlite3.Error:
+        return False  # not created yet, or busy
+
+
+async def mirrord_once(config_path: Path, db: Path, kill_at: str | None = None) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirrord.cli", "--config", str(config_path), "--log-level", "warning", "once",
+        "--wait", "5", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    if kill_at is not None:
+        deadline = time.monotonic() + 20
+        while proc.returncode is None and time.monotonic() < deadline:
+            if first_reached(db, kill_at):
+                proc.send_signal(signal.SIGKILL)
+                break
+            await asyncio.sleep(0.002)
+    return await proc.wait()
+
+
+@pytest.mark.parametrize("kill_at", ["packing", "packed", "uploading", "uploaded", "submitted"])
+async def test_sigkill_at_each_boundary_then_restart_publishes_exactly_once(tmp_path, kill_at):
+    campaign = Campaign.demo(seed=1, targets=1, experiments=2, image_size=256 * 1024, images_per_collection=6)
+    # Slow enough uploads that "uploading" lasts a moment; a quick status clock.
+    emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.05,
+                            bandwidth=8 * 1024**2)
+    async with Served(emulator.app) as served:
+        config = config_for(tmp_path, served)
+        await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+        (tmp_path / "pdis.pass").write_text(PASSWORD)
+        (tmp_path / "pdis.pass").chmod(0o600)
+        config_path = tmp_path / "mirrord.toml"
+        config_path.write_text(
+            f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\nretry_base = "10ms"\nretry_max = "50ms"\n'
+            f'[log]\nformat = "json"\n'
+            f'[pdis]\nenabled = true\nurl = "{config.pdis.url}"\nusername = "{USER}"\n'
+            f'password_file = "{tmp_path / "pdis.pass"}"\npoll_interval = "50ms"\nspool_margin = 0\n')
+        db = config.daemon.state_dir / "mirrord.db"
+        assert await mirrord_once(config_path, db, kill_at=kill_at) == -signal.SIGKILL
+        for _ in range(3):
+            if await mirrord_once(config_path, db) == 0:
+                break
+        rows = list((await depositions(config)).values())
+        assert [r.state for r in rows] == ["published"]
+        assert_exactly_once(emulator, rows)
+        assert spool_files(config) == []  # no temp file, no archive left behind
+
+
+# -- the whole pipeline: Fragalysis + ISPyB + PDIS emulators, the three real jobs ----------------------
+async def test_pipeline_fragalysis_ispyb_pdis_publishes_linked_datasets(
+        tmp_path, ispyb_emulator_factory):  # noqa: F811 - the fixture, used
+    from mirrord.emulators.fragalysis import FragalysisEmulator
+
+    campaign = Campaign.demo(seed=0)
+    target = campaign.targets[0]
+    ispyb = await ispyb_emulator_factory(campaign, data_root=tmp_path / "dls")
+    emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.02)
+    async with Served(FragalysisEmulator(campaign, build_seconds=0.02).app) as fragalysis, \
+            Served(emulator.app) as served:
+        config = make_config(
+            tmp_path, daemon={"retry_base": "10ms", "retry_max": "50ms"},
+            fragalysis={"enabled": True, "url": fragalysis.url, "settle": "0s", "build_poll_interval": "10ms",
+                        "targets": [{"name": target.name, "tas": target.tas}]},
+            ispyb={"enabled": True, "url": ispyb.url, "login": "mirrord", "password": "mirrord-password",
+                   "proposals": [target.proposal], "lookback": "3650d", "quiet_period": 0,
+                   "missing_deadline": "1h", "path_map": {"/dls": str(tmp_path / "dls")}},
+            pdis={"enabled": True, "url": PdisEmulator.api_url(served.url), "username": USER, "password": PASSWORD,
+                  "poll_interval": "20ms", "spool_margin": 0})
+        outcome = await run(config, horizon=3.0)
+        assert outcome.exit_code == 0, outcome.failed
+        rows = list((await depositions(config)).values())
+    published = sorted(r.pdb_code for r in rows if r.state == "published")
+    assert published == sorted(e.pdb_code for e in target.experiments if e.pdb_code)
+    assert {r.state for r in rows} == {"published", "not_deposited"}
+    assert_exactly_once(emulator, [r for r in rows if r.state == "published"])
+    assert spool_files(config) == []
