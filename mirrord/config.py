@@ -180,6 +180,10 @@ class FragalysisSection(JobSection):
     identity_check: Duration = 4 * 3600.0
     max_archive_bytes: int = Field(default=50 * 1024**3, gt=0)
     max_members: int = Field(default=200_000, gt=0)
+    # How long to wait between looks at a running archive build (doubling up to 15x this), and
+    # how long a build may take before the upload is retried later.
+    build_poll_interval: Duration = 2.0
+    build_timeout: Duration = 3600.0
 
 
 class IspybSection(JobSection):

@@ -55,6 +55,9 @@ class GroupEvent:
     sample_name: str | None
     sample_id: int | None
     session_id: int | None
+    # The group's only collection, parsed from the event's `Item`, when `count == 1`: then the event
+    # describes it exactly and `group_collections` need not be asked (most groups hold one collection).
+    single: DataCollection | None = None
 
 
 @dataclass(frozen=True)
@@ -193,10 +196,12 @@ def _group_id(item: _Record) -> int:
 
 def _parse_group_event(rec: _Record) -> GroupEvent:
     item = rec.child("Item", required=True)
+    count = rec.get_int("count") or 1
     return GroupEvent(
         group_id=_group_id(item), newest_collection_id=rec.get_int("id", required=True),
-        count=rec.get_int("count") or 1, start=rec.get_datetime("startTime"), end=rec.get_datetime("endTime"),
+        count=count, start=rec.get_datetime("startTime"), end=rec.get_datetime("endTime"),
         sample_name=rec.get_str("blSample"), sample_id=rec.get_int("blSampleId"), session_id=rec.get_int("sessionId"),
+        single=_parse_collection(rec) if count == 1 else None,
     )
 
 

@@ -247,13 +247,8 @@ def _stable_int(text: str) -> int:
 
 
 def _payload(key: str, size: int) -> bytes:
-    """Deterministic pseudo-random pixel bytes (incompressible, like detector data)."""
-    out = bytearray()
-    block = hashlib.sha256(key.encode()).digest()
-    while len(out) < size:
-        block = hashlib.sha256(block).digest()
-        out += block * 8
-    return bytes(out[:size])
+    """Deterministic pseudo-random pixel bytes: incompressible, like detector data after its own compression."""
+    return random.Random(key).randbytes(size)
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"

@@ -1,0 +1,425 @@
+"""ISPyB job: discover data collections (`Dataset` rows), wait until their files are whole and quiet,
+and link them to the Fragalysis experiment they are a crystal of.
+
+`poll` reads the followed sessions (proposals and/or beamlines) that are active or ended within
+`lookback`. A session's events are read again only when its `_metadata.datacollections` count or end
+date moved since the last scan (`Session.scanned_*`), and a group's collections only when the group
+changed or still has unfinished collections, so a quiet poll costs one request per page of sessions
+and writes nothing. Most groups hold one collection, which the session's event describes in full.
+
+`work` checks each dataset on disk:
+
+    discovered ──► waiting (files missing, still written, or the run not finished) ──► complete
+        └─► skipped (the run failed: reason)        └─► missing (no directory after missing_deadline)
+
+A dataset is complete when its run succeeded and ended, the files its template names are all there,
+and they have not changed (names, sizes, mtimes) for `quiet_period`. The files' own mtimes count as
+evidence of quiet, so data collected long ago completes on its first check; a site whose file server
+clock runs behind ours by more than `quiet_period` would see that shortcut too early.
+
+ISPyB datetimes are naive facility-local times; they are stored as if they were UTC (the facility's
+zone is not known), which is only compared with itself or against day-long windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import func, select, update
+
+from mirrord.clients.errors import UpstreamError
+from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, IspybSession
+from mirrord.config import IspybSection
+from mirrord.jobs.base import Job, JobContext, RunResult, aware
+from mirrord.jobs.datafiles import DirScan, map_path, scan_dataset
+from mirrord.store.items import log_event, move
+from mirrord.store.models import Dataset, Experiment, Target, utcnow
+from mirrord.store.models import Session as SessionRow
+
+WORKABLE = ("discovered", "waiting")
+# Upstream facts that decide completeness: when one changes, the dataset is checked again.
+DECISIVE = ("run_status", "end", "local_dir", "file_template", "number_of_images")
+SCAN_CONCURRENCY = 4  # sessions (and samples) read at once
+WORK_BATCH = 50
+MIN_RECHECK = 0.05  # seconds; a waiting dataset is never due again at once (no busy loop)
+
+
+# -- typed values ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KnownGroup:
+    """What the store holds of one data collection group."""
+
+    collection_ids: frozenset[int]
+    unfinished: bool  # some collection has no end time yet: read the group again next poll
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one on-disk check: the next state, why, and the columns to record."""
+
+    state: str
+    reason: str
+    values: dict[str, Any]
+
+
+def make_client(section: IspybSection, **http: Any) -> IspybClient:
+    password = section.password.get_secret_value() if section.password else None
+    token = section.token.get_secret_value() if section.token else None
+    return IspybClient(section.url, plugin=section.plugin, login=section.login, password=password, token=token,
+                       http=http or None)
+
+
+def _session_values(s: IspybSession) -> dict[str, Any]:
+    return {"name": s.name, "proposal": s.proposal or s.name.rsplit("-", 1)[0], "beamline": s.beamline,
+            "start": aware(s.start), "end": aware(s.end)}
+
+
+def _changed(row: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The values that differ from the row's: assigning only those keeps `updated_at` honest."""
+    return {key: value for key, value in values.items() if getattr(row, key) != value}
+
+
+def _in_window(s: IspybSession, cutoff: dt.datetime) -> bool:
+    end = aware(s.end)
+    return bool(s.active) or end is None or end >= cutoff
+
+
+def _needs_scan(s: IspybSession, row: SessionRow | None) -> bool:
+    if row is None or s.datacollections is None:  # a fork without the count: always look
+        return True
+    return s.datacollections != row.scanned_collections or aware(s.end) != row.scanned_end
+
+
+def _group_needs_read(event: GroupEvent, known: KnownGroup | None) -> bool:
+    if known is None:
+        return True
+    return (known.unfinished or len(known.collection_ids) != event.count
+            or event.newest_collection_id not in known.collection_ids)
+
+
+# -- the job --------------------------------------------------------------------------------------
+class IspybJob(Job):
+    name: ClassVar[str] = "ispyb"
+
+    def __init__(self, ctx: JobContext) -> None:
+        super().__init__(ctx)
+        self.section = self.config.ispyb
+        self.client: IspybClient | None = None
+        self._limit = asyncio.Semaphore(SCAN_CONCURRENCY)
+        self._sample_limit = asyncio.Semaphore(SCAN_CONCURRENCY)
+        self._writing = asyncio.Lock()
+
+    async def start(self) -> None:
+        self.client = make_client(self.section)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    def _client(self) -> IspybClient:
+        if self.client is None:
+            self.client = make_client(self.section)
+        return self.client
+
+    # -- poll ---------------------------------------------------------------------------------------
+    async def poll(self, result: RunResult) -> None:
+        """Upsert the followed sessions; scan those whose count or end moved. Auth and protocol
+        errors propagate: the runner logs the job as failing once."""
+        remote = await self._followed_sessions()
+        result.count("sessions", len(remote))
+        rows, groups = await self._known(remote)
+        await self._upsert_sessions(remote, rows)
+        todo = []
+        for s in remote:
+            if _needs_scan(s, rows.get(s.session_id)):
+                todo.append(self._scan_session(s, groups.get(s.session_id, {}), full=True, result=result))
+            elif any(g.unfinished for g in groups.get(s.session_id, {}).values()):
+                todo.append(self._scan_session(s, groups[s.session_id], full=False, result=result))
+        # Every scan runs to its end (each records its own work), then the first error is raised.
+        errors = [r for r in await asyncio.gather(*todo, return_exceptions=True) if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _followed_sessions(self) -> list[IspybSession]:
+        client = self._client()
+        cutoff = utcnow() - dt.timedelta(seconds=self.section.lookback)
+        found: dict[int, IspybSession] = {}
+        scopes = [{"proposal": p} for p in self.section.proposals]
+        scopes += [{"beamline": b} for b in self.section.beamlines]
+        for scope in scopes:
+            async for s in client.sessions(**scope):
+                if _in_window(s, cutoff):
+                    found.setdefault(s.session_id, s)
+        return list(found.values())
+
+    async def _known(self, remote: list[IspybSession]) -> tuple[dict[int, SessionRow], dict[int, dict[int, KnownGroup]]]:
+        """The store's sessions and, per session, its groups: one short read."""
+        ids = [s.session_id for s in remote]
+        if not ids:
+            return {}, {}
+        async with self.store.read() as session:
+            rows = {row.id: row for row in await session.scalars(select(SessionRow).where(SessionRow.id.in_(ids)))}
+            members = (await session.execute(
+                select(Dataset.session_id, Dataset.group_id, Dataset.collection_id, Dataset.end)
+                .where(Dataset.session_id.in_(ids)))).all()
+        collected: dict[int, dict[int, tuple[set[int], bool]]] = {}
+        for session_id, group_id, collection_id, end in members:
+            ids_, unfinished = collected.setdefault(session_id, {}).get(group_id, (set(), False))
+            ids_.add(collection_id)
+            collected[session_id][group_id] = (ids_, unfinished or end is None)
+        groups = {sid: {gid: KnownGroup(frozenset(c), u) for gid, (c, u) in g.items()} for sid, g in collected.items()}
+        return rows, groups
+
+    async def _upsert_sessions(self, remote: list[IspybSession], rows: dict[int, SessionRow]) -> None:
+        changes = {s.session_id: _session_values(s) for s in remote}
+        changes = {sid: v for sid, v in changes.items() if sid not in rows or _changed(rows[sid], v)}
+        if not changes:
+            return
+        async with self.store.write() as session:
+            for sid, values in changes.items():
+                row = await session.get(SessionRow, sid)
+                if row is None:
+                    session.add(SessionRow(id=sid, **values))
+                else:
+                    for key, value in _changed(row, values).items():
+                        setattr(row, key, value)
+
+    async def _scan_session(self, s: IspybSession, known: dict[int, KnownGroup], *, full: bool,
+                            result: RunResult) -> None:
+        """Read the groups of the session that changed; a full scan reads the session's events first,
+        otherwise only the groups with unfinished collections are read again."""
+        async with self._limit:
+            client = self._client()
+            collections: list[DataCollection] = []
+            to_read: list[int] = []
+            if full:
+                # A session that counts no collections has no events worth a request.
+                events = await client.session_events(s.session_id) if s.datacollections != 0 else []
+                result.count("sessions_scanned")
+                for event in events:
+                    if not _group_needs_read(event, known.get(event.group_id)):
+                        continue
+                    if event.single is not None:
+                        collections.append(event.single)
+                    else:
+                        to_read.append(event.group_id)
+            else:
+                to_read = [group_id for group_id, group in known.items() if group.unfinished]
+            for group_id in to_read:
+                collections.extend(await client.group_collections(group_id))
+                result.count("groups_read")
+            acronyms = await self._acronyms(collections)
+            # One recording write at a time: waiting writers queue here, not inside the database.
+            async with self._writing:
+                await self._record(s, collections, acronyms, scanned=full, result=result)
+
+    async def _acronyms(self, collections: Iterable[DataCollection]) -> dict[int, str | None]:
+        """Protein acronyms by sample id: from the store when known, else one lookup per sample."""
+        wanted = {c.sample_id for c in collections if c.sample_id is not None}
+        if not wanted:
+            return {}
+        async with self.store.read() as session:
+            rows = (await session.execute(
+                select(Dataset.sample_id, func.max(Dataset.protein_acronym))
+                .where(Dataset.sample_id.in_(wanted), Dataset.protein_acronym.is_not(None))
+                .group_by(Dataset.sample_id))).all()
+        found: dict[int, str | None] = dict(rows)
+        client = self._client()
+
+        async def lookup(sample_id: int) -> None:
+            async with self._sample_limit:
+                try:
+                    found[sample_id] = (await client.sample(sample_id)).protein_acronym
+                except UpstreamError as exc:  # the acronym is a nicety: never lose a dataset over it
+                    self.log.warning("ispyb.sample_unreadable", sample_id=sample_id, error=str(exc))
+
+        await asyncio.gather(*(lookup(sid) for sid in wanted - set(found)))
+        return found
+
+    def _dataset_values(self, s: IspybSession, c: DataCollection, acronym: str | None) -> dict[str, Any]:
+        values = {
+            "session_id": s.session_id, "session_name": s.name,
+            "proposal": s.proposal or s.name.rsplit("-", 1)[0], "beamline": s.beamline,
+            "sample_name": c.sample_name, "sample_id": c.sample_id, "facility_dir": c.image_directory,
+            "local_dir": map_path(c.image_directory, self.section.path_map) if c.image_directory else None,
+            "file_template": c.file_template, "number_of_images": c.number_of_images, "run_status": c.run_status,
+            "start": aware(c.start), "end": aware(c.end),
+        }
+        if acronym is not None:  # never forget an acronym because one lookup failed
+            values["protein_acronym"] = acronym
+        return values
+
+    async def _record(self, s: IspybSession, collections: list[DataCollection], acronyms: dict[int, str | None],
+                      *, scanned: bool, result: RunResult) -> None:
+        """One short write: new datasets, changed facts, and (after a full scan) what we scanned."""
+        keys = [(c.group_id, c.collection_id) for c in collections]
+        async with self.store.write() as session:
+            existing = {}
+            if keys:
+                group_ids = {g for g, _ in keys}
+                for row in await session.scalars(select(Dataset).where(Dataset.group_id.in_(group_ids))):
+                    existing[(row.group_id, row.collection_id)] = row
+            new_rows: list[Dataset] = []
+            for c in collections:
+                values = self._dataset_values(s, c, acronyms.get(c.sample_id) if c.sample_id is not None else None)
+                row = existing.get((c.group_id, c.collection_id))
+                if row is None:
+                    new_rows.append(Dataset(group_id=c.group_id, collection_id=c.collection_id, state="discovered",
+                                            reason="new in ISPyB", **values))
+                    continue
+                changed = _changed(row, values)
+                for key, value in changed.items():
+                    setattr(row, key, value)
+                if changed:
+                    result.count("datasets_updated")
+                    self._recheck(session, row, sorted(set(changed) & set(DECISIVE)))
+            if new_rows:
+                session.add_all(new_rows)
+                await session.flush()  # one round trip for all of them; their ids are for the events
+                for row in new_rows:
+                    self._log_discovered(session, row)
+                result.count("datasets_discovered", len(new_rows))
+            if scanned:
+                row = await session.get(SessionRow, s.session_id)
+                values = {"scanned_collections": s.datacollections, "scanned_end": aware(s.end)}
+                if row is not None and _changed(row, values):
+                    for key, value in values.items():
+                        setattr(row, key, value)
+                    row.scanned_at = utcnow()
+
+    def _log_discovered(self, session: Any, row: Dataset) -> None:
+        log_event(session, row, None, "discovered", f"{row.session_name} {row.sample_name or '?'} "
+                  f"collection {row.collection_id}", self.ctx.instance)
+
+    def _recheck(self, session: Any, row: Dataset, decisive: list[str]) -> None:
+        """Upstream facts that decide completeness moved: check the dataset again soon."""
+        if not decisive:
+            return
+        if row.state in WORKABLE:
+            row.next_attempt_at = None
+        elif row.state in ("skipped", "missing"):
+            move(session, row, "discovered", f"ISPyB changed: {', '.join(decisive)}", instance=self.ctx.instance)
+            row.next_attempt_at = None
+        else:
+            self.log.warning("ispyb.changed_after_complete", dataset=row.id, state=row.state, fields=decisive)
+
+    # -- work ---------------------------------------------------------------------------------------
+    async def work(self, result: RunResult) -> None:
+        if self.section.link_rule == "sample_is_experiment_code":
+            await self._link(result)
+        seen: set[int] = set()
+        while True:
+            items = [d for d in await self.claim(Dataset, WORKABLE, limit=WORK_BATCH) if d.id not in seen]
+            if not items:
+                return
+            for item in items:
+                seen.add(item.id)
+                try:
+                    verdict = await self._check(item)
+                except OSError as exc:  # unreadable mount, permissions: retried with backoff
+                    await self.fail(Dataset, item.id, f"cannot read {item.local_dir}: {exc}", result=result)
+                    continue
+                if not await self._record_verdict(item.id, verdict):
+                    continue
+                result.count(f"datasets_{verdict.state}")
+                if verdict.state == "missing":
+                    self.log.error("dataset.missing", dataset=item.id, directory=item.local_dir,
+                                   reason=verdict.reason)
+                    self.ctx.notifier.item("dataset", str(item.id), "missing", verdict.reason)
+
+    async def _record_verdict(self, dataset_id: int, verdict: Verdict) -> bool:
+        """Like `Job.transition`, plus the `reason` column; False if another replica took the item over."""
+        async with self.store.write() as session:
+            item = await session.get(Dataset, dataset_id)
+            if item is None or item.lease_owner != self.ctx.instance:
+                self.log.warning("dataset.lease_lost", dataset=dataset_id)
+                return False
+            item.attempts, item.last_error, item.next_attempt_at = 0, None, None
+            item.reason = verdict.reason
+            for key, value in verdict.values.items():
+                setattr(item, key, value)
+            move(session, item, verdict.state, verdict.reason, instance=self.ctx.instance)
+            return True
+
+    async def _check(self, item: Dataset) -> Verdict:
+        now = utcnow()
+        section = self.section
+        status = item.run_status or ""
+        if "success" not in status.lower():
+            if status or item.end is not None:
+                return Verdict("skipped", f"run status {status or 'unknown'!r}: not a successful collection", {})
+            return self._wait(now, "collection still running (no run status yet)", section.quiet_period)
+        if item.end is None:
+            return self._wait(now, "collection still running (no end time yet)", section.quiet_period)
+        if not item.local_dir or not item.file_template:
+            return Verdict("skipped", "ISPyB gives no image directory or file template", {})
+        scan = await asyncio.to_thread(scan_dataset, Path(item.local_dir), item.file_template,
+                                       item.number_of_images)
+        if not scan.exists:
+            deadline = item.created_at + dt.timedelta(seconds=section.missing_deadline)
+            if now >= deadline:
+                reason = f"directory {item.local_dir} did not appear within {section.missing_deadline:g} s"
+                return Verdict("missing", reason, {"last_error": reason})
+            return self._wait(now, f"directory {item.local_dir} not there yet", section.quiet_period,
+                              not_after=deadline)
+        files = {"files": list(scan.files), "total_bytes": scan.total_bytes, "files_signature": scan.signature}
+        if scan.shortfall is not None:
+            return self._wait(now, scan.shortfall, section.quiet_period, **files, stable_since=None)
+        stable_since = self._stable_since(item, scan, now)
+        quiet_until = stable_since + dt.timedelta(seconds=section.quiet_period)
+        if now >= quiet_until:
+            return Verdict("complete", f"{len(scan.files)} files, {scan.total_bytes} bytes, quiet since "
+                           f"{stable_since:%Y-%m-%d %H:%M:%S}Z", {**files, "stable_since": stable_since})
+        return self._wait(now, "files changed within the quiet period", (quiet_until - now).total_seconds(),
+                          **files, stable_since=stable_since)
+
+    @staticmethod
+    def _stable_since(item: Dataset, scan: DirScan, now: dt.datetime) -> dt.datetime:
+        """Since when the files are as they are now: the recorded time if unchanged, else their newest
+        mtime (never later than now: a file server clock ahead of ours must not postpone for ever)."""
+        if item.files_signature == scan.signature and item.stable_since is not None:
+            return item.stable_since
+        return min(now, scan.last_change or now)
+
+    @staticmethod
+    def _wait(now: dt.datetime, reason: str, delay: float, *, not_after: dt.datetime | None = None,
+              **values: Any) -> Verdict:
+        due = now + dt.timedelta(seconds=max(MIN_RECHECK, delay))
+        if not_after is not None:
+            due = max(now + dt.timedelta(seconds=MIN_RECHECK), min(due, not_after))
+        return Verdict("waiting", reason, {"next_attempt_at": due, **values})
+
+    # -- linking ------------------------------------------------------------------------------------
+    async def _link(self, result: RunResult) -> None:
+        """Unlinked datasets whose sample name is an experiment code of the target whose TAS is the
+        session name. Experiments may arrive after datasets, so this runs every pass (one read)."""
+        async with self.store.read() as session:
+            pairs = (await session.execute(
+                select(Dataset.id, Experiment.id)
+                .join(Target, Target.tas == Dataset.session_name)
+                .join(Experiment, (Experiment.target_id == Target.id) & (Experiment.code == Dataset.sample_name))
+                .where(Dataset.experiment_id.is_(None)))).all()
+        if not pairs:
+            return
+        candidates: dict[int, set[int]] = {}
+        for dataset_id, experiment_id in pairs:
+            candidates.setdefault(dataset_id, set()).add(experiment_id)
+        links = {d: next(iter(e)) for d, e in candidates.items() if len(e) == 1}
+        ambiguous = sorted(set(candidates) - set(links))
+        if ambiguous:  # several targets share the TAS and the code: a person must decide (said each pass)
+            result.count("datasets_link_ambiguous", len(ambiguous))
+            self.log.debug("ispyb.link_ambiguous", datasets=ambiguous)
+        if not links:
+            return
+        async with self.store.write() as session:
+            for dataset_id, experiment_id in links.items():
+                await session.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.experiment_id.is_(None))
+                                      .values(experiment_id=experiment_id))
+        result.count("datasets_linked", len(links))
+        self.log.info("ispyb.linked", datasets=len(links))
