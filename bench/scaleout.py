@@ -52,7 +52,7 @@ async def one_run(admin_url: str, replicas: int, datasets: int, bandwidth: float
                     raise TimeoutError(f"{done}/{datasets} published after 30 min")
             elapsed = time.monotonic() - started
         finally:
-            group.stop_all()
+            await group.stop_all()
             await store.close()
         submissions = sum(bundle.pdis.submissions_by_md5.values())
     return {"replicas": replicas, "datasets": datasets, "seconds": round(elapsed, 2),

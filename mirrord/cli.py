@@ -313,6 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, AlreadyRunning | SchemaError):
             print(f"mirrord: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        from sqlalchemy.exc import DBAPIError
+
+        if isinstance(exc, DBAPIError):
+            # An unusable database (read-only, full, unreachable) is an operator's problem, not a bug:
+            # one line naming the driver's complaint, without the statement, its parameters or a traceback.
+            from mirrord.redact import redact
+
+            print(f"mirrord: database error: {redact(str(exc.orig))}", file=sys.stderr)
+            return EXIT_FAILED
         raise
 
 

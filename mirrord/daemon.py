@@ -173,6 +173,7 @@ class Mirrord:
 
         async def tick(name: str) -> None:
             task = asyncio.current_task()
+            task.set_name(name)
             running.add(task)
             try:
                 await self.runner.run(name)
@@ -198,14 +199,17 @@ class Mirrord:
             await on_ready()
         await stop.wait()
 
-        # Drain: no new ticks, let running jobs finish within the grace period, then cancel.
+        # Drain: no new ticks, no new items; running steps finish within the grace period, then cancel.
         systemd.stopping()
         scheduler.pause()
+        self.runner.ctx.stopping.set()
         grace = self.config.daemon.shutdown_grace
         log.info("daemon.draining", running=len(running), grace=grace)
         if running:
             done, pending = await asyncio.wait(set(running), timeout=grace)
             for task in pending:
+                # Say where each straggler was: a job that ignores the drain is a bug worth seeing.
+                log.warning("daemon.cancelling_job", job=task.get_name(), at=_awaiting(task))
                 task.cancel()
             if pending:
                 log.warning("daemon.cancelled_jobs", count=len(pending))
@@ -214,6 +218,15 @@ class Mirrord:
         if watchdog is not None:
             watchdog.cancel()
         log.info("daemon.stopped")
+
+
+def _awaiting(task: asyncio.Task) -> str:
+    """The chain of coroutines a task is suspended in, innermost last ("poll:120 > export:88")."""
+    frames, coro = [], task.get_coro()
+    while coro is not None and getattr(coro, "cr_frame", None) is not None:
+        frames.append(f"{coro.cr_code.co_name}:{coro.cr_frame.f_lineno}")
+        coro = coro.cr_await
+    return " > ".join(frames)
 
 
 async def _watchdog(systemd: SystemdNotifier) -> None:

@@ -46,6 +46,26 @@ class FailingItemJob(Job):
                             result=result)
 
 
+class ManyItemsJob(Job):
+    """Fifty items of half a second each: far more work than one drain should wait for."""
+
+    name = "fragalysis"
+
+    async def poll(self, result: RunResult) -> None:
+        async with self.store.write() as session:
+            if await session.get(Target, 1) is None:
+                session.add(Target(id=1, name="T", tas="lb1-1"))
+                for i in range(1, 51):
+                    session.add(Upload(id=i, target_id=1, upload_index=i, state="building"))
+
+    async def work(self, result: RunResult) -> None:
+        marker = Path(os.environ["FAKEJOB_MARKERS"])
+        while items := await self.claim(Upload, ("building",)):
+            (marker / "working").touch()
+            await asyncio.sleep(0.5)
+            await self.transition(Upload, items[0].id, "mirrored", "done")
+
+
 class QuietJob(Job):
     name = "fragalysis"
 

@@ -5,6 +5,7 @@ Shared by the scale-out test and `bench/scaleout.py`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -41,7 +42,7 @@ class Replicas:
         text = self.bundle.config_toml(state, extra=extra)
         # One shared database, one identity and spool per replica; short ticks and leases for a test.
         text = text.replace("[daemon]\n", f'[daemon]\ndatabase_url = "{self.database_url}"\n'
-                                          f'instance_id = "{name}"\nlease = "{self.lease}"\n', 1)
+                                          f'instance_id = "{name}"\nlease = "{self.lease}"\nshutdown_grace = "15s"\n', 1)
         text = text.replace("[web]\nport = 0", "[web]\nenabled = false")
         text = text.replace('interval = "20s"', 'interval = "2s"').replace('interval = "5s"', 'interval = "1s"')
         text = text.replace('deposit = "linked"', 'deposit = "all"\nauthors = "Replica R., Test T."\n'
@@ -63,15 +64,23 @@ class Replicas:
         self.processes[name].send_signal(signal.SIGKILL)
         self.processes[name].wait(timeout=30)
 
-    def stop_all(self) -> dict[str, int]:
-        codes = {}
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        text = (self.root / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    async def stop_all(self) -> dict[str, int]:
+        """SIGTERM every replica and wait for each to drain. Waits in threads: the emulators run on
+        this event loop, and replicas finishing their in-flight requests need them to answer."""
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for name, proc in self.processes.items():
+
+        def wait(proc: subprocess.Popen) -> int:
             try:
-                codes[name] = proc.wait(timeout=60)
+                return proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                codes[name] = proc.wait()
-        return codes
+                return proc.wait()
+
+        codes = await asyncio.gather(*(asyncio.to_thread(wait, p) for p in self.processes.values()))
+        return dict(zip(self.processes, codes, strict=True))

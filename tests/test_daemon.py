@@ -81,6 +81,27 @@ def test_sigterm_after_grace_cancels_and_records_interrupted(tmp_path: Path) -> 
     assert db.execute("SELECT outcome FROM job_runs").fetchall() == [("interrupted",)]
 
 
+def test_drain_finishes_the_item_in_hand_and_claims_no_more(tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = write_config(tmp_path)
+    proc = launch("ManyItemsJob", config, "run", env={"FAKEJOB_MARKERS": str(markers)})
+    try:
+        wait_for(lambda: (markers / "working").exists())
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert took < 10, f"drain took {took:.1f}s: it kept claiming items"  # 50 items would take 25 s
+    db = sqlite3.connect(tmp_path / "state" / "mirrord.db")
+    done, leased = db.execute("SELECT SUM(state = 'mirrored'), SUM(lease_owner IS NOT NULL) FROM uploads").fetchone()
+    assert 1 <= done < 50 and leased == 0
+    assert db.execute("SELECT outcome FROM job_runs").fetchall() == [("ok",)]
+
+
 def test_second_daemon_on_same_state_is_refused(tmp_path: Path) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()

@@ -59,8 +59,8 @@ async def test_three_replicas_one_killed_mid_upload(tmp_path: Path, pg_url: str)
                 return done == DATASETS
 
             await _wait(all_published, 240, f"{DATASETS} depositions published")
-            codes = replicas.stop_all()
-            assert codes["r1"] == 0 and codes["r3"] == 0
+            codes = await replicas.stop_all()
+            assert codes["r1"] == 0 and codes["r3"] == 0, (codes, replicas.log_tail("r1"), replicas.log_tail("r3"))
 
             # Exactly once, counted by the emulator.
             counts = bundle.pdis.submissions_by_md5
@@ -85,5 +85,5 @@ async def test_three_replicas_one_killed_mid_upload(tmp_path: Path, pg_url: str)
             assert per_poll * (ticks["ispyb"] - 1) <= session_lists <= per_poll * ticks["ispyb"], (
                 session_lists, ticks["ispyb"])
         finally:
-            replicas.stop_all()
+            await replicas.stop_all()
             await store.close()

@@ -52,6 +52,8 @@ class JobContext:
     instance: str
     progress: Progress = field(default_factory=NoProgress)
     notifier: Notifier = field(default_factory=NoNotifier)
+    # Set when the daemon drains: work loops finish the item in hand and claim no more.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -95,6 +97,8 @@ class Job:
 
     async def claim(self, model: type[WorkItem], states: tuple[str, ...], limit: int = 1,
                     extra: tuple = ()) -> list[Any]:
+        if self.ctx.stopping.is_set():
+            return []
         return await claim(self.store, model, states, owner=self.ctx.instance, lease=self.lease,
                            limit=limit, extra=extra)
 
