@@ -33,7 +33,7 @@ from mirrord.store.models import ITEM_MODELS, Event, utcnow
 log = structlog.get_logger("mirrord.daemon")
 
 # States in which an item is done for good or waits for a person: `once` does not wait for these.
-RESTING_STATES = {"mirrored", "superseded", "skipped", "eligible", "published", "attached", "unmatched",
+RESTING_STATES = {"mirrored", "pruned", "superseded", "skipped", "eligible", "published", "attached", "unmatched",
                   "failed", "needs_attention", "dry_run", "not_deposited", "complete", "missing"}
 
 

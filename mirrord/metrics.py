@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 job_runs = Counter("mirrord_job_runs", "Job runs by outcome", ["job", "outcome"], registry=REGISTRY)
+job_polls = Counter("mirrord_job_polls", "Upstream polls made by this replica (one replica polls per tick)",
+                    ["job"], registry=REGISTRY)
 job_last_success = Gauge("mirrord_job_last_success_timestamp_seconds", "When each job last succeeded",
                          ["job"], registry=REGISTRY)
 job_counters = Counter("mirrord_job_items", "Counters reported by job runs", ["job", "counter"],

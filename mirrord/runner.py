@@ -63,6 +63,7 @@ class JobRunner:
             try:
                 polled = force_poll or await claim_tick(store, name, self.slot(name), self.ctx.instance)
                 if polled:
+                    metrics.job_polls.labels(name).inc()
                     await job.poll(result)
                 await job.work(result)
             except asyncio.CancelledError:

@@ -252,11 +252,9 @@ async def check_invariants(pipeline: Pipeline) -> Summary:
         spec = next((ct for ct in campaign.targets if ct.name == t.name), None)
         if spec and t.mirrored_upload != spec.uploads[-1][0]:
             violations.append(f"store: {t.name} mirrored_upload {t.mirrored_upload}, newest {spec.uploads[-1][0]}")
-    oldest_kept = {t.id: min(versions.get(t.name) or [0]) for t in targets}
     for u in uploads:
-        # Versions older than those kept were pruned (`keep_versions`); their rows stay `mirrored`.
-        pruned = u.upload_index < oldest_kept.get(u.target_id, 0)
-        if u.state == "mirrored" and not pruned and not (u.mirror_path and Path(u.mirror_path).is_dir()):
+        # Versions beyond `keep_versions` are recorded as `pruned`; every `mirrored` one is on disk.
+        if u.state == "mirrored" and not (u.mirror_path and Path(u.mirror_path).is_dir()):
             violations.append(f"upload {u.id} mirrored but {u.mirror_path} is missing")
     leftovers = sorted(os.listdir(mirror / TMP_DIR_NAME)) if (mirror / TMP_DIR_NAME).exists() else []
     if leftovers:

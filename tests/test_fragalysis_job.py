@@ -172,6 +172,8 @@ async def test_keep_versions_prunes_old_versions(tmp_path, campaign):
         [stored_target] = await rows(config, Target)
         assert stored_target.mirrored_upload == 3
         assert {e.upload_index for e in await rows(config, Experiment)} == {3}
+        uploads = {u.upload_index: (u.state, u.mirror_path is not None) for u in await rows(config, Upload)}
+        assert uploads == {1: ("pruned", False), 2: ("mirrored", True), 3: ("mirrored", True)}
 
 
 # -- upstream trouble -------------------------------------------------------------------------------

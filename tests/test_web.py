@@ -194,6 +194,7 @@ async def test_readyz_ready_after_success_and_metrics_parse(tmp_path: Path,
             samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                        for family in text_string_to_metric_families(text) for s in family.samples}
             assert samples[("mirrord_job_runs_total", (("job", "fragalysis"), ("outcome", "ok")))] >= 1
+            assert samples[("mirrord_job_polls_total", (("job", "fragalysis"),))] >= 1
             assert samples[("mirrord_job_items_total", (("counter", "widgets"), ("job", "fragalysis")))] >= 3
             last = samples[("mirrord_job_last_success_timestamp_seconds", (("job", "fragalysis"),))]
             assert abs(last - utcnow().timestamp()) < 60

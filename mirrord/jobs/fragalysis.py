@@ -58,6 +58,7 @@ from mirrord.jobs.fragalysis_mirror import (
     point_current,
     prune_versions,
     publish_version,
+    published_versions,
     read_experiments,
     read_manifest,
     remove,
@@ -473,9 +474,17 @@ class FragalysisJob(Job):
         pruned = await asyncio.to_thread(prune_versions, self.layout, target_dir, self.section.keep_versions)
         if pruned:
             self.log.info("fragalysis.pruned", target=item.target, tas=item.tas, versions=pruned)
+        present = set(await asyncio.to_thread(published_versions, target_dir))
         version = self.layout.version_dir(item.tas, item.target, item.upload_index)
         async with self.store.write() as session:
             await self._record_experiments(session, item, manifest.experiments)
+            # Versions gone from disk (pruned now, or before a crash) are no longer "mirrored".
+            for old in (await session.scalars(select(Upload).where(
+                    Upload.target_id == item.target_id, Upload.state == "mirrored",
+                    Upload.upload_index.not_in(present | {item.upload_index})))).all():
+                old.mirror_path = None
+                move(session, old, "pruned", f"beyond keep_versions={self.section.keep_versions}",
+                     instance=self.ctx.instance)
             target = await session.get(Target, item.target_id)
             if target.mirrored_upload != current:
                 target.mirrored_upload, target.mirrored_at = current, utcnow()
