@@ -196,7 +196,7 @@ def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return PackResult(dest, tar.md5, tar.size, sink.sha256.hexdigest(), sink.size, len(members), tar.source_bytes)
 
 
@@ -374,7 +374,7 @@ def _read(fd: int, size: int, path: Path) -> bytes:
         raise UnreadableFile(path, exc) from exc
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the rename itself durable; not every file system allows opening a directory."""
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mirrord.clients.errors import AuthError, BadRequest, NotFound, ProtocolError
-from mirrord.clients.http import HttpClient, Response
+from mirrord.clients.http import HttpClient, Response, UpstreamClient
 from mirrord.redact import redact, register_secret
 
 SERVICE = "designhub"
@@ -170,7 +170,7 @@ def compound_from_record(record: Mapping[str, Any], *, smiles_source: bool, url:
 
 
 # -- the client -----------------------------------------------------------------------------------
-class DesignHubClient:
+class DesignHubClient(UpstreamClient):
     """Typed access to the Design Hub REST API (one instance per Design Hub, used as a context manager)."""
 
     def __init__(self, base_url: str, *, api_key: str | None = None, bearer_token: str | None = None,
@@ -190,21 +190,10 @@ class DesignHubClient:
         # With OpenID Connect tokens the API lives under the auth domain; API keys use the plain root.
         domain = (auth_domain or "").strip("/") if bearer_token else ""
         self._api_root = f"/api/{quote(domain)}" if domain else "/api"
-        self._owns_http = not isinstance(http, HttpClient)
-        self.http = http if isinstance(http, HttpClient) else HttpClient(SERVICE, base_url, **dict(http or {}))
+        super().__init__(SERVICE, base_url, http)
 
     def __repr__(self) -> str:
         return f"DesignHubClient(base_url={redact(self.base_url)!r}, auth={self.auth_mode!r})"
-
-    async def close(self) -> None:
-        if self._owns_http:
-            await self.http.close()
-
-    async def __aenter__(self) -> DesignHubClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- plumbing -------------------------------------------------------------------------------
     def _api_path(self, path: str) -> str:

@@ -30,7 +30,7 @@ from mirrord.clients.errors import (
     TransientError,
     UpstreamError,
 )
-from mirrord.clients.http import USER_AGENT, HttpClient, Response, parse_retry_after
+from mirrord.clients.http import USER_AGENT, HttpClient, Response, UpstreamClient, parse_retry_after
 from mirrord.redact import redact, register_secret
 
 log = structlog.get_logger("mirrord.fragalysis")
@@ -117,7 +117,7 @@ class _TaskOutcome:
         return self.messages[-1] if self.messages else "no reason given"
 
 
-class FragalysisClient:
+class FragalysisClient(UpstreamClient):
     """One Fragalysis stack, anonymous or with a `sessionid` or a Keycloak Bearer token."""
 
     def __init__(self, base_url: str, *, session_token: str | None = None, bearer_token: str | None = None,
@@ -140,10 +140,7 @@ class FragalysisClient:
         self._headers = {"User-Agent": BROWSER_USER_AGENT}
         if bearer_token:
             self._headers["Authorization"] = f"Bearer {bearer_token}"
-        if isinstance(http, HttpClient):
-            self.http, self._owns_http = http, False
-        else:
-            self.http, self._owns_http = HttpClient(SERVICE, self.base_url, **dict(http or {})), True
+        super().__init__(SERVICE, self.base_url, http)
 
     def __repr__(self) -> str:
         return f"FragalysisClient(base_url={self.base_url!r}, auth={self.auth_kind!r})"
@@ -151,16 +148,6 @@ class FragalysisClient:
     @property
     def auth_kind(self) -> str:
         return "session" if self._session_token else "bearer" if self._bearer_token else "anonymous"
-
-    async def close(self) -> None:
-        if self._owns_http:
-            await self.http.close()
-
-    async def __aenter__(self) -> FragalysisClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- transport ---------------------------------------------------------------------------------
     def _ensure_session_cookie(self) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urljoin
 
 import aiohttp
@@ -301,3 +301,21 @@ class HttpClient:
         """For uploads: no total limit, but a stalled socket is an error."""
         return aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect,
                                      sock_read=self.timeouts.transfer_sock_read)
+
+
+class UpstreamClient:
+    """What every upstream client shares: an HttpClient it made (and closes) or was lent (and leaves open)."""
+
+    def __init__(self, service: str, base_url: str, http: HttpClient | Mapping[str, Any] | None) -> None:
+        self._owns_http = not isinstance(http, HttpClient)
+        self.http = http if isinstance(http, HttpClient) else HttpClient(service, base_url, **dict(http or {}))
+
+    async def close(self) -> None:
+        if self._owns_http:
+            await self.http.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

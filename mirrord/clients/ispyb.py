@@ -20,7 +20,7 @@ import jwt
 import structlog
 
 from mirrord.clients.errors import AuthError, ProtocolError
-from mirrord.clients.http import HttpClient
+from mirrord.clients.http import HttpClient, UpstreamClient
 from mirrord.redact import redact, register_secret
 
 log = structlog.get_logger("mirrord.ispyb")
@@ -230,7 +230,7 @@ def _parse_sample(rec: _Record) -> Sample:
 
 
 # -- the client ------------------------------------------------------------------------------------------
-class IspybClient:
+class IspybClient(UpstreamClient):
     """`async with IspybClient(base_url, login=..., password=...) as ispyb:`; `base_url` ends in `/api/v1`."""
 
     def __init__(self, base_url: str, *, plugin: str = "dummy", login: str, password: str | None = None,
@@ -249,23 +249,12 @@ class IspybClient:
         self.refresh_margin = refresh_margin
         self._clock = clock
         # An HttpClient handed in belongs to the caller; one built from keyword arguments is ours to close.
-        self._owns_http = not isinstance(http, HttpClient)
-        self.http = http if isinstance(http, HttpClient) else HttpClient(SERVICE, base_url, **dict(http or {}))
+        super().__init__(SERVICE, base_url, http)
         self._jwt: str | None = None
         self._jwt_expires: float | None = None
         self._login_lock = asyncio.Lock()
         self._samples: dict[int, Sample] = {}
         self.logins = 0
-
-    async def close(self) -> None:
-        if self._owns_http:
-            await self.http.close()
-
-    async def __aenter__(self) -> IspybClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- auth ------------------------------------------------------------------------------------------
     def _token_fresh(self) -> bool:

@@ -28,7 +28,7 @@ from mirrord.clients.errors import (
     TransientError,
     UpstreamError,
 )
-from mirrord.clients.http import CHUNK, HttpClient, error_for_status, read_bounded
+from mirrord.clients.http import CHUNK, HttpClient, UpstreamClient, error_for_status, read_bounded
 from mirrord.redact import redact, register_secret
 
 SERVICE = "pdis"
@@ -330,7 +330,7 @@ class _FilePayload(aiohttp_payload.Payload):
 
 
 # -- the client -------------------------------------------------------------------------------------
-class PdisClient:
+class PdisClient(UpstreamClient):
     """One PDIS account. Results are dataclasses; failures are `mirrord.clients.errors` types."""
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, *, username: str, password: str, token_file: Path,
@@ -342,23 +342,12 @@ class PdisClient:
         self._tokens = TokenFile(token_file)
         self._token: str | None = None
         self._token_lock = asyncio.Lock()
-        self._owns_http = not isinstance(http, HttpClient)
-        self.http = http if isinstance(http, HttpClient) else HttpClient(SERVICE, base_url, **dict(http or {}))
+        super().__init__(SERVICE, base_url, http)
         self.stall_timeout = stall_timeout
         self._equipment: list[Synchrotron] | None = None
 
     def __repr__(self) -> str:
         return f"PdisClient(base_url={self.base_url!r}, username={self.username!r})"
-
-    async def close(self) -> None:
-        if self._owns_http:
-            await self.http.close()
-
-    async def __aenter__(self) -> PdisClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- authentication ---------------------------------------------------------------------------
     async def _current_token(self) -> str:

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mirrord.archive import fsync_dir
+
 MANIFEST_NAME = ".mirrord-version.json"
 MANIFEST_FORMAT = 1
 CURRENT_LINK = "current"
@@ -223,20 +225,6 @@ def clean_temp(layout: MirrorLayout, keep: Callable[[int, str], bool]) -> list[s
             remove(layout.tmp_dir / name)
             removed.append(name)
     return removed
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable; not every file system lets a directory be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- metadata ------------------------------------------------------------------------------------------
