@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -39,40 +38,24 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 
 # -- the emulator, in a background thread with its own event loop -------------------------------------
 class BackgroundEmulator:
+    """The Fragalysis emulator (with `padding_bytes` of incompressible data per archive) in its own thread."""
+
     def __init__(self, padding_bytes: int) -> None:
-        self.padding_bytes = padding_bytes
-        self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="emulator", daemon=True)
-
-    def __enter__(self) -> BackgroundEmulator:
-        self._thread.start()
-        self._ready.wait(60)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        from mirrord.emulators.base import Served
+        from mirrord.emulators.base import ServedInThread
         from mirrord.emulators.campaign import Campaign
         from mirrord.emulators.fragalysis import FragalysisEmulator
 
-        campaign = Campaign.demo(seed=0)
-        self.campaign = campaign
-        emulator = FragalysisEmulator(campaign, build_seconds=0.0, padding_bytes=self.padding_bytes)
-        self._stop = asyncio.Event()
-        async with Served(emulator.app) as server:
-            self.url = server.url
-            self._ready.set()
-            await self._stop.wait()
+        self.campaign = Campaign.demo(seed=0)
+        emulator = FragalysisEmulator(self.campaign, build_seconds=0.0, padding_bytes=padding_bytes)
+        self._server = ServedInThread(emulator.app)
+        self.url = ""
+
+    def __enter__(self) -> BackgroundEmulator:
+        self.url = self._server.__enter__().url
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.__exit__(*exc)
 
     def build(self) -> str:
         """Have the emulator build the archive once; return its file_url."""
@@ -84,7 +67,7 @@ class BackgroundEmulator:
                                         build_timeout=3600) as client:
                 return await client.build_download(target.name, target.tas, {"metadata_info": True})
 
-        return asyncio.run_coroutine_threadsafe(go(), self._loop).result(3600)
+        return asyncio.run(go())  # a loop of our own: the emulator serves from its thread
 
 
 # -- our side, in a child process -------------------------------------------------------------------------

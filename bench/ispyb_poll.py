@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +28,7 @@ from sqlalchemy import event, func, select
 
 from mirrord.config import Config
 from mirrord.daemon import Mirrord
-from mirrord.emulators.base import Served
+from mirrord.emulators.base import Served, ServedInThread
 from mirrord.emulators.campaign import Campaign
 from mirrord.emulators.ispyb import DEFAULT_USERS, IspybEmulator
 from mirrord.jobs.base import RunResult
@@ -51,35 +50,6 @@ def build_emulator(sessions: int, collections: int) -> IspybEmulator:
         for c in range(collections):
             emulator.add_collection(visit, f"BENCH-s{s:03d}x{c:03d}", write_files=False)
     return emulator
-
-
-class BackgroundServer:
-    """The emulator in its own thread and event loop, so its work does not stall the job's loop."""
-
-    def __init__(self, emulator: IspybEmulator) -> None:
-        self.emulator = emulator
-        self.served: Served | None = None
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        async with Served(self.emulator.app) as served:
-            self.served = served
-            self._ready.set()
-            await self._stop.wait()
-
-    def __enter__(self) -> Served:
-        self._thread.start()
-        self._ready.wait(60)
-        assert self.served is not None
-        return self.served
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
 
 
 class WriteCounter:
@@ -134,7 +104,7 @@ async def bench(sessions: int, collections: int) -> dict[str, Any]:
     emulator = build_emulator(sessions, collections)
     setup = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="mirrord-bench-") as tmp:
-        with BackgroundServer(emulator) as served:
+        with ServedInThread(emulator.app) as served:
             config = Config.model_validate({
                 "daemon": {"state_dir": str(Path(tmp) / "state")},
                 "ispyb": {"enabled": True, "url": served.url + emulator.prefix, "login": "mirrord",

@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -117,36 +116,25 @@ def ours(*args: str) -> tuple[float, float, dict[str, Any]]:
 
 # -- the emulator, in its own thread and loop --------------------------------------------------------
 class BackgroundPdis:
+    """The PDIS emulator served from its own thread, plus a plain urllib client for the reference runs."""
+
     def __init__(self, storage: Path, bandwidth: float | None) -> None:
+        from mirrord.emulators.base import ServedInThread
         from mirrord.emulators.pdis import PdisEmulator
 
         self.emulator = PdisEmulator(storage_dir=storage, users={USER: PASSWORD}, step_seconds=0.05,
                                      bandwidth=bandwidth)
+        self._server = ServedInThread(self.emulator.app)
         self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
-
-    async def _serve(self) -> None:
-        from mirrord.emulators.base import Served
-        from mirrord.emulators.pdis import PdisEmulator
-
-        self._stop = asyncio.Event()
-        async with Served(self.emulator.app) as served:
-            self.url = PdisEmulator.api_url(served.url)
-            self._ready.set()
-            await self._stop.wait()
 
     def __enter__(self) -> BackgroundPdis:
-        self._thread.start()
-        self._ready.wait(60)
+        from mirrord.emulators.pdis import PdisEmulator
+
+        self.url = PdisEmulator.api_url(self._server.__enter__().url)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
+        self._server.__exit__(*exc)
 
     def api(self, method: str, path: str, token: str | None = None, data: bytes | None = None) -> Any:
         request = urllib.request.Request(self.url + path, data=data, method=method)

@@ -149,3 +149,35 @@ class Served:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class ServedInThread:
+    """An app served from its own thread and event loop, so a benchmark's client side (or a
+    synchronous caller) never shares a loop with the emulator. `with ServedInThread(app) as s: s.url`."""
+
+    def __init__(self, app: web.Application) -> None:
+        import threading
+
+        self.served = Served(app)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),),
+                                        name="emulator", daemon=True)
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with self.served:
+            self._ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> Served:
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the emulator did not start within 60 s")
+        return self.served
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
