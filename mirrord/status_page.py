@@ -17,6 +17,7 @@ from sqlalchemy import desc, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mirrord import metrics
+from mirrord.clients.errors import UpstreamError
 from mirrord.redact import redact
 from mirrord.store import Store
 from mirrord.store.models import (
@@ -174,7 +175,8 @@ async def _unmatched(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
         .order_by(desc(Annotation.updated_at)).limit(limit))).all()
     return [{"kind": "annotation", "id": a.id, "label": f"{a.evidence_key} ({code or smiles or 'no compound'})",
              "state": "unmatched", "reason": _text(a.reason) or "no matching Design Hub compound",
-             "since": _iso(a.updated_at)} for a, code, smiles in rows]
+             "since": _iso(a.updated_at), "open_in_designhub": f"/designhub/open/{a.id}" if smiles else None}
+            for a, code, smiles in rows]
 
 
 async def _identity_problems(session: AsyncSession) -> list[dict[str, Any]]:
@@ -239,6 +241,30 @@ async def refresh_item_gauges(store: Store) -> None:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/status", status_html)
     app.router.add_get("/api/status", status_json)
+    app.router.add_post("/designhub/open/{annotation_id:\\d+}", open_in_designhub)
+
+
+async def open_in_designhub(request: web.Request) -> web.StreamResponse:
+    """Post the ligand's structure to Design Hub and send the browser to the page it makes.
+
+    Design Hub's link lives five minutes, so it is made on each click and never stored.
+    """
+    from mirrord.jobs.designhub import open_in_designhub_url
+    from mirrord.web import MIRRORD_KEY
+
+    app_state = request.app[MIRRORD_KEY]
+    if not app_state.config.designhub.enabled:
+        raise web.HTTPNotFound(text="Design Hub is not configured")
+    async with app_state.store.read() as session:
+        annotation = await session.get(Annotation, int(request.match_info["annotation_id"]))
+        experiment = await session.get(Experiment, annotation.experiment_id) if annotation else None
+    if experiment is None or not experiment.smiles:
+        raise web.HTTPNotFound(text="no ligand structure for that item")
+    try:
+        url = await open_in_designhub_url(app_state.config, experiment.smiles)
+    except UpstreamError as exc:
+        raise web.HTTPBadGateway(text=f"Design Hub refused the structure: {exc}") from None
+    raise web.HTTPSeeOther(location=url)
 
 
 async def _summary_for(request: web.Request) -> dict[str, Any]:
@@ -320,6 +346,15 @@ def _counters(counters: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted((counters or {}).items()))
 
 
+def _why_cell(item: Mapping[str, Any]) -> _Raw:
+    """The reason, plus a button where mirrord can act on it (a plain form: works without JavaScript)."""
+    cell = _esc(item["reason"])
+    if item.get("open_in_designhub"):
+        cell += (f'<form method="post" action="{_esc(item["open_in_designhub"])}">'
+                 '<button type="submit">open in Design Hub</button></form>')
+    return _Raw(cell)
+
+
 def render_html(data: dict[str, Any]) -> str:
     now = dt.datetime.fromisoformat(data["generated_at"])
 
@@ -339,7 +374,7 @@ def render_html(data: dict[str, Any]) -> str:
         f'<p class="meta">{_esc(totals or "no items yet")}</p>',
         '<h2 id="attention">Needs attention</h2>' + _table(
             ["what", "item", "state", "why", "since"],
-            [[a["kind"], f"{a['label'] or a['id']}", state(a["state"]), a["reason"], when(a["since"])]
+            [[a["kind"], f"{a['label'] or a['id']}", state(a["state"]), _why_cell(a), when(a["since"])]
              for a in attention], empty="nothing needs a person"),
         '<h2 id="targets">Targets</h2>' + _table(
             ["target", "TAS", "latest upload", "mirrored version", "mirrored"],

@@ -238,3 +238,31 @@ async def test_web_listens_on_loopback_by_default(tmp_path: Path) -> None:
             assert url.startswith("http://127.0.0.1:")
         finally:
             await server.stop()
+
+
+async def test_open_in_designhub_posts_the_ligand_and_redirects(tmp_path: Path) -> None:
+    from mirrord.emulators.base import Served
+    from mirrord.emulators.campaign import Campaign
+    from mirrord.emulators.designhub import DesignHubEmulator
+
+    emulator = DesignHubEmulator(Campaign.demo())
+    async with Served(emulator.app) as dh:
+        config = make_config(tmp_path, designhub={"enabled": True, "url": dh.url, "api_key": "dh-demo-key"})
+        async with Mirrord(config) as app:
+            await seed(app.store)
+            server, url = await serve(app)
+            try:
+                page = (await get(f"{url}/status"))[2]
+                assert 'action="/designhub/open/1"' in page  # the unmatched ligand offers the button
+                async with aiohttp.ClientSession() as http:
+                    async with http.post(f"{url}/designhub/open/1", allow_redirects=False) as resp:
+                        assert resp.status == 303
+                        location = resp.headers["Location"]
+                    assert "/new/compound/?cache=" in location
+                    async with http.get(location) as resp:  # the page Design Hub made, valid for five minutes
+                        assert resp.status == 200
+                    async with http.post(f"{url}/designhub/open/999", allow_redirects=False) as resp:
+                        assert resp.status == 404
+            finally:
+                await server.stop()
+    assert len(emulator.uploads) == 1  # the structure reached Design Hub, made on the click
