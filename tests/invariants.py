@@ -35,6 +35,7 @@ from mirrord.jobs.fragalysis_mirror import (
 )
 from mirrord.store import Store
 from mirrord.store.models import ITEM_MODELS, Annotation, Dataset, Deposition, Target, Upload, utcnow
+from tests.ispyb_openapi import validating_middleware
 
 ROOT = Path(__file__).resolve().parents[1]
 # States an item passes through while a step is under way (a lease is held, or was when it died).
@@ -82,8 +83,11 @@ class Pipeline:
                  log_level: str = "info", extra_config: str = "", env: dict[str, str] | None = None) -> None:
         self.root = root
         self.campaign = campaign or fast_campaign()
+        # Every ISPyB exchange of these suites is checked against the real OpenAPI spec too.
+        self.spec_violations: list[str] = []
         self.bundle = EmulatorBundle(self.campaign, root / "upstreams", fault_rate=fault_rate, seed=seed,
-                                     pdis_step=0.05)
+                                     pdis_step=0.05,
+                                     ispyb_middlewares=(validating_middleware(self.spec_violations),))
         self.bundle.fragalysis.build_seconds = 0.05
         for served_faults in self.faults:
             served_faults.stall_seconds = stall_seconds
@@ -197,7 +201,7 @@ def expected_publications(campaign: Campaign) -> set[int]:
 async def check_invariants(pipeline: Pipeline) -> Summary:
     config = pipeline.config
     bundle, campaign = pipeline.bundle, pipeline.campaign
-    violations: list[str] = []
+    violations: list[str] = [f"ISPyB spec: {v}" for v in pipeline.spec_violations]
     store = Store(config.daemon.resolved_database_url)
     try:
         async with store.read() as s:

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.store import Store
 from mirrord.store.models import Deposition, Event, JobRun, Tick
+from tests.ispyb_openapi import validating_middleware
 from tests.scaleout import Replicas, replica_campaign
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -34,7 +35,9 @@ async def _wait(predicate, timeout: float, what: str) -> None:
 async def test_three_replicas_one_killed_mid_upload(tmp_path: Path, pg_url: str) -> None:
     campaign = replica_campaign(DATASETS)
     # Uploads limited to 2 MB/s so they take long enough to be caught in the middle.
-    async with EmulatorBundle(campaign, tmp_path / "upstreams", pdis_step=0.2, pdis_bandwidth=2e6) as bundle:
+    spec_violations: list[str] = []
+    async with EmulatorBundle(campaign, tmp_path / "upstreams", pdis_step=0.2, pdis_bandwidth=2e6,
+                              ispyb_middlewares=(validating_middleware(spec_violations),)) as bundle:
         replicas = Replicas(bundle, pg_url, tmp_path / "replicas")
         store = Store(pg_url)
         try:
@@ -82,6 +85,7 @@ async def test_three_replicas_one_killed_mid_upload(tmp_path: Path, pg_url: str)
             # One session listing (a single page here) per followed proposal per ISPyB poll.
             per_poll = len({t.proposal for t in campaign.targets})
             session_lists = bundle.served["ispyb"].requests.count("GET", f"{bundle.ispyb.prefix}/sessions")
+            assert spec_violations == []  # three replicas' ISPyB traffic, checked against the real spec
             assert per_poll * (ticks["ispyb"] - 1) <= session_lists <= per_poll * ticks["ispyb"], (
                 session_lists, ticks["ispyb"])
         finally:

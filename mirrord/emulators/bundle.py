@@ -29,6 +29,8 @@ class EmulatorBundle:
     seed: int = 0
     pdis_step: float = 0.2
     pdis_bandwidth: float | None = None
+    # Extra aiohttp middlewares for the ISPyB emulator (the tests check every exchange against its spec).
+    ispyb_middlewares: tuple = ()
     served: dict[str, Served] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -37,7 +39,8 @@ class EmulatorBundle:
 
         self.data_root = self.root / "facility"
         self.fragalysis = FragalysisEmulator(self.campaign, faults=faults(1), build_seconds=0.3)
-        self.ispyb = IspybEmulator(self.campaign, data_root=self.data_root, faults=faults(2))
+        self.ispyb = IspybEmulator(self.campaign, data_root=self.data_root, faults=faults(2),
+                                   extra_middlewares=self.ispyb_middlewares)
         self.pdis = PdisEmulator(storage_dir=self.root / "pdis-storage", users={PDIS_USER: PDIS_PASSWORD},
                                  step_seconds=self.pdis_step, faults=faults(3), bandwidth=self.pdis_bandwidth)
         self.designhub = DesignHubEmulator(self.campaign, faults=faults(4))
