@@ -169,3 +169,60 @@ def test_systemd_notify_ready_and_stopping(tmp_path: Path) -> None:
 def test_cli_help(command: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "mirrord.cli", *command], capture_output=True, text=True)
     assert proc.returncode == 0 and "mirrord" in proc.stdout
+
+
+async def test_a_failing_poll_logs_once_when_it_starts_and_once_when_it_recovers(tmp_path: Path) -> None:
+    """Logs name the change of health, not every failed tick (like Home Assistant's coordinator)."""
+    import io
+    import json
+
+    from mirrord import logsetup
+    from mirrord.jobs.base import Job, JobContext, RunResult
+    from mirrord.runner import JobRunner
+    from mirrord.store import Store, migrate
+    from tests.conftest import make_config
+
+    class Flaky(Job):
+        name = "fragalysis"
+        healthy = False
+
+        async def poll(self, result: RunResult) -> None:
+            if not self.healthy:
+                raise ConnectionError("upstream down")
+
+    stream = io.StringIO()
+    logsetup.configure("debug", "json", stream=stream)
+    config = make_config(tmp_path, fragalysis={"enabled": True, "url": "http://127.0.0.1:9"})
+    store = Store(config.daemon.resolved_database_url)
+    await migrate.upgrade(store)
+    ctx = JobContext(config=config, store=store, instance="t")
+    job = Flaky(ctx)
+    runner = JobRunner(ctx, {"fragalysis": job})
+    for _ in range(4):
+        await runner.run("fragalysis", force_poll=True)
+    job.healthy = True
+    for _ in range(3):
+        await runner.run("fragalysis", force_poll=True)
+    await store.close()
+    events = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    levels = [(e["event"], e["level"]) for e in events if e["event"].startswith("job.")]
+    assert levels.count(("job.failing", "error")) == 1
+    assert levels.count(("job.still_failing", "debug")) == 3
+    assert levels.count(("job.recovered", "info")) == 1
+    assert runner.health["fragalysis"].consecutive_failures == 0
+
+
+async def test_migrations_leave_the_application_logging_alone(tmp_path: Path) -> None:
+    import logging
+
+    from mirrord import logsetup
+    from mirrord.store import Store, migrate
+
+    logsetup.configure("info", "json")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    await migrate.upgrade(store)
+    await store.close()
+    assert root.handlers == handlers and root.level == level
+    assert logging.getLogger("alembic").handlers == []  # alembic goes through ours, not its own config
