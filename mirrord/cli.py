@@ -9,7 +9,8 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
@@ -31,6 +32,18 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
+
+
+@asynccontextmanager
+async def _opened_store(config: Config) -> AsyncIterator[Any]:
+    """The store, for commands that read or touch it without running the daemon."""
+    from mirrord.store import Store
+
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -96,10 +109,9 @@ def cmd_db(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def main() -> int:
-        from mirrord.store import Store, migrate
+        from mirrord.store import migrate
 
-        store = Store(config.daemon.resolved_database_url)
-        try:
+        async with _opened_store(config) as store:
             if args.db_command == "upgrade":
                 before, after = await migrate.upgrade(store)
                 print(f"schema {before or 'empty'} -> {after}")
@@ -109,8 +121,6 @@ def cmd_db(args: argparse.Namespace) -> int:
                 print(f"{current or 'empty'} (head: {head}{', up to date' if current == head else ''})")
             elif args.db_command == "revision":
                 await migrate.autogenerate(store, args.message)
-        finally:
-            await store.close()
         return EXIT_OK
 
     return _run_async(main())
@@ -121,14 +131,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from mirrord.status_page import summary
-        from mirrord.store import Store
         from mirrord.views import print_status
 
-        store = Store(config.daemon.resolved_database_url)
-        try:
+        async with _opened_store(config) as store:
             data = await summary(store)
-        finally:
-            await store.close()
         if args.json:
             print(json.dumps(data, indent=2, default=str))
         else:
@@ -143,14 +149,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from mirrord.jobs.deposit_policy import plan
-        from mirrord.store import Store
 
-        store = Store(config.daemon.resolved_database_url)
-        try:
-            async with store.read() as session:
-                entries = await plan(session, config.pdis)
-        finally:
-            await store.close()
+        async with _opened_store(config) as store, store.read() as session:
+            entries = await plan(session, config.pdis)
         if args.json:
             print(json.dumps([{"dataset": e.facts.dataset_id, "sample": e.facts.sample_name,
                                "proposal": e.facts.proposal, "beamline": e.facts.beamline,
@@ -174,17 +175,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from mirrord.inspect import InspectError, lineage
-        from mirrord.store import Store
         from mirrord.views import print_lineage
 
-        store = Store(config.daemon.resolved_database_url)
         try:
-            found = await lineage(store, args.kind, args.ref)
+            async with _opened_store(config) as store:
+                found = await lineage(store, args.kind, args.ref)
         except InspectError as exc:
             print(f"mirrord show: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        finally:
-            await store.close()
         if args.json:
             print(json.dumps(found.to_dict(), indent=2, default=str))
         else:
@@ -199,16 +197,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from mirrord.inspect import InspectError, retry
-        from mirrord.store import Store
 
-        store = Store(config.daemon.resolved_database_url)
         try:
-            done = await retry(store, args.kind, args.id, instance=f"operator@{config.daemon.instance_id}")
+            async with _opened_store(config) as store:
+                done = await retry(store, args.kind, args.id, instance=f"operator@{config.daemon.instance_id}")
         except InspectError as exc:
             print(f"mirrord retry: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        finally:
-            await store.close()
         print(f"{done.kind} {done.id}: {done.from_state} -> {done.to_state}; the next run picks it up")
         return EXIT_OK
 
