@@ -153,3 +153,16 @@ def test_instance_lock(tmp_path: Path) -> None:
             InstanceLock(tmp_path).acquire()
     with InstanceLock(tmp_path):  # released: can be taken again
         pass
+
+
+def test_db_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mirrord.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n')
+    assert main(["--config", str(config), "db", "current"]) == 0
+    assert capsys.readouterr().out.startswith("empty (head: ")
+    assert main(["--config", str(config), "db", "upgrade"]) == 0
+    assert capsys.readouterr().out == f"schema empty -> {migrate.head_revision()}\n"
+    assert main(["--config", str(config), "db", "current"]) == 0
+    assert "up to date" in capsys.readouterr().out
