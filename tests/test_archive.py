@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from mirrord import archive
 from mirrord.archive import (
     CorruptArchive,
     DatasetChanged,
@@ -23,6 +22,7 @@ from mirrord.archive import (
     UnsafeArchive,
     UnsupportedFile,
     dataset_size,
+    extract,
     free_space_ok,
     image_format,
     image_header_readable,
@@ -167,7 +167,7 @@ def test_links_and_unreadable_files_are_refused(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(archive.os, "open", denying_open)
+    monkeypatch.setattr(os, "open", denying_open)
     with pytest.raises(UnreadableFile, match="img_0002.cbf"):
         pack_dataset(src, out / "a.tar.zst")
     assert leftovers(out) == []
@@ -445,11 +445,11 @@ def test_gzip_bomb_is_refused_before_writing(tmp_path):
 
 
 def test_written_bytes_are_counted_not_trusted():
-    budget = archive._Budget(max_total_bytes=10**12, max_members=10, max_ratio=100, compressed_size=MiB)
+    budget = extract._Budget(max_total_bytes=10**12, max_members=10, max_ratio=100, compressed_size=MiB)
     budget.add("big.map", 100 * MiB, "written")
     with pytest.raises(UnsafeArchive, match="decompression bomb.*big.map"):
         budget.add("big.map", 1, "written")
-    small = archive._Budget(max_total_bytes=100, max_members=10, max_ratio=100, compressed_size=10)
+    small = extract._Budget(max_total_bytes=100, max_members=10, max_ratio=100, compressed_size=10)
     small.add("a", 100, "written")
     with pytest.raises(UnsafeArchive, match="exceeds 100 bytes"):
         small.add("a", 1, "written")

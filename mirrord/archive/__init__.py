@@ -1,0 +1,32 @@
+"""Archives in and out: deterministic tar.zst packing for PDIS, defensive extraction of downloads.
+
+Everything here is synchronous and streams in bounded memory: callers run it in a thread
+(`asyncio.to_thread`). Three parts:
+
+- packing (`pack_dataset`): same files → same tar bytes → same md5, because PDIS answers a duplicate
+  upload with 409 and the only way to adopt the earlier submission is to find it by that md5;
+- extraction (`safe_extract`): archives come from remote servers, so every member is validated before
+  anything is written and every write is checked again against the destination;
+- preflight (`preflight_images`): a dataset without readable diffraction images is refused by PDIS
+  after a multi-gigabyte upload, so look at the first bytes of each file before packing.
+"""
+
+from mirrord.archive.common import (
+    ArchiveError,
+    CorruptArchive,
+    DatasetChanged,
+    UnreadableFile,
+    UnsafeArchive,
+    UnsupportedFile,
+    fsync_dir,
+)
+from mirrord.archive.extract import ExtractResult, safe_extract, sniff_format
+from mirrord.archive.pack import PackResult, dataset_size, free_space_ok, pack_dataset, verify_spool
+from mirrord.archive.preflight import Preflight, image_format, image_header_readable, preflight_images
+
+__all__ = [
+    "ArchiveError", "CorruptArchive", "DatasetChanged", "ExtractResult", "PackResult", "Preflight",
+    "UnreadableFile", "UnsafeArchive", "UnsupportedFile", "dataset_size", "free_space_ok", "fsync_dir",
+    "image_format", "image_header_readable", "pack_dataset", "preflight_images", "safe_extract",
+    "sniff_format", "verify_spool",
+]

@@ -1,0 +1,351 @@
+"""Deterministic tar.zst packing with the digests PDIS and crash recovery need, in one pass."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import shutil
+import stat
+import tarfile
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from mirrord.archive.common import (
+    BLOCK,
+    CHUNK,
+    QUEUE_DEPTH,
+    RECORD,
+    ZSTD_JOB_SIZE,
+    ArchiveError,
+    DatasetChanged,
+    UnreadableFile,
+    UnsupportedFile,
+    file_kind,
+    fsync_dir,
+)
+
+
+@dataclass(frozen=True)
+class PackResult:
+    path: Path
+    tar_md5: str  # of the inner tar stream: what PDIS reports back as `md5hash`
+    tar_size: int
+    zst_sha256: str  # of the file on disk: to verify the spool file before upload
+    zst_size: int
+    member_count: int  # tar members, directories included
+    source_bytes: int  # file content bytes read
+
+
+@dataclass(frozen=True)
+class _Member:
+    arcname: str
+    source: Path | None  # None for a directory entry
+    mtime: int
+
+
+_STOP = object()
+
+
+class _Worker:
+    """A thread applying `handle` to queued items in order.
+
+    hashlib, zstd and file writes release the GIL, so md5 of the tar stream, compression and
+    sha256 + writing of the output overlap instead of adding up. An error in the worker surfaces
+    in the producer at its next `put` or at `close`.
+    """
+
+    def __init__(self, name: str, handle: Callable[[object], None], maxsize: int) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize)
+        self._handle = handle
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, item: object) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, *, check: bool = True) -> None:
+        """Drain, stop and join; re-raise the worker's error when `check`."""
+        self._queue.put(_STOP)  # the worker keeps draining even after an error, so this never blocks for long
+        self._thread.join()
+        if check and self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is None:
+                try:
+                    self._handle(item)
+                except BaseException as exc:  # handed to the producer
+                    self._error = exc
+
+
+class _HashingSink:
+    """The compressor's output: sha256, count and write the compressed bytes in a worker thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._worker = _Worker("zst-writer", self._consume, maxsize=QUEUE_DEPTH)
+
+    def write(self, data: bytes) -> int:
+        self._worker.put(data)  # python-zstandard hands us a fresh bytes object: safe to queue
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, *, check: bool = True) -> None:
+        self._worker.close(check=check)
+
+    def _consume(self, data: object) -> None:
+        assert isinstance(data, bytes)
+        self.sha256.update(data)
+        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+
+def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None,
+                 arcname_root: str | None = None, level: int = 3, threads: int = -1,
+                 progress: Callable[[int], None] | None = None) -> PackResult:
+    """Pack `source_dir` (or only the relative paths in `files`) into a deterministic `dest` .tar.zst.
+
+    `arcname_root` prefixes every member (e.g. the dataset name). `threads=-1` compresses on all cores.
+    `progress` receives the number of source bytes read since its previous call.
+    Raises `DatasetChanged` if a file changes while being read, `UnsupportedFile` for anything that
+    is not a regular file, `UnreadableFile` when a file cannot be read; `dest` is then left untouched.
+    """
+    source_dir = Path(source_dir)
+    dest = Path(dest)
+    members = _plan_members(source_dir, files, arcname_root)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with open(fd, "wb", buffering=0) as raw:
+            tar, sink = _write_archive(members, raw.fileno(), level, threads, progress)
+            os.fsync(raw.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+    return PackResult(dest, tar.md5, tar.size, sink.sha256.hexdigest(), sink.size, len(members), tar.source_bytes)
+
+
+def _write_archive(members: list[_Member], fd: int, level: int, threads: int,
+                   progress: Callable[[int], None] | None) -> tuple[_TarStream, _HashingSink]:
+    sink = _HashingSink(fd)
+    tar: _TarStream | None = None
+    try:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=threads, job_size=ZSTD_JOB_SIZE if threads else 0, write_checksum=1)
+        compressor = zstandard.ZstdCompressor(compression_params=params)
+        with compressor.stream_writer(sink, closefd=False, write_size=CHUNK) as zst:
+            tar = _TarStream(zst, progress)  # type: ignore[arg-type]
+            for member in members:
+                tar.add(member)
+            tar.finish()
+    except BaseException:
+        if tar is not None:
+            tar.abort()
+        sink.close(check=False)
+        raise
+    sink.close()
+    assert tar is not None
+    return tar, sink
+
+
+def _plan_members(source_dir: Path, files: list[str] | None, arcname_root: str | None) -> list[_Member]:
+    """The sorted member list: every file plus a directory entry for each of its ancestors."""
+    rel_files = sorted(set(files)) if files is not None else list(_walk_regular_files(source_dir))
+    if not rel_files:
+        raise ArchiveError(f"nothing to pack in {source_dir}")
+    root_parts = tuple(p for p in (arcname_root or "").split("/") if p)
+    entries: dict[tuple[str, ...], _Member] = {}
+    dir_mtimes: dict[tuple[str, ...], int] = {}
+    for rel in rel_files:
+        parts = _relative_parts(rel)
+        path = source_dir.joinpath(*parts)
+        st = _lstat_regular(path)
+        full = root_parts + parts
+        entries[full] = _Member("/".join(full), path, int(st.st_mtime))
+        # A directory's mtime is that of its newest file: stable for the same files, unlike the real
+        # directory mtime which moves whenever anything (a temp file) is created beside them.
+        for depth in range(1, len(full)):
+            key = full[:depth]
+            dir_mtimes[key] = max(dir_mtimes.get(key, 0), int(st.st_mtime))
+    for key, mtime in dir_mtimes.items():
+        entries[key] = _Member("/".join(key), None, mtime)
+    return [entries[key] for key in sorted(entries)]
+
+
+def _relative_parts(rel: str) -> tuple[str, ...]:
+    parts = tuple(p for p in str(rel).replace(os.sep, "/").split("/") if p not in ("", "."))
+    if not parts or str(rel).startswith("/") or ".." in parts:
+        raise ValueError(f"not a relative path inside the dataset: {rel!r}")
+    return parts
+
+
+def _walk_regular_files(source_dir: Path) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(source_dir, onerror=_raise):
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                raise UnsupportedFile(os.path.join(dirpath, name), "symlink")
+        rel_dir = os.path.relpath(dirpath, source_dir)
+        for name in filenames:
+            yield name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def _lstat_regular(path: Path) -> os.stat_result:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsupportedFile(path, file_kind(st.st_mode))
+    return st
+
+
+def _tar_header(member: _Member, size: int) -> bytes:
+    info = tarfile.TarInfo(member.arcname)
+    info.mtime = member.mtime  # an int: a float would add a PAX mtime record
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if member.source is None:
+        info.type, info.mode, info.size = tarfile.DIRTYPE, 0o755, 0
+    else:
+        info.type, info.mode, info.size = tarfile.REGTYPE, 0o644, size
+    return info.tobuf(tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
+
+
+class _TarStream:
+    """Feeds tar bytes to the compressor while a worker thread computes their md5 and size."""
+
+    def __init__(self, out: BinaryIO, progress: Callable[[int], None] | None) -> None:
+        self._out = out
+        self._progress = progress
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+        self.source_bytes = 0
+        self.md5 = ""  # set by finish()
+        self._hasher = _Worker("tar-md5", self._md5.update, maxsize=QUEUE_DEPTH)
+
+    def emit(self, data: bytes) -> None:
+        self._out.write(data)
+        self._hasher.put(data)
+        self.size += len(data)
+
+    def add(self, member: _Member) -> None:
+        if member.source is None:
+            self.emit(_tar_header(member, 0))
+            return
+        size = self._copy_file(member)
+        self.source_bytes += size
+        if size % BLOCK:
+            self.emit(bytes(BLOCK - size % BLOCK))
+
+    def finish(self) -> None:
+        self.emit(bytes(2 * BLOCK))  # end-of-archive marker
+        if self.size % RECORD:
+            self.emit(bytes(RECORD - self.size % RECORD))  # a full last record, as tar(1) and tarfile write
+        self._hasher.close()
+        self.md5 = self._md5.hexdigest()
+
+    def abort(self) -> None:
+        self._hasher.close(check=False)
+
+    def _copy_file(self, member: _Member) -> int:
+        path = member.source
+        assert path is not None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if os.path.islink(path):
+                raise UnsupportedFile(path, "symlink") from None
+            raise UnreadableFile(path, exc) from exc
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise UnsupportedFile(path, file_kind(before.st_mode))
+            size = before.st_size
+            self.emit(_tar_header(member, size))
+            remaining = size
+            while remaining:
+                chunk = _read(fd, min(remaining, CHUNK), path)
+                if not chunk:
+                    raise DatasetChanged(path, f"shrank to {size - remaining} bytes")
+                self.emit(chunk)
+                remaining -= len(chunk)
+                if self._progress:
+                    self._progress(len(chunk))
+            if _read(fd, 1, path):
+                raise DatasetChanged(path, "grew while being read")
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) \
+                or int(before.st_mtime) != member.mtime:
+            raise DatasetChanged(path, "size or mtime changed")
+        return size
+
+
+def _read(fd: int, size: int, path: Path) -> bytes:
+    try:
+        return os.read(fd, size)
+    except OSError as exc:
+        raise UnreadableFile(path, exc) from exc
+
+
+def verify_spool(path: Path, sha256: str, size: int) -> bool:
+    """Whether the file at `path` still has exactly this size and sha256 (streamed, bounded memory)."""
+    try:
+        if os.stat(path).st_size != size:
+            return False
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return False
+    return digest.hexdigest() == sha256.lower()
+
+
+# ============================================================================================
+# Disk space
+# ============================================================================================
+
+def dataset_size(files: Iterable[Path | str]) -> int:
+    """Total content bytes of `files` (tar adds about 1 KiB per file on top)."""
+    return sum(os.stat(path).st_size for path in files)
+
+
+def free_space_ok(directory: Path | str, needed_bytes: int, margin: float = 0.05,
+                  reserve_bytes: int = 256 * 1024**2) -> bool:
+    """Whether `directory` (or its nearest existing ancestor) has room for `needed_bytes`.
+
+    Keeps `margin` (a fraction of `needed_bytes`: tar headers, padding) and `reserve_bytes` free on
+    top, so a spool never fills the disk the lab's other software writes to.
+    """
+    path = Path(directory).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    return free >= needed_bytes + int(needed_bytes * margin) + reserve_bytes
