@@ -102,9 +102,12 @@ class Job:
         return await claim(self.store, model, states, owner=self.ctx.instance, lease=self.lease,
                            limit=limit, extra=extra)
 
-    async def transition(self, model: type[WorkItem], item_id: int, to_state: str, reason: str = "",
+    async def transition(self, model: type[WorkItem], item_id: int, to_state: str, reason: str = "", /,
                          *, release: bool = True, **values: Any) -> Any:
-        """Record a step's outcome in one short write: new state, extra column values, an event."""
+        """Record a step's outcome in one short write: new state, extra column values, an event.
+
+        The leading arguments are positional-only, so a column named `reason` can be set by keyword.
+        """
         async with self.store.write() as session:
             item = await session.get(model, item_id)
             if to_state not in self.failed_states:

@@ -502,25 +502,16 @@ class DesignHubJob(Job):
             if compound_id is None:
                 found = await self._match(source, index)
                 if isinstance(found, str):
-                    await self._move(item.id, "unmatched", found, reason=found)
+                    await self.transition(Annotation, item.id, "unmatched", found, reason=found)
                     result.count("unmatched")
                     return
                 compound_id = found.compound_id
-                await self._move(item.id, "pending", f"matched {compound_id}", release=False,
-                                 compound_id=compound_id, match_method=found.method, reason=None)
+                await self.transition(Annotation, item.id, "pending", f"matched {compound_id}", release=False,
+                                      compound_id=compound_id, match_method=found.method, reason=None)
             state = await self._attach(item, index.current(compound_id), evidence, result)
         if state == "tagging":
             await self._tag(item.id, source, index.current(compound_id or item.compound_id or ""))
             result.count("attached")
-
-    async def _move(self, item_id: int, to_state: str, why: str, *, release: bool = True, **values: Any) -> None:
-        """`Job.transition` for ledger rows, whose own `reason` column clashes with its argument."""
-        async with self.store.write() as session:
-            item = await session.get(Annotation, item_id)
-            item.attempts, item.last_error, item.next_attempt_at = 0, None, None
-            for key, value in values.items():
-                setattr(item, key, value)
-            move(session, item, to_state, why, instance=self.ctx.instance, release=release)
 
     async def _source(self, experiment_id: int) -> EvidenceSource:
         async with self.store.read() as session:
