@@ -18,7 +18,7 @@ from mirrord.emulators.campaign import Campaign, Collection
 from mirrord.jobs.base import RunResult
 from mirrord.jobs.datafiles import expectation, map_path, scan_dataset
 from mirrord.store import Store
-from mirrord.store.models import Dataset, Event, Experiment, JobRun, Target
+from mirrord.store.models import Dataset, Event, Experiment, JobRun, Target, utcnow
 from mirrord.store.models import Session as SessionRow
 from tests.conftest import make_config
 from tests.ispyb_openapi import (
@@ -310,6 +310,19 @@ async def test_directory_that_never_appears_is_missing_after_the_deadline(tmp_pa
     row = (await datasets(config))[col.collection_id]
     assert row.state == "missing" and "did not appear" in row.last_error
     assert outcome.exit_code == 1 and any(f"dataset {row.id} [missing]" in line for line in outcome.failed)
+    assert row.next_attempt_at > utcnow() + dt.timedelta(minutes=30)  # looked for again, but not at once
+
+    # The mount comes back: at the next recheck the dataset completes by itself.
+    ispyb.campaign.write_images(Path(config.ispyb.path_map["/dls"]), col)
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        async with store.write() as session:
+            (await session.get(Dataset, row.id)).next_attempt_at = utcnow()  # an hour later
+    finally:
+        await store.close()
+    outcome = await run(config, horizon=3)
+    row = (await datasets(config))[col.collection_id]
+    assert row.state == "complete" and row.last_error is None and outcome.exit_code == 0
 
 
 # -- linking ----------------------------------------------------------------------------------------

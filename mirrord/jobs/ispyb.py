@@ -10,7 +10,8 @@ and writes nothing. Most groups hold one collection, which the session's event d
 `work` checks each dataset on disk:
 
     discovered ──► waiting (files missing, still written, or the run not finished) ──► complete
-        └─► skipped (the run failed: reason)        └─► missing (no directory after missing_deadline)
+        └─► skipped (the run failed: reason)        └─► missing (no directory after missing_deadline;
+                                                                  looked for again hourly)
 
 A dataset is complete when its run succeeded and ended, the files its template names are all there,
 and they have not changed (names, sizes, mtimes) for `quiet_period`. The files' own mtimes count as
@@ -41,7 +42,9 @@ from mirrord.store.items import log_event, move
 from mirrord.store.models import Dataset, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
 
-WORKABLE = ("discovered", "waiting")
+WORKABLE = ("discovered", "waiting", "missing")
+# A missing directory is looked for again this often: a mount that was down comes back by itself.
+MISSING_RECHECK = 3600.0
 # Upstream facts that decide completeness: when one changes, the dataset is checked again.
 DECISIVE = ("run_status", "end", "local_dir", "file_template", "number_of_images")
 SCAN_CONCURRENCY = 4  # sessions (and samples) read at once
@@ -328,7 +331,7 @@ class IspybJob(Job):
                 if not await self._record_verdict(item.id, verdict):
                     continue
                 result.count(f"datasets_{verdict.state}")
-                if verdict.state == "missing":
+                if verdict.state == "missing" and item.state != "missing":  # said once, not at every recheck
                     self.log.error("dataset.missing", dataset=item.id, directory=item.local_dir,
                                    reason=verdict.reason)
                     self.ctx.notifier.item("dataset", str(item.id), "missing", verdict.reason)
@@ -365,7 +368,8 @@ class IspybJob(Job):
             deadline = item.created_at + dt.timedelta(seconds=section.missing_deadline)
             if now >= deadline:
                 reason = f"directory {item.local_dir} did not appear within {section.missing_deadline:g} s"
-                return Verdict("missing", reason, {"last_error": reason})
+                recheck = now + dt.timedelta(seconds=MISSING_RECHECK)
+                return Verdict("missing", reason, {"last_error": reason, "next_attempt_at": recheck})
             return self._wait(now, f"directory {item.local_dir} not there yet", section.quiet_period,
                               not_after=deadline)
         files = {"files": list(scan.files), "total_bytes": scan.total_bytes, "files_signature": scan.signature}
