@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run as a daemon: poll on schedules until SIGTERM")
     run.add_argument("--no-migrate", action="store_true",
                      help="do not migrate the schema; refuse to start unless it is current (replicas)")
-    once = sub.add_parser("once", help="do all work that can progress now, then exit (0 done, 1 failures)")
+    once = sub.add_parser("once", help="do all work that can progress now, then exit (0 done, 1 items or jobs failed)")
     once.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                       help="also wait for retries and status checks due within this many seconds")
     sub.add_parser("check-config", help="validate the configuration; print every problem (exit 2)")

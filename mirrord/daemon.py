@@ -132,6 +132,9 @@ class Mirrord:
                 break
             await asyncio.sleep(max(0.05, wait))
         failed, attention = await self.problem_items()
+        # A job whose last run failed (upstream down, credentials refused) did not finish its work either.
+        failed += [f"job {name}: {health.last_error}" for name, health in self.runner.health.items()
+                   if health.failing_since is not None]
         return Outcome(1 if failed else 0, passes, failed, attention)
 
     async def _event_count(self) -> int:

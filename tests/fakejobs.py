@@ -66,6 +66,15 @@ class ManyItemsJob(Job):
             await self.transition(Upload, items[0].id, "mirrored", "done")
 
 
+class UnreachableJob(Job):
+    """Its upstream refuses every poll."""
+
+    name = "fragalysis"
+
+    async def poll(self, result: RunResult) -> None:
+        raise ConnectionRefusedError("upstream refused the connection")
+
+
 class QuietJob(Job):
     name = "fragalysis"
 

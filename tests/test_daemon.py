@@ -128,6 +128,10 @@ def test_once_exit_codes(tmp_path: Path) -> None:
     out, err = failing.communicate(timeout=60)
     assert failing.returncode == 1, err
     assert "failed: upload 1 [failed]: archive is hostile" in out
+    unreachable = launch("UnreachableJob", config, "once")
+    out, err = unreachable.communicate(timeout=60)
+    assert unreachable.returncode == 1, err
+    assert "failed: job fragalysis: ConnectionRefusedError: upstream refused the connection" in out
     bad = tmp_path / "bad.toml"
     bad.write_text("[fragalysis]\nenabled = true\nurl = 'not a url'\n")
     broken = launch("QuietJob", bad, "once")

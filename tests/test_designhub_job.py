@@ -335,7 +335,8 @@ async def test_older_design_hub_degrades_with_one_message(tmp_path, campaign):
 async def test_rejected_or_missing_key_fails_the_run_clearly(tmp_path, served, api_key, message):
     config = config_for(tmp_path, served.url, api_key=api_key)
     outcome = await run(config)
-    assert outcome.exit_code == 0  # no item failed; the job itself is failing
+    assert outcome.exit_code == 1  # no item failed, but the job itself did not do its work
+    assert [line for line in outcome.failed if line.startswith("job designhub: AuthError")]
     ((run_outcome, error),) = await query(config, select(JobRun.outcome, JobRun.error))
     assert run_outcome == "failed" and "AuthError" in error and message in error
     if api_key:
