@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import stat
 import tarfile
@@ -20,6 +19,7 @@ from mirrord.clients.pdis import PdisClient, SubmitMetadata, parse_submission
 from mirrord.emulators.base import Served
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.redact import redact
+from tests.test_pdis_emulator import tar_bytes
 
 USER, PASSWORD = "you@lab.edu", "s3cret-pass"
 CBF = b"###CBF: VERSION 1.5\n" + b"\x00" * 200
@@ -29,14 +29,9 @@ OTHER = SubmitMetadata(dataset_type="other", project_title="Fragment screen of N
 
 
 def write_tar(path: Path, files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-    return buf.getvalue()
+    data = tar_bytes(files)
+    path.write_bytes(data)
+    return data
 
 
 def write_tar_zst(path: Path, files: dict[str, bytes]) -> bytes:
