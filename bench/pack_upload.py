@@ -41,16 +41,22 @@ USER, PASSWORD = "you@lab.edu", "secret"
 
 
 # -- the synthetic dataset ----------------------------------------------------------------------------
-def cbf_bytes(index: int, size: int) -> bytes:
+# "counts": bytes skewed towards small values, like the byte-offset deltas of real photon counts,
+# which zstd shrinks to about half; "random": incompressible, the worst case for packing time.
+COUNTS = bytes(min(255, int((i / 256) ** 3 * 24)) for i in range(256))
+
+
+def cbf_bytes(index: int, size: int, pixels: str = "random") -> bytes:
     header = (f"###CBF: VERSION 1.5, CBFlib v0.7.8 - PILATUS detectors\n\ndata_bench_{index:05d}\n\n"
               "_array_data.header_convention \"PILATUS_1.2\"\n;\n# Detector: PILATUS 6M, S/N 60-0100 Bench\n;\n"
               "--CIF-BINARY-FORMAT-SECTION--\n\n").encode()
-    return header + os.urandom(size - len(header))
+    body = os.urandom(size - len(header))
+    return header + (body.translate(COUNTS) if pixels == "counts" else body)
 
 
-def generate(root: Path, total_bytes: int) -> None:
+def generate(root: Path, total_bytes: int, pixels: str = "random") -> None:
     """Two halves of `total_bytes` each (`a/` and `b/`), each split in PARTS directories; skipped if present."""
-    marker = root / f".complete-{total_bytes}"
+    marker = root / f".complete-{total_bytes}-{pixels}"
     if marker.exists():
         return
     shutil.rmtree(root, ignore_errors=True)
@@ -62,7 +68,7 @@ def generate(root: Path, total_bytes: int) -> None:
             directory.mkdir(parents=True, exist_ok=True)
             for _ in range(per_part):
                 index += 1
-                (directory / f"bench_{index:05d}.cbf").write_bytes(cbf_bytes(index, FILE_BYTES))
+                (directory / f"bench_{index:05d}.cbf").write_bytes(cbf_bytes(index, FILE_BYTES, pixels))
     marker.write_text("")
 
 
@@ -219,6 +225,8 @@ def main() -> int:
     parser.add_argument("--bandwidth", type=float, default=150.0,
                         help="emulated link for the end-to-end figure, MB/s (0: unlimited)")
     parser.add_argument("--workdir", help="where to generate data (default: a temporary directory, removed)")
+    parser.add_argument("--pixels", choices=["random", "counts"], default="random",
+                        help="incompressible pixels (worst case), or count-like ones zstd halves")
     opts = parser.parse_args()
     keep = opts.workdir is not None
     work = Path(opts.workdir or tempfile.mkdtemp(prefix="mirrord-bench-"))
@@ -233,7 +241,7 @@ def run_bench(work: Path, opts: argparse.Namespace) -> int:
     root = work / "data"
     total = int(opts.size * 1024**3)
     started = time.perf_counter()
-    generate(root, total)
+    generate(root, total, opts.pixels)
     print(f"dataset: {opts.size:g} GB in {root} ({time.perf_counter() - started:.0f} s to generate or check)")
     spool = work / "spool"
     spool.mkdir(exist_ok=True)
@@ -293,7 +301,8 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = OUT_DIR / f"pack_upload-{stamp}.json"
-    out.write_text(json.dumps({"size_gb": opts.size, "bandwidth_mb_s": opts.bandwidth, "cpus": os.cpu_count(),
+    out.write_text(json.dumps({"size_gb": opts.size, "pixels": opts.pixels, "bandwidth_mb_s": opts.bandwidth,
+                               "cpus": os.cpu_count(),
                                "rows": rows}, indent=2))
     print(f"\nJSON: {out}")
 
