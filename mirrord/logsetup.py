@@ -44,7 +44,21 @@ class _RedactingRenderer:
         return line
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time, so rich progress bars, which swap it for a
+    proxy while they are shown, can print log lines above the bars instead of through them."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if hasattr(stream, "isatty") and stream.isatty() else "json"
@@ -67,7 +81,6 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
             _RedactingRenderer(renderer, journald=fmt == "journald"),
         ],
     )
-    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

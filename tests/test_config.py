@@ -193,3 +193,15 @@ def test_example_config_documents_every_key() -> None:
             if not re.search(pattern, sections.get(section, ""), re.M):
                 undocumented.append(f"{section}.{key}")
     assert undocumented == []
+
+
+def test_log_lines_follow_sys_stderr_so_progress_bars_can_redirect_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    import structlog
+
+    logsetup.configure("info", "json")
+    proxy = io.StringIO()  # what rich puts in place of sys.stderr while bars are shown
+    monkeypatch.setattr("sys.stderr", proxy)
+    structlog.get_logger("t").info("while a bar is shown")
+    assert '"event": "while a bar is shown"' in proxy.getvalue()
