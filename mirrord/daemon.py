@@ -168,7 +168,7 @@ class Mirrord:
         return failed, attention
 
     # -- daemon ---------------------------------------------------------------------------------------
-    async def run_forever(self, stop: asyncio.Event, *, on_ready=None) -> None:  # noqa: ANN001
+    async def run_forever(self, stop: asyncio.Event) -> None:
         assert self.runner is not None
         systemd = SystemdNotifier()
         scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
@@ -198,8 +198,6 @@ class Mirrord:
         systemd.ready(status)
         log.info("daemon.ready", version=__version__, jobs=list(self.jobs), instance=self.instance,
                  store=self.store.describe())
-        if on_ready is not None:
-            await on_ready()
         await stop.wait()
 
         # Drain: no new ticks, no new items; running steps finish within the grace period, then cancel.

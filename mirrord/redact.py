@@ -9,7 +9,6 @@ from collections.abc import Iterable
 _SECRET_QUERY = re.compile(
     r"(?i)([?&](?:token|key|api_key|apikey|password|secret|access_token|sessionid|csrftoken)=)[^&#\s]+"
 )
-_SECRET_HEADERS = {"authorization", "x-api-key", "cookie", "set-cookie", "x-csrftoken"}
 MASK = "***"
 
 _lock = threading.Lock()
@@ -38,6 +37,3 @@ def redact(text: str, extra: Iterable[str] = ()) -> str:
             text = text.replace(secret, MASK)
     return text
 
-
-def redact_headers(headers) -> dict[str, str]:
-    return {k: (MASK if k.lower() in _SECRET_HEADERS else redact(str(v))) for k, v in dict(headers).items()}

@@ -16,7 +16,7 @@ import structlog
 
 from mirrord.config import Config
 from mirrord.store import Store
-from mirrord.store.items import backoff, claim, heartbeat, move
+from mirrord.store.items import backoff, claim, heartbeat, item_kind, move
 from mirrord.store.models import WorkItem, utcnow
 
 
@@ -133,7 +133,7 @@ class Job:
             if item.attempts >= daemon.max_attempts:
                 target = "failed"
             move(session, item, target, message, instance=self.ctx.instance)
-            kind = type(item).__tablename__.removesuffix("s")
+            kind = item_kind(item)
         self.log.warning("item.failed", item=f"{kind}:{item_id}", error=message, state=target)
         if result is not None:
             result.count("failures")

@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -81,9 +81,6 @@ async def heartbeat(store: Store, model: type[WorkItem], item_id: int, *, owner:
         return result.rowcount == 1
 
 
-async def release_expired(store: Store, model: type[WorkItem]) -> int:
-    """Clear leases that ran out (a replica died); the item resumes from its recorded state."""
-    return await _release(store, model, and_(model.lease_until.is_not(None), model.lease_until < utcnow()))
 
 
 async def release_mine(store: Store, model: type[WorkItem], owner: str) -> int:
