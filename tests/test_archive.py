@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import xxhash
 import zstandard
 
 from mirrord.archive import (
@@ -32,6 +33,7 @@ from mirrord.archive import (
     sniff_format,
     verify_spool,
 )
+from mirrord.archive.common import CHUNK
 from mirrord.emulators.campaign import Campaign, pdb_text, sdf_text
 
 MiB = 1024 * 1024
@@ -81,7 +83,7 @@ def test_digests_and_normalised_members(tmp_path):
     raw = tar_bytes(result.path)
     assert (result.tar_size, result.tar_md5) == (len(raw), hashlib.md5(raw).hexdigest())
     packed = result.path.read_bytes()
-    assert (result.zst_size, result.zst_sha256) == (len(packed), hashlib.sha256(packed).hexdigest())
+    assert (result.zst_size, result.zst_digest) == (len(packed), f"xxh3_128:{xxhash.xxh3_128(packed).hexdigest()}")
     assert result.tar_size % tarfile.RECORDSIZE == 0
     assert result.source_bytes == dataset_size(p for p in src.rglob("*") if p.is_file())
 
@@ -214,13 +216,33 @@ def test_packing_uses_bounded_memory(tmp_path):
 
 def test_verify_spool(tmp_path):
     result = pack_dataset(make_dataset(tmp_path / "ds"), tmp_path / "out.tar.zst")
-    assert verify_spool(result.path, result.zst_sha256, result.zst_size)
-    assert not verify_spool(result.path, result.zst_sha256, result.zst_size + 1)
+    assert verify_spool(result.path, result.zst_digest, result.zst_size)
+    assert not verify_spool(result.path, result.zst_digest, result.zst_size + 1)
+    sha256 = hashlib.sha256(result.path.read_bytes()).hexdigest()
+    assert verify_spool(result.path, f"sha256:{sha256}", result.zst_size)  # packed before xxh3
+    assert verify_spool(result.path, sha256, result.zst_size)  # a bare sha256 (Fragalysis downloads)
     data = bytearray(result.path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     result.path.write_bytes(bytes(data))
-    assert not verify_spool(result.path, result.zst_sha256, result.zst_size)
-    assert not verify_spool(tmp_path / "gone.tar.zst", result.zst_sha256, result.zst_size)
+    assert not verify_spool(result.path, result.zst_digest, result.zst_size)
+    assert not verify_spool(result.path, f"sha256:{sha256}", result.zst_size)
+    assert not verify_spool(tmp_path / "gone.tar.zst", result.zst_digest, result.zst_size)
+
+
+def test_files_across_buffer_boundaries_come_out_whole(tmp_path):
+    """Members are assembled in reused CHUNK-sized buffers: sizes around the edges must not shift a byte."""
+    src = tmp_path / "ds"
+    src.mkdir()
+    sizes = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 517, 511, 513]
+    contents = {f"f{i:02d}.cbf": os.urandom(size) for i, size in enumerate(sizes)}
+    for name, data in contents.items():
+        (src / name).write_bytes(data)
+    result = pack_dataset(src, tmp_path / "out.tar.zst", arcname_root="ds")
+    raw = tar_bytes(result.path)
+    assert (result.tar_size, result.tar_md5) == (len(raw), hashlib.md5(raw).hexdigest())
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert files == {f"ds/{name}": data for name, data in contents.items()}
 
 
 # -- disk space -------------------------------------------------------------------------------

@@ -379,6 +379,30 @@ async def test_waiting_for_spool_space_and_changed_files(tmp_path, campaign, emu
     assert any("packing again later" in r for r in reasons)
 
 
+async def test_spool_torn_by_a_power_cut_is_packed_again_not_uploaded(tmp_path, campaign, emulator, served,
+                                                                       monkeypatch):
+    """Spool files are not fsynced: after a restart a damaged one must fail verification and be repacked."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+    packs = []
+    real_pack = deposit.pack_for_deposit
+    monkeypatch.setattr(deposit, "pack_for_deposit", lambda *a, **kw: packs.append(1) or real_pack(*a, **kw))
+    emulator.faults.inject("/api/v1/upload/", *["503"] * 50)  # PDIS down: the archive stays in the spool
+    await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert row.spool_path and not row.upload_token and len(packs) == 1
+    spool = Path(row.spool_path)
+    spool.write_bytes(spool.read_bytes()[: row.zst_size // 2])  # what a power cut can leave of unsynced pages
+
+    emulator.faults.script.clear()
+    assert (await run(config)).exit_code == 0  # a new process: nothing is trusted without a full check
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "published" and len(packs) == 2
+    assert (row.server_md5, row.server_size) == (row.tar_md5, row.tar_size)
+    assert_exactly_once(emulator, [row])
+    assert spool_files(config) == []
+
+
 async def test_plan_lists_decisions_without_uploading(tmp_path, campaign, emulator, served, capsys):
     config = config_for(tmp_path, served)
     await add_datasets(config, campaign, tmp_path / "dls")

@@ -12,7 +12,7 @@ from sqlalchemy import inspect, select, text
 from mirrord.lock import AlreadyRunning, InstanceLock
 from mirrord.store import Store, migrate
 from mirrord.store.items import claim, claim_tick, heartbeat, move
-from mirrord.store.models import Base, Event, KeyValue, Target, Upload, utcnow
+from mirrord.store.models import Base, Deposition, Event, KeyValue, Target, Upload, utcnow
 
 
 async def test_migrations_from_empty_to_head(db_url: str) -> None:
@@ -43,6 +43,46 @@ async def test_models_and_migrations_agree(sqlite_url: str) -> None:
             diff = await conn.run_sync(
                 lambda c: compare_metadata(MigrationContext.configure(c), Base.metadata))
         assert diff == []
+    finally:
+        await store.close()
+
+
+async def test_spool_digest_migration_keeps_packed_archives_verifiable(db_url: str, tmp_path: Path) -> None:
+    """Depositions packed before the spool digest became xxh3 keep a usable, labelled sha256."""
+    import hashlib
+
+    from alembic import command
+
+    from mirrord.archive import verify_spool
+
+    spool = tmp_path / "1.tar.zst"
+    spool.write_bytes(b"packed before the upgrade")
+    old_digest = hashlib.sha256(spool.read_bytes()).hexdigest()
+    store = Store(db_url)
+    try:
+        await migrate.upgrade(store, "0be651f31d55")
+        async with store.write() as session:
+            await session.execute(text(
+                "INSERT INTO sessions (id, name, proposal, created_at, updated_at) "
+                "VALUES (1, 'lb1-1', 'lb1', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            await session.execute(text(
+                "INSERT INTO datasets (id, group_id, collection_id, session_id, session_name, proposal, files, "
+                "state, attempts, created_at, updated_at) "
+                "VALUES (1, 1, 1, 1, 'lb1-1', 'lb1', '[]', 'complete', 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            await session.execute(text(
+                "INSERT INTO depositions (id, dataset_id, dataset_type, zst_sha256, zst_size, state, attempts, "
+                "created_at, updated_at) VALUES (1, 1, 'pdb', :digest, :size, 'packed', 0, "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"digest": old_digest, "size": spool.stat().st_size})
+        await migrate.upgrade(store)
+        async with store.read() as session:
+            digest = await session.scalar(select(Deposition.zst_digest))
+        assert digest == f"sha256:{old_digest}"
+        assert verify_spool(spool, digest, spool.stat().st_size)
+
+        async with store.engine.begin() as conn:  # and back down: the old column gets its bare sha256 again
+            await conn.run_sync(lambda c: command.downgrade(migrate._alembic_config(c), "0be651f31d55"))
+        async with store.read() as session:
+            assert await session.scalar(text("SELECT zst_sha256 FROM depositions")) == old_digest
     finally:
         await store.close()
 

@@ -8,7 +8,7 @@ import tarfile
 from pathlib import Path
 
 CHUNK = 2 * 1024 * 1024  # large reads: few syscalls and hash calls, still bounded memory
-QUEUE_DEPTH = 4  # chunks waiting for each worker thread
+BUFFERS = 6  # tar buffers of CHUNK bytes in flight between the reader and the md5 thread
 ZSTD_JOB_SIZE = 4 * 1024 * 1024  # per multithreaded job; zstd's default (4 windows) costs ~70 MiB RSS
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE

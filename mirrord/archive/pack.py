@@ -13,14 +13,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+import xxhash
 import zstandard
 
 from mirrord.archive.common import (
     BLOCK,
+    BUFFERS,
     CHUNK,
-    QUEUE_DEPTH,
     RECORD,
     ZSTD_JOB_SIZE,
     ArchiveError,
@@ -28,7 +29,6 @@ from mirrord.archive.common import (
     UnreadableFile,
     UnsupportedFile,
     file_kind,
-    fsync_dir,
 )
 
 
@@ -37,7 +37,7 @@ class PackResult:
     path: Path
     tar_md5: str  # of the inner tar stream: what PDIS reports back as `md5hash`
     tar_size: int
-    zst_sha256: str  # of the file on disk: to verify the spool file before upload
+    zst_digest: str  # "xxh3_128:<hex>" of the file on disk: to verify the spool file before upload
     zst_size: int
     member_count: int  # tar members, directories included
     source_bytes: int  # file content bytes read
@@ -51,27 +51,30 @@ class _Member:
 
 
 _STOP = object()
+# The spool file's digest guards against a torn or damaged file after a restart, not against an
+# adversary: xxh3 hashes 2 GB in ~0.2 s of CPU where sha256 took ~1.6 s.
+SPOOL_DIGEST = "xxh3_128"
+_DIGESTS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
 
 class _Worker:
     """A thread applying `handle` to queued items in order.
 
-    hashlib, zstd and file writes release the GIL, so md5 of the tar stream, compression and
-    sha256 + writing of the output overlap instead of adding up. An error in the worker surfaces
-    in the producer at its next `put` or at `close`.
+    hashlib releases the GIL, so the md5 of the tar stream runs beside the compressor instead of
+    adding to it. An error in the worker surfaces in the producer at its next `put` or at `close`.
     """
 
-    def __init__(self, name: str, handle: Callable[[object], None], maxsize: int) -> None:
+    def __init__(self, name: str, handle: Callable[[Any], None], maxsize: int) -> None:
         self._queue: queue.Queue[object] = queue.Queue(maxsize)
         self._handle = handle
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, item: object) -> None:
         while True:
-            if self._error is not None:
-                raise self._error
+            if self.error is not None:
+                raise self.error
             try:
                 self._queue.put(item, timeout=0.1)
                 return
@@ -82,44 +85,36 @@ class _Worker:
         """Drain, stop and join; re-raise the worker's error when `check`."""
         self._queue.put(_STOP)  # the worker keeps draining even after an error, so this never blocks for long
         self._thread.join()
-        if check and self._error is not None:
-            raise self._error
+        if check and self.error is not None:
+            raise self.error
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
-            if self._error is None:
+            if self.error is None:
                 try:
                     self._handle(item)
                 except BaseException as exc:  # handed to the producer
-                    self._error = exc
+                    self.error = exc
 
 
-class _HashingSink:
-    """The compressor's output: sha256, count and write the compressed bytes in a worker thread."""
+class _SpoolSink:
+    """The compressor's output: digest, count and write the compressed bytes."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self.sha256 = hashlib.sha256()
+        self.digest = _DIGESTS[SPOOL_DIGEST]()
         self.size = 0
-        self._worker = _Worker("zst-writer", self._consume, maxsize=QUEUE_DEPTH)
 
     def write(self, data: bytes) -> int:
-        self._worker.put(data)  # python-zstandard hands us a fresh bytes object: safe to queue
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self, *, check: bool = True) -> None:
-        self._worker.close(check=check)
-
-    def _consume(self, data: object) -> None:
-        assert isinstance(data, bytes)
-        self.sha256.update(data)
+        self.digest.update(data)
         self.size += len(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None,
@@ -131,6 +126,10 @@ def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None
     `progress` receives the number of source bytes read since its previous call.
     Raises `DatasetChanged` if a file changes while being read, `UnsupportedFile` for anything that
     is not a regular file, `UnreadableFile` when a file cannot be read; `dest` is then left untouched.
+
+    The spool file is not fsynced: it is derived data, and a copy torn by a power cut fails
+    `verify_spool` (size and digest) after the restart and is packed again. An fsync of 2 GB took
+    0.4-0.8 s, a fifth of the whole packing time.
     """
     source_dir = Path(source_dir)
     dest = Path(dest)
@@ -139,37 +138,30 @@ def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None
     tmp = Path(tmp_name)
     try:
         with open(fd, "wb", buffering=0) as raw:
-            tar, sink = _write_archive(members, raw.fileno(), level, threads, progress)
-            os.fsync(raw.fileno())
+            sink = _SpoolSink(raw.fileno())
+            tar = _write_archive(members, sink, level, threads, progress)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(dest.parent)
-    return PackResult(dest, tar.md5, tar.size, sink.sha256.hexdigest(), sink.size, len(members), tar.source_bytes)
+    return PackResult(dest, tar.md5, tar.size, f"{SPOOL_DIGEST}:{sink.digest.hexdigest()}", sink.size,
+                      len(members), tar.source_bytes)
 
 
-def _write_archive(members: list[_Member], fd: int, level: int, threads: int,
-                   progress: Callable[[int], None] | None) -> tuple[_TarStream, _HashingSink]:
-    sink = _HashingSink(fd)
-    tar: _TarStream | None = None
-    try:
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, threads=threads, job_size=ZSTD_JOB_SIZE if threads else 0, write_checksum=1)
-        compressor = zstandard.ZstdCompressor(compression_params=params)
-        with compressor.stream_writer(sink, closefd=False, write_size=CHUNK) as zst:
-            tar = _TarStream(zst, progress)  # type: ignore[arg-type]
+def _write_archive(members: list[_Member], sink: _SpoolSink, level: int, threads: int,
+                   progress: Callable[[int], None] | None) -> _TarStream:
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=threads, job_size=ZSTD_JOB_SIZE if threads else 0, write_checksum=1)
+    compressor = zstandard.ZstdCompressor(compression_params=params)
+    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK) as zst:
+        tar = _TarStream(zst, progress)  # type: ignore[arg-type]
+        try:
             for member in members:
                 tar.add(member)
             tar.finish()
-    except BaseException:
-        if tar is not None:
-            tar.abort()
-        sink.close(check=False)
-        raise
-    sink.close()
-    assert tar is not None
-    return tar, sink
+        finally:
+            tar.close()
+    return tar
 
 
 def _plan_members(source_dir: Path, files: list[str] | None, arcname_root: str | None) -> list[_Member]:
@@ -237,40 +229,84 @@ def _tar_header(member: _Member, size: int) -> bytes:
 
 
 class _TarStream:
-    """Feeds tar bytes to the compressor while a worker thread computes their md5 and size."""
+    """Assembles the tar stream in a few reusable buffers, each full one compressed here and hashed
+    (md5) by a worker thread.
+
+    Reading into recycled buffers rather than allocating a fresh one per read saves the page faults
+    of 2 GB of new memory per 2 GB packed (measured: about a second of system time). A buffer goes
+    back to the pool once hashed; the compressor has copied it by the time `write` returns.
+    """
 
     def __init__(self, out: BinaryIO, progress: Callable[[int], None] | None) -> None:
         self._out = out
         self._progress = progress
         self._md5 = hashlib.md5(usedforsecurity=False)
+        self._pool: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(BUFFERS):
+            self._pool.put(bytearray(CHUNK))
+        self._hasher = _Worker("tar-md5", self._hash, maxsize=BUFFERS)
+        self._buffer = self._take()
+        self._filled = 0
         self.size = 0
         self.source_bytes = 0
         self.md5 = ""  # set by finish()
-        self._hasher = _Worker("tar-md5", self._md5.update, maxsize=QUEUE_DEPTH)
-
-    def emit(self, data: bytes) -> None:
-        self._out.write(data)
-        self._hasher.put(data)
-        self.size += len(data)
 
     def add(self, member: _Member) -> None:
         if member.source is None:
-            self.emit(_tar_header(member, 0))
+            self._emit(_tar_header(member, 0))
             return
         size = self._copy_file(member)
         self.source_bytes += size
         if size % BLOCK:
-            self.emit(bytes(BLOCK - size % BLOCK))
+            self._emit(bytes(BLOCK - size % BLOCK))
 
     def finish(self) -> None:
-        self.emit(bytes(2 * BLOCK))  # end-of-archive marker
+        self._emit(bytes(2 * BLOCK))  # end-of-archive marker
         if self.size % RECORD:
-            self.emit(bytes(RECORD - self.size % RECORD))  # a full last record, as tar(1) and tarfile write
+            self._emit(bytes(RECORD - self.size % RECORD))  # a full last record, as tar(1) and tarfile write
+        self._dispatch()
         self._hasher.close()
         self.md5 = self._md5.hexdigest()
 
-    def abort(self) -> None:
+    def close(self) -> None:
+        """Stop the hashing thread (after `finish`, or on an error)."""
         self._hasher.close(check=False)
+
+    def _emit(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            room = CHUNK - self._filled
+            taken = view[:room]
+            self._buffer[self._filled:self._filled + len(taken)] = taken
+            self._advance(len(taken))
+            view = view[len(taken):]
+
+    def _advance(self, count: int) -> None:
+        self._filled += count
+        self.size += count
+        if self._filled == CHUNK:
+            self._dispatch()
+            self._buffer = self._take()
+
+    def _dispatch(self) -> None:
+        if self._filled:
+            self._out.write(memoryview(self._buffer)[:self._filled])
+            self._hasher.put((self._buffer, self._filled))
+            self._filled = 0
+
+    def _hash(self, item: tuple[bytearray, int]) -> None:
+        buffer, length = item
+        self._md5.update(memoryview(buffer)[:length])
+        self._pool.put(buffer)
+
+    def _take(self) -> bytearray:
+        while True:
+            if self._hasher.error is not None:
+                raise self._hasher.error
+            try:
+                return self._pool.get(timeout=0.1)
+            except queue.Empty:
+                continue
 
     def _copy_file(self, member: _Member) -> int:
         path = member.source
@@ -286,17 +322,18 @@ class _TarStream:
             if not stat.S_ISREG(before.st_mode):
                 raise UnsupportedFile(path, file_kind(before.st_mode))
             size = before.st_size
-            self.emit(_tar_header(member, size))
+            self._emit(_tar_header(member, size))
             remaining = size
             while remaining:
-                chunk = _read(fd, min(remaining, CHUNK), path)
-                if not chunk:
+                want = min(remaining, CHUNK - self._filled)
+                got = _read_into(fd, memoryview(self._buffer)[self._filled:self._filled + want], path)
+                if not got:
                     raise DatasetChanged(path, f"shrank to {size - remaining} bytes")
-                self.emit(chunk)
-                remaining -= len(chunk)
+                remaining -= got
+                self._advance(got)
                 if self._progress:
-                    self._progress(len(chunk))
-            if _read(fd, 1, path):
+                    self._progress(got)
+            if _read_into(fd, memoryview(bytearray(1)), path):
                 raise DatasetChanged(path, "grew while being read")
             after = os.fstat(fd)
         finally:
@@ -307,25 +344,29 @@ class _TarStream:
         return size
 
 
-def _read(fd: int, size: int, path: Path) -> bytes:
+def _read_into(fd: int, into: memoryview, path: Path) -> int:
     try:
-        return os.read(fd, size)
+        return os.readv(fd, [into])
     except OSError as exc:
         raise UnreadableFile(path, exc) from exc
 
 
-def verify_spool(path: Path, sha256: str, size: int) -> bool:
-    """Whether the file at `path` still has exactly this size and sha256 (streamed, bounded memory)."""
+def verify_spool(path: Path, digest: str, size: int) -> bool:
+    """Whether the file at `path` still has exactly this size and digest (streamed, bounded memory).
+
+    `digest` is "<algorithm>:<hex>" (see `SPOOL_DIGEST`) or a bare sha256 hex digest.
+    """
+    algorithm, _, expected = digest.rpartition(":")
+    hasher = _DIGESTS[algorithm or "sha256"]()
     try:
         if os.stat(path).st_size != size:
             return False
-        digest = hashlib.sha256()
         with open(path, "rb") as fh:
             while chunk := fh.read(CHUNK):
-                digest.update(chunk)
+                hasher.update(chunk)
     except FileNotFoundError:
         return False
-    return digest.hexdigest() == sha256.lower()
+    return hasher.hexdigest() == expected.lower()
 
 
 # ============================================================================================

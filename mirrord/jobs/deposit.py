@@ -114,7 +114,7 @@ class DepositJob(Job):
         self.section = ctx.config.pdis
         self.spool_dir = ctx.config.spool_dir
         self._client: PdisClient | None = None
-        self._verified: set[tuple[int, str]] = set()  # (deposition, sha256) packed by this process
+        self._verified: set[tuple[int, str]] = set()  # (deposition, spool digest) packed by this process
         self._unknown_statuses: set[str] = set()  # reported once each
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -297,11 +297,11 @@ class DepositJob(Job):
         finally:
             self.ctx.progress.done(label)
         metrics.transfer_seconds.labels("pack").observe(time.monotonic() - started)
-        self._verified.add((dep.id, packed.zst_sha256))
+        self._verified.add((dep.id, packed.zst_digest))
         await self.transition(
             Deposition, dep.id, PACKED, f"packed {packed.member_count} members: {packed.tar_size} tar bytes, "
             f"{packed.zst_size} compressed", spool_path=str(dest), tar_md5=packed.tar_md5,
-            tar_size=packed.tar_size, zst_sha256=packed.zst_sha256, zst_size=packed.zst_size,
+            tar_size=packed.tar_size, zst_digest=packed.zst_digest, zst_size=packed.zst_size,
             spool_removed_at=None, status_details=None)
         result.count("packed")
 
@@ -362,14 +362,14 @@ class DepositJob(Job):
 
     async def _spool_intact(self, dep: Deposition) -> bool:
         """Checked in full only for archives this process did not pack itself (after a restart)."""
-        if not dep.spool_path or dep.zst_sha256 is None or dep.zst_size is None:
+        if not dep.spool_path or dep.zst_digest is None or dep.zst_size is None:
             return False
-        if (dep.id, dep.zst_sha256) in self._verified:
+        if (dep.id, dep.zst_digest) in self._verified:
             return Path(dep.spool_path).exists()
         ok = await self.with_heartbeat(Deposition, dep.id, asyncio.to_thread(
-            verify_spool, Path(dep.spool_path), dep.zst_sha256, dep.zst_size))
+            verify_spool, Path(dep.spool_path), dep.zst_digest, dep.zst_size))
         if ok:
-            self._verified.add((dep.id, dep.zst_sha256))
+            self._verified.add((dep.id, dep.zst_digest))
         return ok
 
     async def _adopt(self, dep: Deposition, sub: Submission, why: str, result: RunResult) -> None:

@@ -255,7 +255,7 @@ class Deposition(WorkItem, Base):
     spool_path: Mapped[str | None] = mapped_column(Text, default=None)
     tar_md5: Mapped[str | None] = mapped_column(String(32), default=None)
     tar_size: Mapped[int | None] = mapped_column(BigInteger, default=None)
-    zst_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    zst_digest: Mapped[str | None] = mapped_column(String(100), default=None)  # "<algorithm>:<hex>"
     zst_size: Mapped[int | None] = mapped_column(BigInteger, default=None)
     upload_token: Mapped[str | None] = mapped_column(String(100), default=None)
     server_md5: Mapped[str | None] = mapped_column(String(32), default=None)
