@@ -1,6 +1,7 @@
 """Benchmark: packing and uploading a raw dataset for PDIS, against the tools a person would use.
 
-A synthetic CBF dataset of `--size` GB (incompressible pixel data, as detector output is) is generated
+A synthetic CBF dataset of `--size` GB (`--pixels random`: incompressible, the worst case for packing
+time; `--pixels counts`: count-like bytes zstd halves, as byte-offset CBF data is) is generated
 once into a temporary directory (or `--workdir`, reused when it is already there). Figures, each
 against a reference run in the same benchmark run:
 
