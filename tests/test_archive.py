@@ -9,6 +9,7 @@ import io
 import os
 import stat
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -183,6 +184,24 @@ def test_failed_pack_keeps_an_existing_dest(tmp_path):
         pack_dataset(src, dest, files=["missing.cbf"])
     assert dest.read_bytes() == b"previous spool"
     assert leftovers(tmp_path) == ["ds", "ds.tar.zst"]
+
+
+def test_a_failing_hash_thread_fails_the_pack_without_hanging(tmp_path, monkeypatch):
+    """The md5 runs in its own thread; its error must reach the caller, not stall the buffer pool."""
+    import mirrord.archive.pack as pack_module
+
+    class BrokenMd5:
+        def update(self, data):
+            time.sleep(0.3)  # long enough for the reader to queue every buffer of the pool
+            raise MemoryError("md5 failed")
+
+    monkeypatch.setattr(pack_module.hashlib, "md5", lambda **kw: BrokenMd5())
+    src = tmp_path / "ds"
+    src.mkdir()
+    (src / "big.cbf").write_bytes(os.urandom(20 * CHUNK))  # more buffers than the pool holds
+    with pytest.raises(MemoryError, match="md5 failed"):
+        pack_dataset(src, tmp_path / "out.tar.zst")
+    assert leftovers(tmp_path) == ["ds"]
 
 
 def _status_kib(field: str) -> int:

@@ -61,29 +61,25 @@ class _Worker:
     """A thread applying `handle` to queued items in order.
 
     hashlib releases the GIL, so the md5 of the tar stream runs beside the compressor instead of
-    adding to it. An error in the worker surfaces in the producer at its next `put` or at `close`.
+    adding to it. The queue needs no bound: what is queued are the stream's few buffers. An error in
+    the worker surfaces in the producer at its next `put` or at `close`.
     """
 
-    def __init__(self, name: str, handle: Callable[[Any], None], maxsize: int) -> None:
-        self._queue: queue.Queue[object] = queue.Queue(maxsize)
+    def __init__(self, name: str, handle: Callable[[Any], None]) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._handle = handle
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, item: object) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if self.error is not None:
+            raise self.error
+        self._queue.put(item)
 
     def close(self, *, check: bool = True) -> None:
         """Drain, stop and join; re-raise the worker's error when `check`."""
-        self._queue.put(_STOP)  # the worker keeps draining even after an error, so this never blocks for long
+        self._queue.put(_STOP)  # the worker keeps draining even after an error
         self._thread.join()
         if check and self.error is not None:
             raise self.error
@@ -244,7 +240,7 @@ class _TarStream:
         self._pool: queue.Queue[bytearray] = queue.Queue()
         for _ in range(BUFFERS):
             self._pool.put(bytearray(CHUNK))
-        self._hasher = _Worker("tar-md5", self._hash, maxsize=BUFFERS)
+        self._hasher = _Worker("tar-md5", self._hash)
         self._buffer = self._take()
         self._filled = 0
         self.size = 0
@@ -300,6 +296,7 @@ class _TarStream:
         self._pool.put(buffer)
 
     def _take(self) -> bytearray:
+        """A free buffer; if the hashing thread failed, it returns none, so watch for its error."""
         while True:
             if self._hasher.error is not None:
                 raise self._hasher.error
