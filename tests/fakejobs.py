@@ -12,7 +12,18 @@ import sys
 from pathlib import Path
 
 from mirrord.jobs.base import Job, RunResult
+from mirrord.store import Store
 from mirrord.store.models import Target, Upload
+
+
+async def seed_building_uploads(store: Store, count: int = 1) -> None:
+    """Target 1 with uploads 1..count waiting in `building`, once (the first poll)."""
+    async with store.write() as session:
+        if await session.get(Target, 1) is None:
+            session.add(Target(id=1, name="T", tas="lb1-1"))
+            await session.flush()
+            for i in range(1, count + 1):
+                session.add(Upload(id=i, target_id=1, upload_index=i, state="building"))
 
 
 class SlowJob(Job):
@@ -35,10 +46,7 @@ class FailingItemJob(Job):
     name = "fragalysis"
 
     async def poll(self, result: RunResult) -> None:
-        async with self.store.write() as session:
-            if await session.get(Target, 1) is None:
-                session.add(Target(id=1, name="T", tas="lb1-1"))
-                session.add(Upload(id=1, target_id=1, upload_index=1, state="building"))
+        await seed_building_uploads(self.store)
 
     async def work(self, result: RunResult) -> None:
         for item in await self.claim(Upload, ("building",)):
@@ -52,11 +60,7 @@ class ManyItemsJob(Job):
     name = "fragalysis"
 
     async def poll(self, result: RunResult) -> None:
-        async with self.store.write() as session:
-            if await session.get(Target, 1) is None:
-                session.add(Target(id=1, name="T", tas="lb1-1"))
-                for i in range(1, 51):
-                    session.add(Upload(id=i, target_id=1, upload_index=i, state="building"))
+        await seed_building_uploads(self.store, 50)
 
     async def work(self, result: RunResult) -> None:
         marker = Path(os.environ["FAKEJOB_MARKERS"])

@@ -17,8 +17,9 @@ from mirrord.daemon import Mirrord
 from mirrord.emulators.base import Served
 from mirrord.jobs.base import Job, RunResult
 from mirrord.notify import WebhookNotifier
-from mirrord.store.models import Target, Upload
+from mirrord.store.models import Upload
 from tests.conftest import make_config
+from tests.fakejobs import seed_building_uploads
 
 
 class Receiver:
@@ -124,11 +125,7 @@ class GivingUpJob(Job):
     name = "fragalysis"
 
     async def poll(self, result: RunResult) -> None:
-        async with self.store.write() as session:
-            if await session.get(Target, 1) is None:
-                session.add(Target(id=1, name="T", tas="lb1-1"))
-                await session.flush()
-                session.add(Upload(id=1, target_id=1, upload_index=1, state="building"))
+        await seed_building_uploads(self.store)
 
     async def work(self, result: RunResult) -> None:
         for item in await self.claim(Upload, ("building",)):
