@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 Json = dict[str, Any]
 
 
+def _proposal_of(session: str) -> str:
+    """"lb32627-66" -> "lb32627": a visit is its proposal plus a visit number."""
+    return session.rsplit("-", 1)[0]
+
+
 @dataclass
 class EmulatedSession:
     """One ISPyB visit (BLSession). Campaign targets get one each; tests may add more."""
@@ -51,7 +57,7 @@ class EmulatedSession:
 
     @property
     def proposal(self) -> str:
-        return self.name.rsplit("-", 1)[0]
+        return _proposal_of(self.name)
 
     @property
     def visit_number(self) -> int | None:
@@ -110,9 +116,10 @@ def _paging(request: web.Request) -> tuple[int, int]:
     return skip, limit
 
 
-def _page(request: web.Request, items: list[Json]) -> web.Response:
+def _page(request: web.Request, rows: list[Any], render: Callable[[Any], Json] = lambda row: row) -> web.Response:
+    """One page of `rows`; only the rows on it are rendered to JSON."""
     skip, limit = _paging(request)
-    return web.json_response({"total": len(items), "results": items[skip: skip + limit],
+    return web.json_response({"total": len(rows), "results": [render(row) for row in rows[skip: skip + limit]],
                               "skip": skip, "limit": limit})
 
 
@@ -184,8 +191,7 @@ class IspybEmulator:
                         end: dt.datetime | None = None) -> EmulatedSession:
         if name not in self._sessions:
             index = len(self._sessions)
-            proposal = name.rsplit("-", 1)[0]
-            proposal_id = self._proposal_ids.setdefault(proposal, FIRST_PROPOSAL_ID + len(self._proposal_ids))
+            proposal_id = self._proposal_ids.setdefault(_proposal_of(name), FIRST_PROPOSAL_ID + len(self._proposal_ids))
             # Each visit starts a little after the previous one, an hour before the first collections.
             start = start or EPOCH - dt.timedelta(hours=1) + dt.timedelta(minutes=index)
             self._sessions[name] = EmulatedSession(FIRST_SESSION_ID + index, proposal_id, name, beamline,
@@ -219,7 +225,7 @@ class IspybEmulator:
         return found[1].resolution if found else 1.8
 
     # -- JSON shapes (every field of the spec's schema, nulls where the server has none) ---------------
-    def _session_json(self, s: EmulatedSession) -> Json:
+    def _session_json(self, s: EmulatedSession, collections: int) -> Json:
         now = dt.datetime.now()
         soon = dt.timedelta(minutes=20)
         return {
@@ -228,14 +234,14 @@ class IspybEmulator:
             "endDate": _iso(s.end), "beamLineName": s.beamline, "beamLineOperator": None, "scheduled": True,
             "comments": None, "nbReimbDewars": None,
             "_metadata": {
-                "datacollections": len(self._collections(s.name)), "uiGroups": ["mx"], "persons": 1,
+                "datacollections": collections, "uiGroups": ["mx"], "persons": 1,
                 "active": s.start <= now <= s.end, "active_soon": s.start - soon <= now <= s.end + soon,
                 "sessionTypes": [],
             },
         }
 
-    def _proposal_json(self, name: str) -> Json:
-        sessions = [s for s in self._sessions_by_name().values() if s.proposal == name]
+    def _proposal_json(self, name: str, all_sessions: dict[str, EmulatedSession]) -> Json:
+        sessions = [s for s in all_sessions.values() if s.proposal == name]
         code = name.rstrip("0123456789")
         return {
             "proposalCode": code, "proposalNumber": name[len(code):], "proposal": name,
@@ -265,10 +271,10 @@ class IspybEmulator:
             "_metadata": {"snapshots": {"1": True, "2": False, "3": False, "4": False}},
         }
 
-    def _event_json(self, members: list[Collection]) -> Json:
+    def _event_json(self, members: list[Collection], sessions: dict[str, EmulatedSession]) -> Json:
         """One event: a single collection, or a whole group represented by its newest collection."""
         newest = max(members, key=lambda c: (c.start, c.collection_id))
-        session = self._sessions_by_name()[newest.session]
+        session = sessions[newest.session]
         start = min(c.start for c in members)
         ends = [c.end for c in members if c.end is not None]
         end = max(ends) if ends else None  # SQL MAX(): unfinished collections do not count
@@ -375,19 +381,19 @@ class IspybEmulator:
         })
 
     async def proposals(self, request: web.Request) -> web.Response:
-        self._sessions_by_name()
+        sessions = self._sessions_by_name()
         search = request.query.get("search", "").lower()
         names = sorted(self._proposal_ids, key=self._proposal_ids.__getitem__, reverse=True)
-        items = [self._proposal_json(n) for n in names]
+        items = [self._proposal_json(n, sessions) for n in names]
         items = [i for i in items if not search or search in i["proposal"].lower() or search in i["title"].lower()]
         return _page(request, items)
 
     async def proposal(self, request: web.Request) -> web.Response:
-        self._sessions_by_name()
+        sessions = self._sessions_by_name()
         name = request.match_info["proposal"]
         if name not in self._proposal_ids:
             return _not_found("No such proposal")
-        return web.json_response(self._proposal_json(name))
+        return web.json_response(self._proposal_json(name, sessions))
 
     async def sessions(self, request: web.Request) -> web.Response:
         _paging(request)  # 422 before any work, like FastAPI
@@ -396,14 +402,15 @@ class IspybEmulator:
         rows = [s for s in self._sessions_by_name().values()
                 if (proposal is None or s.proposal == proposal) and (beamline is None or s.beamline == beamline)]
         rows.sort(key=lambda s: (s.start, s.session_id), reverse=True)
-        return _page(request, [self._session_json(s) for s in rows])
+        counts = Counter(c.session for c in self.campaign.collections)
+        return _page(request, rows, lambda s: self._session_json(s, counts[s.name]))
 
     async def session(self, request: web.Request) -> web.Response:
         session_id = _int_param(request, "sessionId", where="path")
         found = next((s for s in self._sessions_by_name().values() if s.session_id == session_id), None)
         if found is None:
             return _not_found("Session not found")
-        return web.json_response(self._session_json(found))
+        return web.json_response(self._session_json(found, len(self._collections(found.name))))
 
     async def events(self, request: web.Request) -> web.Response:
         _paging(request)
@@ -423,11 +430,12 @@ class IspybEmulator:
             checks = [
                 (wanted["sessionId"], s.session_id), (wanted["proposalId"], s.proposal_id),
                 (wanted["dataCollectionId"], c.collection_id), (wanted["dataCollectionGroupId"], c.group_id),
-                (wanted["blSampleId"], c.sample_id), (wanted["proteinId"], self._protein_id(c)),
-                (beamline, s.beamline),
+                (wanted["blSampleId"], c.sample_id), (beamline, s.beamline),
             ]
             if any(want is not None and want != have for want, have in checks):
                 return False
+            if wanted["proteinId"] is not None and wanted["proteinId"] != self._protein_id(c):
+                return False  # checked last: finding the protein searches the campaign
             if event_type is not None and event_type != "dc":
                 return False  # only data collections are emulated
             if status == "success":
@@ -446,7 +454,7 @@ class IspybEmulator:
             units = list(groups.values())
         # Newest first, as the server orders by startTime DESC.
         units.sort(key=lambda m: (min(c.start for c in m), max(c.collection_id for c in m)), reverse=True)
-        return _page(request, [self._event_json(members) for members in units])
+        return _page(request, units, lambda members: self._event_json(members, sessions))
 
     async def sample(self, request: web.Request) -> web.Response:
         sample_id = _int_param(request, "blSampleId", where="path")
