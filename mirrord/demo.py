@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from sqlalchemy import func, select
 
 from mirrord.config import load_config
 from mirrord.daemon import Mirrord, install_signal_handlers
@@ -21,13 +20,12 @@ from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.emulators.campaign import Campaign
 from mirrord.progress import terminal_progress
 from mirrord.status_page import summary
-from mirrord.store.models import Annotation, Dataset, Deposition, Upload
 from mirrord.views import print_status
 from mirrord.web import WebServer, make_app
 
 
-async def run_demo(*, keep: bool = False, state_dir: str | None = None, console: Console | None = None) -> int:
-    console = console or Console(stderr=False)
+async def run_demo(*, keep: bool = False, state_dir: str | None = None) -> int:
+    console = Console(stderr=False)
     root = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="mirrord-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     campaign = Campaign.demo(with_problem=True)
@@ -47,8 +45,9 @@ async def run_demo(*, keep: bool = False, state_dir: str | None = None, console:
                 url = await server.start()
                 try:
                     outcome = await app.run_once(horizon=20)
-                    counts = await _counts(app)
-                    print_status(await summary(app.store), console)
+                    data = await summary(app.store)
+                    print_status(data, console)
+                    counts = _counts(data["items"])
                     elapsed = time.monotonic() - started
                     console.print(f"\nmirrored {counts['mirrored']} target version(s), discovered "
                                   f"{counts['datasets']} datasets, published {counts['published']} deposition(s), "
@@ -71,17 +70,11 @@ async def run_demo(*, keep: bool = False, state_dir: str | None = None, console:
     return 0
 
 
-async def _counts(app: Mirrord) -> dict[str, int]:
-    async with app.store.read() as session:
-        async def count(model, *where) -> int:  # noqa: ANN001
-            return await session.scalar(select(func.count()).select_from(model).where(*where))
-
-        return {
-            "mirrored": await count(Upload, Upload.state == "mirrored"),
-            "datasets": await count(Dataset),
-            "published": await count(Deposition, Deposition.state == "published"),
-            "attached": await count(Annotation, Annotation.state == "attached"),
-        }
+def _counts(items: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The demo's closing line, from the per-state counts the status summary already holds."""
+    return {"mirrored": items["upload"].get("mirrored", 0), "datasets": sum(items["dataset"].values()),
+            "published": items["deposition"].get("published", 0),
+            "attached": items["annotation"].get("attached", 0)}
 
 
 async def run_emulators(*, data_dir: str | None = None, port: int = 0, fault_rate: float = 0.0) -> int:

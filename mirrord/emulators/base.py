@@ -20,8 +20,8 @@ FAULT_KINDS = ("500", "502", "503", "429", "reset", "stall", "truncate", "html")
 class Faults:
     """Fault injection switch shared by tests, the demo and `mirrord emulate --fault-rate`.
 
-    `rate` applies to every request whose path does not start with one of `exempt`; `script`
-    forces specific faults for the next matching requests (`{"/api/x": ["503", "429"]}`).
+    `rate` applies to every request; `script` forces specific faults for the next matching requests
+    (`{"/api/x": ["503", "429"]}`).
     """
 
     rate: float = 0.0
@@ -29,7 +29,6 @@ class Faults:
     seed: int = 0
     stall_seconds: float = 30.0
     retry_after: float = 0.2
-    exempt: tuple[str, ...] = ()
     script: dict[str, list[str]] = field(default_factory=dict)
     injected: Counter = field(default_factory=Counter)
 
@@ -40,7 +39,7 @@ class Faults:
         for prefix, queue in self.script.items():
             if path.startswith(prefix) and queue:
                 return queue.pop(0)
-        if self.rate and not path.startswith(self.exempt) and self._rng.random() < self.rate:
+        if self.rate and self._rng.random() < self.rate:
             return self._rng.choice(self.kinds)
         return None
 

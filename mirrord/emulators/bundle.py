@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mirrord.emulators.base import Faults, Served
 from mirrord.emulators.campaign import FACILITY_ROOT, Campaign
@@ -142,6 +141,3 @@ jitter = "0s"
 api_key_file = "{secrets['designhub.key']}"
 data_columns = {{ pdb_code = "PDB code", resolution = "Resolution (A)" }}
 {extra}"""
-
-    def summary(self) -> dict[str, Any]:
-        return {"urls": self.urls, "data_root": str(self.data_root)}

@@ -274,14 +274,14 @@ def cbf_image(collection: Collection, index: int, size: int) -> bytes:
     return header + CBF_BINARY_MARKER + _payload(f"{collection.collection_id}:{index}", size) + trailer
 
 
-def hdf5_file(collection: Collection, name: str, size: int) -> bytes:
+def hdf5_file(name: str, size: int) -> bytes:
     # A superblock-signed file: enough for format detection and header checks; not a full HDF5 tree.
     return HDF5_SIGNATURE + b"\x00" * 8 + name.encode().ljust(64, b"\x00") + _payload(name, size)
 
 
 def image_bytes(collection: Collection, name: str, index: int, size: int) -> bytes:
     if name.endswith(".h5"):
-        return hdf5_file(collection, name, 512 if name.endswith("_master.h5") else size * 4)
+        return hdf5_file(name, 512 if name.endswith("_master.h5") else size * 4)
     return cbf_image(collection, index, size)
 
 

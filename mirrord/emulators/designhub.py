@@ -158,11 +158,14 @@ class DesignHubEmulator:
     def designset_id(project_id: int) -> str:
         return f"ds-{project_id:04d}"
 
-    def _bump(self, compound: EmulatedCompound) -> dt.datetime:
+    def _next_stamp(self) -> dt.datetime:
         # Strictly increasing, even if the clock stalls or steps back: the sync relies on it.
         self._latest = max(self._now(), self._latest + MS)
-        compound.modify_date = self._latest
         return self._latest
+
+    def _bump(self, compound: EmulatedCompound) -> dt.datetime:
+        compound.modify_date = self._next_stamp()
+        return compound.modify_date
 
     def compound(self, compound_id: str, *, aliases: bool = False) -> EmulatedCompound | None:
         for c in self.compounds:
@@ -199,8 +202,7 @@ class DesignHubEmulator:
             numbers = [int(c.id.split("-")[1]) for c in self.compounds
                        if c.id.startswith("CXN-") and c.id.split("-")[1].isdigit()]
             compound_id = f"CXN-{max(numbers, default=100_000) + 1}"
-        created = max(self._now(), self._latest + MS)
-        self._latest = created
+        created = self._next_stamp()
         self.compounds.append(EmulatedCompound(id=compound_id, smiles=smiles, project_id=project_id,
                                                create_date=created, modify_date=created, private=private,
                                                calculated=dict(fields or {})))

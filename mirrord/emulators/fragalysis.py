@@ -381,7 +381,7 @@ class FragalysisEmulator:
         tas = str(params.get("target_access_string") or "")
         if not target_name or not tas:
             return web.json_response({"message": "target_name and target_access_string are required"}, status=400)
-        project = next((t for t in self.campaign.targets if t.tas == tas), None)
+        project = self.campaign.target_by_tas(tas)
         if project is None:
             return web.json_response({"message": f"Project {tas} does not exist"}, status=404)
         if not self._can_see(request, tas):
