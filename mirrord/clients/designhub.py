@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mirrord.clients.errors import AuthError, BadRequest, NotFound, ProtocolError
-from mirrord.clients.http import HttpClient, Response, UpstreamClient
+from mirrord.clients.http import HttpClient, Response, UpstreamClient, parse_datetime
 from mirrord.redact import redact, register_secret
 
 SERVICE = "designhub"
@@ -102,17 +102,6 @@ class Features:
 
 
 # -- lenient parsing ------------------------------------------------------------------------------
-def parse_datetime(value: Any) -> dt.datetime | None:
-    """ISO 8601 as Design Hub writes it (`2026-09-01T08:00:00.000Z`); naive values are UTC."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
-
-
 def format_datetime(value: dt.datetime | str) -> str:
     if isinstance(value, str):
         return value

@@ -6,7 +6,6 @@ from __future__ import annotations
 class UpstreamError(Exception):
     """An upstream call failed. `url` and `detail` are already redacted."""
 
-    retryable = False
 
     def __init__(self, service: str, message: str, *, status: int | None = None, url: str = "",
                  detail: str = "") -> None:
@@ -43,7 +42,6 @@ class BadRequest(UpstreamError):
 class TransientError(UpstreamError):
     """Connection errors, timeouts, 5xx, 429: worth retrying later."""
 
-    retryable = True
 
     def __init__(self, *args, retry_after: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -56,4 +54,3 @@ class ProtocolError(UpstreamError):
     Retryable: a malformed answer is usually a passing fault (a proxy error page, a truncated body).
     """
 
-    retryable = True

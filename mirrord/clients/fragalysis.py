@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import random
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -30,7 +29,14 @@ from mirrord.clients.errors import (
     TransientError,
     UpstreamError,
 )
-from mirrord.clients.http import USER_AGENT, HttpClient, Response, UpstreamClient, parse_retry_after
+from mirrord.clients.http import (
+    USER_AGENT,
+    HttpClient,
+    Response,
+    UpstreamClient,
+    equal_jitter,
+    parse_datetime,
+)
 from mirrord.redact import redact, register_secret
 
 log = structlog.get_logger("mirrord.fragalysis")
@@ -360,9 +366,16 @@ class FragalysisClient(UpstreamClient):
                 raise TransientError(SERVICE, f"build of {target_name} ({tas}) did not finish in "
                                               f"{self.build_timeout:g} s")
             try:
-                response = await self._post(DOWNLOAD_PATH, payload, ok=(200, 202, 429), timeout=aiohttp.ClientTimeout(
+                response = await self._post(DOWNLOAD_PATH, payload, ok=(200, 202), timeout=aiohttp.ClientTimeout(
                     total=remaining, connect=self.http.timeouts.connect))
-            except TransientError as exc:  # a synchronous build that died, or a lost connection
+            except TransientError as exc:
+                if exc.status == 429:  # throttled: wait as told, it is not a failed build
+                    throttles += 1
+                    wait = exc.retry_after or self._backoff(throttles)
+                    log.info("fragalysis.build_throttled", target=target_name, tas=tas, sleep=round(wait, 3))
+                    await asyncio.sleep(min(wait, max(0.0, deadline - loop.time())))
+                    continue
+                # A synchronous build that died, or a lost connection.
                 rebuilds = self._count_rebuild(rebuilds, target_name, tas, str(exc))
                 await asyncio.sleep(self._backoff(rebuilds))
                 continue
@@ -372,12 +385,6 @@ class FragalysisClient(UpstreamClient):
             except BadRequest as exc:
                 raise BadRequest(SERVICE, _message(exc.detail) or "request refused",
                                  status=exc.status, url=exc.url, detail=exc.detail) from None
-            if response.status == 429:
-                throttles += 1
-                wait = _retry_after(response) or self._backoff(throttles)
-                log.info("fragalysis.build_throttled", target=target_name, tas=tas, sleep=round(wait, 3))
-                await asyncio.sleep(min(wait, max(0.0, deadline - loop.time())))
-                continue
             body = response.json(SERVICE)
             if not isinstance(body, dict):
                 raise ProtocolError(SERVICE, "build answer is not an object", detail=redact(response.text[:200]))
@@ -410,8 +417,7 @@ class FragalysisClient(UpstreamClient):
 
     def _backoff(self, attempt: int) -> float:
         """Doubling from poll_interval up to max_poll_interval, with equal jitter."""
-        base = min(self.max_poll_interval, self.poll_interval * 2 ** max(0, attempt - 1))
-        return base * (0.5 + random.random() / 2)
+        return equal_jitter(attempt, self.poll_interval, self.max_poll_interval)
 
     async def _await_task(self, task_url: str, deadline: float) -> _TaskOutcome:
         """Poll the task until it finishes. Noise (non-JSON, 404, 408, 5xx) means "not yet"."""
@@ -505,13 +511,10 @@ def _project_id(row: Mapping[str, Any]) -> int | None:
 
 
 def _utc(value: Any, row: Mapping[str, Any]) -> dt.datetime:
-    try:
-        when = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise ProtocolError(SERVICE, "upload row with a bad commit_datetime", detail=redact(str(row)[:200])) from None
-    if when.tzinfo is None:  # Django stores UTC; a naive value is UTC without its suffix
-        when = when.replace(tzinfo=dt.UTC)
-    return when.astimezone(dt.UTC)
+    when = parse_datetime(value)  # Django stores UTC: a naive value is UTC without its suffix
+    if when is None:
+        raise ProtocolError(SERVICE, "upload row with a bad commit_datetime", detail=redact(str(row)[:200]))
+    return when
 
 
 def _messages(value: Any) -> list[str]:
@@ -534,6 +537,3 @@ def _message(text: str) -> str | None:
                 return body[key]
     return None
 
-
-def _retry_after(response: Response) -> float | None:
-    return parse_retry_after(response.headers.get("Retry-After"))

@@ -8,12 +8,13 @@ stall limit, because a 10 GB upload legitimately takes hours but must never hang
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import os
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Self
@@ -40,6 +41,8 @@ log = structlog.get_logger("mirrord.http")
 USER_AGENT = f"mirrord/{__version__} (+https://github.com/mirrord; fragment-screening data mirror)"
 MAX_API_BODY = 64 * 1024 * 1024
 CHUNK = 1024 * 1024
+# What a dropped, reset or silent connection raises: a transient failure, whatever the call.
+TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,25 @@ class StreamResult:
     path: Path
     size: int
     sha256: str
-    headers: Mapping[str, str] = field(default_factory=dict)
     head: bytes = b""  # the first bytes, for sniffing the format
+
+
+def equal_jitter(attempt: int, base: float, cap: float) -> float:
+    """Doubling from `base` up to `cap`, then a random half of it added: never zero, never synchronized."""
+    return min(cap, base * 2 ** max(0, attempt - 1)) * (0.5 + random.random() / 2)
+
+
+def parse_datetime(value: Any) -> dt.datetime | None:
+    """An ISO 8601 time from an upstream (`2026-09-01T08:00:00.000Z`) in UTC; naive values are UTC.
+
+    None for anything else: callers decide whether a missing or bad time is an error."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -94,8 +114,6 @@ def parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
-        import datetime as dt
-
         when = parsedate_to_datetime(value)
         return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
     except (TypeError, ValueError):
@@ -146,7 +164,6 @@ class HttpClient:
         self._cookie_jar = cookie_jar
         self._session: aiohttp.ClientSession | None = None
         self._sleep = sleep
-        self.requests_made = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -181,8 +198,7 @@ class HttpClient:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             return min(retry_after, self.retry.max_retry_after)
-        backoff = min(self.retry.max_delay, self.retry.base_delay * 2 ** (state.attempt_number - 1))
-        return backoff * (0.5 + random.random() / 2)  # "equal jitter": never zero, never synchronized
+        return equal_jitter(state.attempt_number, self.retry.base_delay, self.retry.max_delay)
 
     def _should_retry(self, exc: BaseException) -> bool:
         if not isinstance(exc, TransientError):
@@ -223,7 +239,6 @@ class HttpClient:
             retry = method.upper() in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
 
         async def once() -> Response:
-            self.requests_made += 1
             try:
                 async with self.session.request(method, url, params=params, json=json_body, data=data,
                                                 headers=headers, allow_redirects=allow_redirects,
@@ -233,7 +248,7 @@ class HttpClient:
                         raise ProtocolError(self.service, "answer too large", status=resp.status,
                                             url=redact(str(resp.url)))
                     result = Response(resp.status, resp.headers, body, str(resp.url))
-            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise TransientError(self.service, f"connection failed: {type(exc).__name__}",
                                      url=redact(url), detail=redact(str(exc))) from None
             if result.status not in ok:
@@ -256,11 +271,9 @@ class HttpClient:
         the upstreams here do not support Range.
         """
         url = self.url(path)
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect,
-                                        sock_read=self.timeouts.transfer_sock_read)
+        timeout = self.transfer_timeout()
 
         async def once() -> StreamResult:
-            self.requests_made += 1
             digest = hashlib.sha256()
             size = 0
             head = b""
@@ -286,21 +299,20 @@ class HttpClient:
                                 progress(len(chunk))
                         out.flush()
                         await asyncio.to_thread(os.fsync, out.fileno())
-                    headers_out = dict(resp.headers)
-            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise TransientError(self.service, f"transfer failed: {type(exc).__name__}",
                                      url=redact(url), detail=redact(str(exc))) from None
             if expected is not None and size != expected:
                 raise TransientError(self.service, f"truncated transfer: {size} of {expected} bytes",
                                      url=redact(url))
-            return StreamResult(dest, size, digest.hexdigest(), headers_out, head)
+            return StreamResult(dest, size, digest.hexdigest(), head)
 
         return await self._retrying(once, True)
 
-    def transfer_timeout(self) -> aiohttp.ClientTimeout:
-        """For uploads: no total limit, but a stalled socket is an error."""
+    def transfer_timeout(self, sock_read: float | None = None) -> aiohttp.ClientTimeout:
+        """For transfers: no total limit, but a socket silent for `sock_read` seconds is an error."""
         return aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect,
-                                     sock_read=self.timeouts.transfer_sock_read)
+                                     sock_read=sock_read or self.timeouts.transfer_sock_read)
 
 
 class UpstreamClient:

@@ -28,7 +28,15 @@ from mirrord.clients.errors import (
     TransientError,
     UpstreamError,
 )
-from mirrord.clients.http import CHUNK, HttpClient, UpstreamClient, error_for_status, read_bounded
+from mirrord.clients.http import (
+    CHUNK,
+    TRANSPORT_ERRORS,
+    HttpClient,
+    Response,
+    UpstreamClient,
+    error_for_status,
+    read_bounded,
+)
 from mirrord.redact import redact, register_secret
 
 SERVICE = "pdis"
@@ -402,9 +410,9 @@ class PdisClient(UpstreamClient):
         return await self._authorized(call)
 
     # -- equipment --------------------------------------------------------------------------------
-    async def equipment(self, *, refresh: bool = False) -> list[Synchrotron]:
+    async def equipment(self) -> list[Synchrotron]:
         """Synchrotrons and beamlines; fetched once per client (the list changes very rarely)."""
-        if self._equipment is None or refresh:
+        if self._equipment is None:
             resp = await self._request("GET", "equipment/")
             self._equipment = parse_equipment(resp.json(SERVICE))
         return self._equipment
@@ -445,14 +453,13 @@ class PdisClient(UpstreamClient):
         body = _FilePayload(path, size, stall_timeout=self.stall_timeout, progress=progress)
         form.append_payload(body).set_content_disposition("form-data", name="dataset_file", filename=name)
         url = self.http.url("upload/")
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.http.timeouts.connect, sock_read=self.stall_timeout)
-        self.http.requests_made += 1
+        timeout = self.http.transfer_timeout(self.stall_timeout)
         try:
             async with self.http.session.post(url, data=form, headers=headers, timeout=timeout,
                                               allow_redirects=False) as resp:
                 answer = await read_bounded(resp.content, 1024 * 1024)
                 status, resp_headers = resp.status, resp.headers
-        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except TRANSPORT_ERRORS as exc:
             if body.stalled:
                 what = f"upload stalled: the server took nothing for {self.stall_timeout:g} s"
             elif isinstance(exc, TimeoutError):
@@ -461,15 +468,10 @@ class PdisClient(UpstreamClient):
                 what = f"upload interrupted after {body.sent} of {size} bytes"
             raise TransientError(SERVICE, f"{what}; it may have reached the server (look it up by md5)",
                                  url=redact(url), detail=redact(f"{type(exc).__name__}: {exc}")) from None
-        text = answer.decode("utf-8", "replace")
+        result = Response(status, resp_headers, answer, url)
         if status != 201 and status != 200:
-            raise error_for_status(SERVICE, status, url, text, resp_headers)
-        try:
-            data = json.loads(answer)
-        except ValueError:
-            raise ProtocolError(SERVICE, "upload answer is not JSON", status=status, url=redact(url),
-                                detail=redact(text[:200])) from None
-        return parse_upload(data)
+            raise error_for_status(SERVICE, status, url, result.text, resp_headers)
+        return parse_upload(result.json(SERVICE))
 
     # -- submissions ------------------------------------------------------------------------------
     async def submit(self, upload_token: str, metadata: SubmitMetadata) -> str:
