@@ -284,6 +284,31 @@ async def test_still_growing_files_wait_for_the_quiet_period(tmp_path, ispyb):
     assert [e for (e,) in events] == ["discovered", "waiting", "complete"]
 
 
+async def test_a_dataset_due_again_within_the_pass_is_not_left_leased(tmp_path, ispyb, monkeypatch):
+    """A waiting dataset that falls due again before the pass ends is skipped, not claimed and kept."""
+    from mirrord.jobs import ispyb as ispyb_job
+
+    config = config_for(tmp_path, ispyb)
+    col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", images=5, write_files=False)
+    ispyb.campaign.write_images(tmp_path / "dls", col, count=2)
+    async with Mirrord(config) as app:
+        await app.run_once(horizon=0)
+        job = app.jobs["ispyb"]
+        check = job._check
+
+        async def slow_check(item):
+            verdict = await check(item)
+            await asyncio.sleep(2 * ispyb_job.MIN_RECHECK)  # due again before the next claim
+            return verdict
+
+        monkeypatch.setattr(job, "_check", slow_check)
+        await asyncio.sleep(2 * ispyb_job.MIN_RECHECK)
+        await job.work(RunResult())
+        rows = await datasets(config)  # before shutdown, which releases every lease of this instance
+    assert rows[col.collection_id].state == "waiting"
+    assert [(r.id, r.lease_owner) for r in rows.values() if r.lease_owner is not None] == []
+
+
 async def test_files_quiet_for_long_complete_on_the_first_check(tmp_path, ispyb):
     config = config_for(tmp_path, ispyb, quiet_period="10m")
     col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", images=3)

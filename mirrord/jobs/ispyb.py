@@ -318,7 +318,9 @@ class IspybJob(Job):
             await self._link(result)
         seen: set[int] = set()
         while True:
-            items = [d for d in await self.claim(Dataset, WORKABLE, limit=WORK_BATCH) if d.id not in seen]
+            # Checked once per pass: one due again already is skipped here, not claimed and left leased.
+            items = await self.claim(Dataset, WORKABLE, limit=WORK_BATCH,
+                                     extra=(Dataset.id.not_in(seen),) if seen else ())
             if not items:
                 return
             for item in items:
