@@ -28,7 +28,7 @@ from mirrord.runner import JobRunner
 from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine
-from mirrord.store.models import ITEM_MODELS, Event, utcnow
+from mirrord.store.models import FAILED_STATES, ITEM_MODELS, Event, utcnow
 
 log = structlog.get_logger("mirrord.daemon")
 
@@ -160,7 +160,7 @@ class Mirrord:
             for kind, model in ITEM_MODELS.items():
                 rows = (await session.execute(
                     select(model.id, model.state, model.last_error)
-                    .where((model.state.in_(("failed", "needs_attention"))) | (model.last_error.is_not(None)))
+                    .where((model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None)))
                 )).all()
                 for item_id, state, error in rows:
                     line = f"{kind} {item_id} [{state}]: {error or ''}".rstrip(": ")

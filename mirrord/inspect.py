@@ -24,6 +24,7 @@ from mirrord.redact import redact
 from mirrord.store import Store
 from mirrord.store.items import move
 from mirrord.store.models import (
+    FAILED_STATES,
     ITEM_MODELS,
     Annotation,
     Compound,
@@ -38,7 +39,6 @@ from mirrord.store.models import (
 )
 
 SHOW_KINDS = ("target", *ITEM_MODELS)
-RETRYABLE_STATES = ("failed", "needs_attention")
 # Where an item restarts when its history does not say which step it failed in (each step checks
 # its postcondition first, so starting early repeats nothing that is already done).
 RESTART_STATES = {"upload": "waiting_settle", "dataset": "discovered", "deposition": "queued",
@@ -319,7 +319,7 @@ async def retry(store: Store, kind: str, item_id: int, *, instance: str = "opera
         item = await session.get(model, item_id, with_for_update=True)
         if item is None:
             raise InspectError(f"no {kind} {item_id}")
-        if item.state not in RETRYABLE_STATES:
+        if item.state not in FAILED_STATES:
             raise InspectError(f"{kind} {item_id} is {item.state}, not failed or needs_attention: nothing to retry")
         before = item.state
         to_state = await _restart_state(session, kind, item)
@@ -334,7 +334,7 @@ async def _restart_state(session: AsyncSession, kind: str, item: Any) -> str:
         select(Event).where(Event.item_type == kind, Event.item_id == str(item.id), Event.to_state == item.state)
         .order_by(Event.id.desc()))).all()
     for event in events:
-        if event.from_state and event.from_state not in RETRYABLE_STATES:
+        if event.from_state and event.from_state not in FAILED_STATES:
             return event.from_state
     return RESTART_STATES[kind]
 

@@ -20,7 +20,9 @@ from mirrord import metrics
 from mirrord.clients.errors import UpstreamError
 from mirrord.redact import redact
 from mirrord.store import Store
+from mirrord.store.keyvalue import IDENTITY_KEY
 from mirrord.store.models import (
+    FAILED_STATES,
     ITEM_MODELS,
     Annotation,
     Dataset,
@@ -34,8 +36,6 @@ from mirrord.store.models import (
     utcnow,
 )
 
-ATTENTION_STATES = ("failed", "needs_attention")
-IDENTITY_KEY = "fragalysis.identity"  # written by the Fragalysis job: {"problems": [...], "checked_at": ...}
 # The order work flows in, so tables read top to bottom; problems first, unknown states last.
 PIPELINE = ("needs_attention", "failed", "waiting_settle", "building", "fetching", "extracting", "mirrored",
             "discovered", "waiting", "missing", "complete", "eligible", "skipped", "queued", "packing",
@@ -158,7 +158,7 @@ async def _attention_items(session: AsyncSession, limit: int) -> list[dict[str, 
     found = []
     for kind, model in ITEM_MODELS.items():
         items = list((await session.scalars(
-            select(model).where(model.state.in_(ATTENTION_STATES))
+            select(model).where(model.state.in_(FAILED_STATES))
             .order_by(desc(model.updated_at)).limit(limit))).all())
         labels = await _labels(session, kind, items)
         found += [{"kind": kind, "id": item.id, "label": labels.get(item.id, ""), "state": item.state,

@@ -16,8 +16,8 @@ import structlog
 
 from mirrord.config import Config
 from mirrord.store import Store
-from mirrord.store.items import backoff, claim, heartbeat, item_kind, move
-from mirrord.store.models import WorkItem, utcnow
+from mirrord.store.items import backoff, claim, clear_retries, heartbeat, item_kind, move
+from mirrord.store.models import FAILED_STATES, WorkItem, utcnow
 
 
 class Progress(Protocol):
@@ -69,8 +69,6 @@ class RunResult:
 
 class Job:
     name: ClassVar[str]
-    # Item states this job's items may rest in that need a person or gave up (for `once` and status).
-    failed_states: ClassVar[tuple[str, ...]] = ("failed", "needs_attention")
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
@@ -110,9 +108,8 @@ class Job:
         """
         async with self.store.write() as session:
             item = await session.get(model, item_id)
-            if to_state not in self.failed_states:
-                # A step that succeeded clears the retry schedule: each step gets its own attempts.
-                item.attempts, item.last_error, item.next_attempt_at = 0, None, None
+            if to_state not in FAILED_STATES:
+                clear_retries(item)
             for key, value in values.items():
                 setattr(item, key, value)
             move(session, item, to_state, reason, instance=self.ctx.instance, release=release)

@@ -44,7 +44,7 @@ from mirrord.archive import (
 from mirrord.clients import pdis
 from mirrord.clients.errors import BadRequest, Conflict, NotFound, UpstreamError
 from mirrord.clients.pdis import PdisClient, Submission, SubmitMetadata
-from mirrord.jobs.base import Job, JobContext, LeaseLost, RunResult, aware
+from mirrord.jobs.base import Job, JobContext, LeaseLost, RunResult
 from mirrord.jobs.deposit_policy import (
     DatasetFacts,
     Decision,
@@ -54,7 +54,7 @@ from mirrord.jobs.deposit_policy import (
     resolve_equipment,
     undecided_facts,
 )
-from mirrord.store.items import log_event
+from mirrord.store.items import log_event, move
 from mirrord.store.models import Deposition, utcnow
 
 QUEUED, PACKING, PACKED, UPLOADING, UPLOADED = "queued", "packing", "packed", "uploading", "uploaded"
@@ -156,6 +156,9 @@ class DepositJob(Job):
             equipment = await self.client.equipment()  # network, outside any transaction
         now = utcnow()
         async with self.store.write() as session:
+            existing = [facts.deposition_id for facts, _d in decided if facts.deposition_id is not None]
+            rows = {row.id: row for row in (await session.scalars(
+                select(Deposition).where(Deposition.id.in_(existing)))).all()} if existing else {}
             for facts, decision in decided:
                 values = self._decision_values(facts, decision, equipment)
                 target = (DRY_RUN if self.section.dry_run else QUEUED) if decision.deposit else NOT_DEPOSITED
@@ -166,16 +169,15 @@ class DepositJob(Job):
                     log_event(session, row, None, target, decision.summary, self.ctx.instance)
                     result.count(f"decided_{target}")
                     continue
-                row = await session.get(Deposition, facts.deposition_id)
+                row = rows.get(facts.deposition_id)
                 if row is None or row.state != facts.deposition_state or (
-                        row.lease_until is not None and aware(row.lease_until) > now):
+                        row.lease_until is not None and row.lease_until > now):
                     continue  # a worker has it now; it re-checks the policy itself
                 if row.state in (QUEUED, PACKED) and target == QUEUED:
                     target = row.state  # still wanted: keep the progress made, refresh the metadata
                 self._apply(row, values)
                 if row.state != target:
-                    log_event(session, row, row.state, target, decision.summary, self.ctx.instance)
-                    row.state = target
+                    move(session, row, target, decision.summary, instance=self.ctx.instance, release=False)
                     row.next_attempt_at = None
                     result.count(f"decided_{target}")
 
@@ -508,7 +510,7 @@ class DepositJob(Job):
             dep = rows.get(dep_id)
             if dep is not None and dep.state in SPOOL_STATES:
                 continue
-            if dep is not None and dep.state == PUBLISHED and aware(dep.published_at or utcnow()) > cutoff:
+            if dep is not None and dep.state == PUBLISHED and (dep.published_at or utcnow()) > cutoff:
                 continue
             await asyncio.to_thread(path.unlink, missing_ok=True)
             removed.append(dep_id)

@@ -49,8 +49,10 @@ from mirrord.clients.designhub import Compound as RemoteCompound
 from mirrord.clients.errors import AuthError, BadRequest, Conflict, NotFound, UpstreamError
 from mirrord.config import Config, DesignHubSection
 from mirrord.jobs.base import Job, JobContext, RunResult
+from mirrord.jobs.fragalysis_mirror import MirrorLayout
 from mirrord.store import Store
-from mirrord.store.items import log_event, move
+from mirrord.store.items import clear_retries, log_event, move
+from mirrord.store.keyvalue import kv_get, kv_put, kv_put_in
 from mirrord.store.models import Annotation, Compound, Experiment, KeyValue, Target, utcnow
 
 SYNC_KEY = "designhub.compounds"  # {"watermark": ISO, "last_full": ISO}
@@ -88,9 +90,6 @@ class EvidenceSource:
     @property
     def evidence_key(self) -> str:
         return f"{self.tas}/{self.target}/{self.code}"
-
-    def version_dir(self, mirror_root: Path) -> Path:
-        return mirror_root / self.tas / self.target / f"upload_{self.upload_index}"
 
 
 @dataclass(frozen=True)
@@ -201,7 +200,7 @@ def _comment(source: EvidenceSource) -> str:
 
 def read_evidence(source: EvidenceSource, mirror_root: Path) -> Evidence | None:
     """Read the experiment's files from its mirrored version (blocking). None if they are not there."""
-    version_dir = source.version_dir(mirror_root)
+    version_dir = MirrorLayout(mirror_root).version_dir(source.tas, source.target, source.upload_index)
     files: list[AttachmentFile] = []
     digests: dict[str, str] = {}
     for role, relative, name, mime in (
@@ -310,7 +309,7 @@ class DesignHubJob(Job):
 
     async def _sync_compounds(self, result: RunResult) -> SyncOutcome:
         assert self.client is not None
-        state = await self._kv_get(SYNC_KEY)
+        state = await kv_get(self.store, SYNC_KEY)
         watermark, last_full = parse_datetime(state.get("watermark")), parse_datetime(state.get("last_full"))
         started = utcnow()
         full = (watermark is None or last_full is None
@@ -337,7 +336,7 @@ class DesignHubJob(Job):
         if full:
             outcome.removed = await self._remove_unseen(seen_ids)
         # Only now, after the last page, is the pass complete: advance the watermark.
-        await self._kv_put(SYNC_KEY, {
+        await kv_put(self.store, SYNC_KEY, {
             "watermark": format_datetime(highest) if highest else None,
             "last_full": format_datetime(started if full else last_full)})
         result.count("compounds_read", outcome.read)
@@ -586,7 +585,7 @@ class DesignHubJob(Job):
         async with self.store.write() as session:
             item = await session.get(Annotation, item_id)
             item.compound_id = fresh.id
-            await self._kv_put_in(session, INFLIGHT_KEY.format(id=item_id), {
+            await kv_put_in(session, INFLIGHT_KEY.format(id=item_id), {
                 "compound_id": fresh.id, "modify_date": format_datetime(fresh.modify_date)})
             move(session, item, "attaching", f"attaching to {fresh.id}", instance=self.ctx.instance,
                  release=False)
@@ -595,7 +594,7 @@ class DesignHubJob(Job):
         """attaching → tagging: the attach is on the compound; forget the in-flight marker."""
         async with self.store.write() as session:
             item = await session.get(Annotation, item_id)
-            item.attempts, item.last_error, item.next_attempt_at = 0, None, None
+            clear_retries(item)
             item.content_url, item.attached_at = content_url, utcnow()
             await session.execute(delete(KeyValue).where(KeyValue.key == INFLIGHT_KEY.format(id=item_id)))
             move(session, item, "tagging", reason, instance=self.ctx.instance, release=False)
@@ -605,7 +604,7 @@ class DesignHubJob(Job):
         """An attach was sent but not recorded: did it land? (See the module docstring.)"""
         # The marker and the `attaching` state are written together, so it is there; if it were not,
         # "unknown" falls to the at-most-once side below.
-        marker = await self._kv_get(INFLIGHT_KEY.format(id=item.id))
+        marker = await kv_get(self.store, INFLIGHT_KEY.format(id=item.id))
         sent_to = index.current(marker.get("compound_id") or item.compound_id or "")
         before = parse_datetime(marker.get("modify_date"))
         fresh = await self._fresh(sent_to) if sent_to else None
@@ -649,21 +648,3 @@ class DesignHubJob(Job):
         async with self.store.write() as session:
             await session.execute(update(Annotation).where(Annotation.id == item_id)
                                   .values(compound_id=None, match_method=None))
-
-    # -- KeyValue -----------------------------------------------------------------------------------
-    async def _kv_get(self, key: str) -> dict[str, Any]:
-        async with self.store.read() as session:
-            row = await session.get(KeyValue, key)
-            return dict(row.value) if row is not None else {}
-
-    async def _kv_put(self, key: str, value: dict[str, Any]) -> None:
-        async with self.store.write() as session:
-            await self._kv_put_in(session, key, value)
-
-    @staticmethod
-    async def _kv_put_in(session, key: str, value: dict[str, Any]) -> None:  # noqa: ANN001 - AsyncSession
-        row = await session.get(KeyValue, key)
-        if row is None:
-            session.add(KeyValue(key=key, value=value))
-        else:
-            row.value = value

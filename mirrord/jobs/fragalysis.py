@@ -64,10 +64,10 @@ from mirrord.jobs.fragalysis_mirror import (
     remove,
     write_manifest,
 )
-from mirrord.store.items import log_event, move
-from mirrord.store.models import Experiment, KeyValue, Target, Upload, utcnow
+from mirrord.store.items import clear_retries, log_event, move
+from mirrord.store.keyvalue import IDENTITY_KEY, kv_get, kv_put
+from mirrord.store.models import Experiment, Target, Upload, utcnow
 
-IDENTITY_KEY = "fragalysis.identity"  # {"problems": [...], "checked_at": ISO, "auth": kind}
 WORKABLE = ("waiting_settle", "building", "fetching", "extracting")
 SUPERSEDABLE = (*WORKABLE, "failed")
 MAX_STEPS = 12  # per upload per run: a full pass is 4 steps, plus a rebuild or two
@@ -180,9 +180,7 @@ class FragalysisJob(Job):
 
     async def _check_identity(self, *, force: bool = False) -> None:
         """Ask /api/user/ who we are, at start and every `identity_check`; remember the answer."""
-        async with self.store.read() as session:
-            previous = await session.get(KeyValue, IDENTITY_KEY)
-            stored = dict(previous.value) if previous else None
+        stored = await kv_get(self.store, IDENTITY_KEY)
         # After a login redirect, look again at the next poll rather than after `identity_check`.
         if not force and stored and stored.get("checked_at") and not stored.get("login_needed"):
             last = dt.datetime.fromisoformat(stored["checked_at"])
@@ -192,19 +190,14 @@ class FragalysisJob(Job):
         problems = await client.identity_problems(self._expected_tas())
         for problem in problems:
             self.log.warning("fragalysis.identity_problem", problem=problem)
-        if problems and (stored or {}).get("problems") != problems:
+        if problems and stored.get("problems") != problems:
             self.ctx.notifier.item("identity", "fragalysis", "problem", " ".join(problems))
         await self._store_identity(problems)
 
     async def _store_identity(self, problems: list[str], *, login_needed: bool = False) -> None:
         value = {"problems": problems, "checked_at": utcnow().isoformat(), "auth": self._client().auth_kind,
                  "login_needed": login_needed}
-        async with self.store.write() as session:
-            row = await session.get(KeyValue, IDENTITY_KEY)
-            if row is None:
-                session.add(KeyValue(key=IDENTITY_KEY, value=value))
-            else:
-                row.value = value
+        await kv_put(self.store, IDENTITY_KEY, value)
 
     # -- poll -------------------------------------------------------------------------------------------
     async def poll(self, result: RunResult) -> None:
@@ -489,7 +482,7 @@ class FragalysisJob(Job):
             if target.mirrored_upload != current:
                 target.mirrored_upload, target.mirrored_at = current, utcnow()
             upload = await session.get(Upload, item.id)
-            upload.attempts, upload.last_error, upload.next_attempt_at = 0, None, None
+            clear_retries(upload)
             upload.mirror_path, upload.file_count, upload.archive_path = str(version), manifest.file_count, None
             move(session, upload, "mirrored", f"{manifest.file_count} files, {len(manifest.experiments)} experiments",
                  instance=self.ctx.instance)

@@ -38,7 +38,7 @@ from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, Ispyb
 from mirrord.config import IspybSection
 from mirrord.jobs.base import Job, JobContext, RunResult, aware
 from mirrord.jobs.datafiles import DirScan, map_path, scan_dataset
-from mirrord.store.items import log_event, move
+from mirrord.store.items import clear_retries, log_event, move
 from mirrord.store.models import Dataset, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
 
@@ -77,8 +77,13 @@ def make_client(section: IspybSection, **http: Any) -> IspybClient:
                        http=http or None)
 
 
+def _proposal(s: IspybSession) -> str:
+    """The session's proposal, or the visit name without its number ("lb32627-66" -> "lb32627")."""
+    return s.proposal or s.name.rsplit("-", 1)[0]
+
+
 def _session_values(s: IspybSession) -> dict[str, Any]:
-    return {"name": s.name, "proposal": s.proposal or s.name.rsplit("-", 1)[0], "beamline": s.beamline,
+    return {"name": s.name, "proposal": _proposal(s), "beamline": s.beamline,
             "start": aware(s.start), "end": aware(s.end)}
 
 
@@ -248,7 +253,7 @@ class IspybJob(Job):
     def _dataset_values(self, s: IspybSession, c: DataCollection, acronym: str | None) -> dict[str, Any]:
         values = {
             "session_id": s.session_id, "session_name": s.name,
-            "proposal": s.proposal or s.name.rsplit("-", 1)[0], "beamline": s.beamline,
+            "proposal": _proposal(s), "beamline": s.beamline,
             "sample_name": c.sample_name, "sample_id": c.sample_id, "facility_dir": c.image_directory,
             "local_dir": map_path(c.image_directory, self.section.path_map) if c.image_directory else None,
             "file_template": c.file_template, "number_of_images": c.number_of_images, "run_status": c.run_status,
@@ -345,7 +350,7 @@ class IspybJob(Job):
             if item is None or item.lease_owner != self.ctx.instance:
                 self.log.warning("dataset.lease_lost", dataset=dataset_id)
                 return False
-            item.attempts, item.last_error, item.next_attempt_at = 0, None, None
+            clear_retries(item)
             item.reason = verdict.reason
             for key, value in verdict.values.items():
                 setattr(item, key, value)

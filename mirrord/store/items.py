@@ -43,6 +43,11 @@ def move(session: AsyncSession, item: WorkItem, to_state: str, reason: str, *, i
         log_event(session, item, from_state, to_state, reason, instance)
 
 
+def clear_retries(item: WorkItem) -> None:
+    """A step succeeded: the next step gets its own attempts, with no error and no backoff pending."""
+    item.attempts, item.last_error, item.next_attempt_at = 0, None, None
+
+
 def backoff(attempts: int, base: float, cap: float) -> dt.timedelta:
     delay = min(cap, base * 2 ** max(0, attempts - 1))
     return dt.timedelta(seconds=delay * random.uniform(0.8, 1.2))

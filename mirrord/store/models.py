@@ -303,6 +303,9 @@ class Annotation(WorkItem, Base):
                       Index("ix_annotations_due", "state", "next_attempt_at"))
 
 
+# Item states that need a person or gave up: `once` fails on them, status lists them, `retry` resets them.
+FAILED_STATES = ("failed", "needs_attention")
+
 # Item kinds the generic views (`status`, `show`, `retry`) know about.
 ITEM_MODELS: dict[str, type[Base]] = {"upload": Upload, "dataset": Dataset, "deposition": Deposition,
                                       "annotation": Annotation}
