@@ -356,7 +356,7 @@ def _format_error(err: dict[str, Any]) -> str:
     return f"{loc or 'config'}: {msg}"
 
 
-def resolve_path(explicit: str | Path | None, env: dict[str, str]) -> tuple[Path | None, bool]:
+def resolve_path(explicit: str | Path | None, env: dict[str, str]) -> tuple[Path, bool]:
     """The config file to read, and whether the user asked for it (then it must exist)."""
     if explicit:
         return Path(explicit), True
@@ -371,7 +371,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     file_path, required = resolve_path(path, env)
     data: dict[str, Any] = {}
     problems: list[str] = []
-    if file_path is not None and (required or file_path.exists()):
+    if required or file_path.exists():
         try:
             data = tomllib.loads(file_path.read_text())
         except FileNotFoundError:
@@ -383,10 +383,8 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     overrides, env_problems = _env_overrides(env)
     problems += env_problems
     for section, values in overrides.items():
-        if not isinstance(data.get(section, {}), dict):
-            problems.append(f"{section}: must be a table")
-            continue
-        data.setdefault(section, {}).update(values)
+        if isinstance(data.setdefault(section, {}), dict):  # a value in its place is reported below
+            data[section].update(values)
     for section, table in data.items():
         if not isinstance(table, dict):
             problems.append(f"{section}: must be a table ([{section}]), not a value")

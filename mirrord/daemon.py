@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from mirrord import __version__
 from mirrord.config import Config
-from mirrord.jobs import JOBS, job_class
+from mirrord.jobs import job_class
 from mirrord.jobs.base import Job, JobContext, NoProgress, Progress
 from mirrord.lock import InstanceLock
 from mirrord.notify import WebhookNotifier
@@ -61,7 +61,7 @@ class Mirrord:
 
     async def open(self) -> None:
         config = self.config
-        self.store = Store(config.daemon.resolved_database_url, instance=self.instance)
+        self.store = Store(config.daemon.resolved_database_url)
         if self.store.is_sqlite:
             # One process per SQLite state; nobody else can hold a lease, so stale ones are ours.
             self.lock = InstanceLock(config.daemon.state_dir)
@@ -78,9 +78,8 @@ class Mirrord:
                 await release_all(self.store, model)
         ctx = JobContext(config=config, store=self.store, instance=self.instance, progress=self.progress,
                          notifier=self.notifier)
-        for name in JOBS:
-            if config.jobs()[name].enabled:
-                self.jobs[name] = job_class(name)(ctx)
+        for name in config.enabled_jobs():
+            self.jobs[name] = job_class(name)(ctx)
         self.runner = JobRunner(ctx, self.jobs)
         for name, job in self.jobs.items():
             try:
@@ -148,8 +147,7 @@ class Mirrord:
             for model in ITEM_MODELS.values():
                 value = await session.scalar(
                     select(func.min(model.next_attempt_at)).where(model.state.not_in(RESTING_STATES)))
-                if value is not None:
-                    value = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+                if value is not None:  # aware: UTCDateTime columns read back in UTC
                     soonest = value if soonest is None else min(soonest, value)
         return soonest
 

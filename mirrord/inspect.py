@@ -375,13 +375,10 @@ async def _run_check(name: str, check: Any, config: Config) -> CheckResult:
 
 
 async def _check_fragalysis(config: Config) -> tuple[bool, str]:
-    from mirrord.clients.fragalysis import FragalysisClient
+    from mirrord.jobs.fragalysis import make_client
 
     section = config.fragalysis
-    session_token = _secret(section.token)
-    bearer = _secret(section.bearer_token) if not session_token else None
-    async with FragalysisClient(section.url, session_token=session_token, bearer_token=bearer,
-                                http=CHECK_HTTP) as client:
+    async with make_client(section, **CHECK_HTTP) as client:
         me = await client.user()
         problems = await client.identity_problems(sorted({t.tas for t in section.targets}))
     who = f"user {me.user}" if me.authenticated else "anonymous"
@@ -428,13 +425,10 @@ async def _check_pdis(config: Config) -> tuple[bool, str]:
 
 
 async def _check_designhub(config: Config) -> tuple[bool, str]:
-    from mirrord.clients.designhub import DesignHubClient
+    from mirrord.jobs.designhub import make_client
 
     section = config.designhub
-    api_key = _secret(section.api_key)
-    bearer = _secret(section.bearer_token) if not api_key else None
-    async with DesignHubClient(section.url, api_key=api_key, bearer_token=bearer,
-                               auth_domain=section.auth_domain or None, http=CHECK_HTTP) as client:
+    async with make_client(section, **CHECK_HTTP) as client:
         user = await client.user()
         features = await client.probe()
     if not features.attach:

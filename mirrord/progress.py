@@ -35,8 +35,8 @@ class RichProgress:
 
 
 @contextmanager
-def terminal_progress(force: bool = False) -> Iterator[RichProgress | NoProgress]:
-    if not (force or sys.stderr.isatty()):
+def terminal_progress() -> Iterator[RichProgress | NoProgress]:
+    if not sys.stderr.isatty():
         yield NoProgress()
         return
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),

@@ -30,7 +30,6 @@ class Health:
     failing_since: dt.datetime | None = None
     last_error: str | None = None
     consecutive_failures: int = 0
-    runs: int = 0
 
 
 @dataclass
@@ -91,7 +90,6 @@ class JobRunner:
 
     def _failed(self, name: str, error: str, exc: BaseException) -> None:
         health = self.health[name]
-        health.runs += 1
         health.consecutive_failures += 1
         health.last_error = error
         if health.failing_since is None:
@@ -103,7 +101,6 @@ class JobRunner:
 
     def _succeeded(self, name: str) -> None:
         health = self.health[name]
-        health.runs += 1
         if health.failing_since is not None:
             log.info("job.recovered", failing_for=str(utcnow() - health.failing_since),
                      failures=health.consecutive_failures)

@@ -17,10 +17,6 @@ class SystemdNotifier:
         watchdog_for_us = usec.isdigit() and (not pid or pid == str(os.getpid()))
         self.watchdog_interval = int(usec) / 1e6 / 2 if watchdog_for_us else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def notify(self, *fields: str) -> bool:
         if not self.address:
             return False
@@ -34,9 +30,6 @@ class SystemdNotifier:
 
     def ready(self, status: str = "") -> bool:
         return self.notify("READY=1", *([f"STATUS={status}"] if status else []))
-
-    def status(self, text: str) -> bool:
-        return self.notify(f"STATUS={text}")
 
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")

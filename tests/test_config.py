@@ -86,6 +86,15 @@ def test_container_needs_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert config.enabled_jobs() == ["fragalysis"]
 
 
+def test_a_section_given_as_a_value_is_one_problem_even_with_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "mirrord.toml"
+    path.write_text("daemon = 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={"MIRRORD_DAEMON__LEASE": "5m"})
+    assert [p for p in err.value.problems if p.startswith("daemon")] == [
+        "daemon: must be a table ([daemon]), not a value"]
+
+
 def test_unknown_env_setting_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, env={"MIRRORD_FRAGALYSYS__URL": "x", "MIRRORD_CONFIG": ""})
