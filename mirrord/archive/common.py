@@ -66,6 +66,13 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a single write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(directory: Path) -> None:
     """Make the rename itself durable; not every file system allows opening a directory."""
     try:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from mirrord.archive.common import BLOCK, CHUNK, CorruptArchive, GiB, UnsafeArchive, file_kind
+from mirrord.archive.common import BLOCK, CHUNK, CorruptArchive, GiB, UnsafeArchive, file_kind, write_all
 
 _MAGICS = (
     (b"PK\x03\x04", "zip"),
@@ -325,9 +325,7 @@ class _SafeWriter:
         try:
             while chunk := source.read(CHUNK):
                 self.budget.add(name, len(chunk), "written")  # counted before writing: never past a limit
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, chunk)
             os.utime(fd, (mtime, mtime))
         finally:
             os.close(fd)

@@ -29,6 +29,7 @@ from mirrord.archive.common import (
     UnreadableFile,
     UnsupportedFile,
     file_kind,
+    write_all,
 )
 
 
@@ -78,9 +79,10 @@ class _Worker:
         self._queue.put(item)
 
     def close(self, *, check: bool = True) -> None:
-        """Drain, stop and join; re-raise the worker's error when `check`."""
-        self._queue.put(_STOP)  # the worker keeps draining even after an error
-        self._thread.join()
+        """Drain, stop and join (once); re-raise the worker's error when `check`."""
+        if self._thread.is_alive():  # it only ends at _STOP
+            self._queue.put(_STOP)  # the worker keeps draining even after an error
+            self._thread.join()
         if check and self.error is not None:
             raise self.error
 
@@ -104,9 +106,7 @@ class _SpoolSink:
     def write(self, data: bytes) -> int:
         self.digest.update(data)
         self.size += len(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        write_all(self._fd, data)
         return len(data)
 
     def flush(self) -> None:
