@@ -81,14 +81,9 @@ def relative_files(root: Path, *subdirs: str) -> list[str]:
 
 
 # -- processes and their peak memory ------------------------------------------------------------------
-def run_measured(argv: list[str], *, shell: bool = False) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB of the process and its waited-for children, stdout)."""
-    wall, rss, _cpu, out = run_measured_cpu(argv, shell=shell)
-    return wall, rss, out
-
-
-def run_measured_cpu(argv: list[str], *, shell: bool = False) -> tuple[float, float, float, str]:
-    """`run_measured` plus the CPU seconds (user + system) of the process and its waited-for children."""
+def run_measured(argv: list[str], *, shell: bool = False) -> tuple[float, float, float, str]:
+    """(wall seconds, peak RSS in MB, CPU seconds (user + system), stdout) of the process and its
+    waited-for children."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv if not shell else ["sh", "-c", argv[0]], stdout=subprocess.PIPE)
     out = proc.stdout.read().decode() if proc.stdout else ""
@@ -125,7 +120,7 @@ def child(args: list[str]) -> None:
 
 
 def ours(*args: str) -> tuple[float, float, dict[str, Any]]:
-    _wall, rss, cpu, out = run_measured_cpu([sys.executable, __file__, "--child", *args])
+    _wall, rss, cpu, out = run_measured([sys.executable, __file__, "--child", *args])
     result = json.loads(out)
     result["cpu_s"] = cpu
     return result["seconds"], rss, result
@@ -266,12 +261,12 @@ def run_bench(work: Path, opts: argparse.Namespace) -> int:
     # compression), and the md5 of the tar stream alone, which no packer that reports it can beat.
     ref_out = spool / "reference.tar.zst"
     tar = f"tar -cf - -C {root} a"
-    ref_s, ref_rss, ref_cpu, _ = run_measured_cpu([f"{tar} | zstd -3 -T0 -q -f -o {ref_out}"], shell=True)
+    ref_s, ref_rss, ref_cpu, _ = run_measured([f"{tar} | zstd -3 -T0 -q -f -o {ref_out}"], shell=True)
     fifo = spool / "md5.fifo"
-    same_s, _rss, same_cpu, _ = run_measured_cpu(
+    same_s, _rss, same_cpu, _ = run_measured(
         [f"rm -f {fifo}; mkfifo {fifo}; openssl md5 < {fifo} > /dev/null & "
          f"{tar} | tee {fifo} | zstd -3 -T0 -q -f -o {ref_out}; wait; rm -f {fifo}"], shell=True)
-    md5_s, _rss, md5_cpu, _ = run_measured_cpu([f"{tar} | openssl md5 > /dev/null"], shell=True)
+    md5_s, _rss, md5_cpu, _ = run_measured([f"{tar} | openssl md5 > /dev/null"], shell=True)
     ours_out = spool / "ours.tar.zst"
     our_s, our_rss, packed = ours("pack", str(root), str(ours_out), str(single))
     rows.append({"figure": "pack", "ours_s": our_s, "reference_s": ref_s, "ratio": our_s / ref_s, "goal": 1.0,
@@ -292,7 +287,7 @@ def run_bench(work: Path, opts: argparse.Namespace) -> int:
         token = pdis.token()
         up_s, up_rss, answer = ours("upload", pdis.url, str(work / "pdis.token"), str(ours_out))
         pdis.api("DELETE", f"submissions/{answer['token']}/", token)
-        curl_s, curl_rss, out = run_measured(
+        curl_s, curl_rss, _cpu, out = run_measured(
             ["curl", "-sS", "-f", "-H", f"Authorization: Token {token}", "-F", f"dataset_file=@{ours_out}",
              pdis.url + "upload/"])
         pdis.api("DELETE", f"submissions/{json.loads(out)['token']}/", token)

@@ -10,8 +10,6 @@ import pytest
 
 from tests.pg import PostgresServer, create_database, find_binaries
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
 
 @pytest.fixture(scope="session")
 def pg_admin_url():
@@ -44,16 +42,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def db_url(request: pytest.FixtureRequest) -> str:
     """Runs a test once on SQLite and once on PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'state' / 'mirrord.db'}"
-    return create_database(request.getfixturevalue("pg_admin_url"))
-
-
-def write_config(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]):

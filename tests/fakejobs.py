@@ -16,6 +16,13 @@ from mirrord.store import Store
 from mirrord.store.models import Target, Upload
 
 
+def use_job(monkeypatch, job: type[Job]) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+    """Run `job` in place of the Fragalysis job for one test."""
+    import mirrord.jobs
+
+    monkeypatch.setitem(mirrord.jobs.JOBS, "fragalysis", f"{job.__module__}:{job.__name__}")
+
+
 async def seed_building_uploads(store: Store, count: int = 1) -> None:
     """Target 1 with uploads 1..count waiting in `building`, once (the first poll)."""
     async with store.write() as session:

@@ -177,7 +177,7 @@ def test_title_template_fields():
 
 # -- end to end against the emulator -----------------------------------------------------------------
 async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, campaign, emulator, served, db_url):
-    config = config_for(tmp_path, served, database_url="" if db_url.startswith("sqlite") else db_url)
+    config = config_for(tmp_path, served, database_url=db_url)
     ids = await add_datasets(config, campaign, tmp_path / "dls")
     outcome = await run(config)
     assert outcome.exit_code == 0, outcome

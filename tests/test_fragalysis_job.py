@@ -67,7 +67,11 @@ async def rows(config, model, *where):
 
 
 def version_dirs(config, target) -> list[str]:
-    return sorted(p.name for p in (config.mirror_root / target.tas / target.name).glob("upload_*"))
+    return version_dirs_at(config.mirror_root, target)
+
+
+def version_dirs_at(mirror: Path, target) -> list[str]:
+    return sorted(p.name for p in (mirror / target.tas / target.name).glob("upload_*"))
 
 
 def tmp_leftovers(config) -> list[str]:
@@ -438,7 +442,3 @@ async def test_sigkill_between_fetch_and_extract_then_restart_finishes_once(tmp_
         assert conn.execute("SELECT count(*) FROM uploads").fetchone()[0] == 1
     manifest = Manifest.from_json((version / MANIFEST_NAME).read_text())
     assert manifest.total_bytes > 48 * 1024**2
-
-
-def version_dirs_at(mirror: Path, target) -> list[str]:
-    return sorted(p.name for p in (mirror / target.tas / target.name).glob("upload_*"))

@@ -50,9 +50,7 @@ class Api:
 @pytest.fixture
 async def api(ispyb_emulator):  # noqa: F811
     async with aiohttp.ClientSession() as http:
-        client = Api(ispyb_emulator, http)
-        await client.login()
-        yield client
+        yield await _api(ispyb_emulator, http)
 
 
 async def _api(served: ValidatedIspyb, http: aiohttp.ClientSession) -> Api:

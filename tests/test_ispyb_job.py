@@ -83,7 +83,7 @@ def age(directory: Path, seconds: float = 3600) -> None:
 
 # -- discovery --------------------------------------------------------------------------------------
 async def test_discovers_a_growing_session_over_several_polls(tmp_path, ispyb, db_url):
-    config = config_for(tmp_path, ispyb, database_url=db_url if db_url.startswith("postgresql") else "")
+    config = config_for(tmp_path, ispyb, database_url=db_url)
     outcome = await run(config)
     assert outcome.exit_code == 0, outcome.failed
     found = await datasets(config)

@@ -19,7 +19,7 @@ from mirrord.jobs.base import Job, RunResult
 from mirrord.notify import WebhookNotifier
 from mirrord.store.models import Upload
 from tests.conftest import make_config
-from tests.fakejobs import seed_building_uploads
+from tests.fakejobs import seed_building_uploads, use_job
 
 
 class Receiver:
@@ -130,12 +130,6 @@ class GivingUpJob(Job):
     async def work(self, result: RunResult) -> None:
         for item in await self.claim(Upload, ("building",)):
             await self.fail(Upload, item.id, "archive is hostile", result=result)
-
-
-def use_job(monkeypatch: pytest.MonkeyPatch, job: type[Job]) -> None:
-    import mirrord.jobs
-
-    monkeypatch.setitem(mirrord.jobs.JOBS, "fragalysis", f"{__name__}:{job.__name__}")
 
 
 async def test_job_failing_and_recovered_are_notified_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,10 +19,9 @@ from mirrord.clients.pdis import PdisClient, SubmitMetadata, parse_submission
 from mirrord.emulators.base import Served
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.redact import redact
-from tests.test_pdis_emulator import tar_bytes
+from tests.test_pdis_emulator import CBF, tar_bytes
 
 USER, PASSWORD = "you@lab.edu", "s3cret-pass"
-CBF = b"###CBF: VERSION 1.5\n" + b"\x00" * 200
 FAST_RETRY = {"retry": RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01)}
 OTHER = SubmitMetadata(dataset_type="other", project_title="Fragment screen of NSP3 macrodomain",
                        project_authors="Smith J., Doe A.", synchrotron_id=12, beamline_id=32)

@@ -28,6 +28,7 @@ from mirrord.store.models import (
 )
 from mirrord.web import WebServer, make_app
 from tests.conftest import make_config
+from tests.fakejobs import use_job
 
 HOSTILE = "<script>alert('x')</script>"
 IDENTITY_PROBLEM = "Target access string lb99999-1 is not in user alice's target access list"
@@ -94,11 +95,6 @@ async def seed(store: Store) -> None:
                     reason="archive is hostile", instance="replica-a"))
 
 
-def enable(monkeypatch: pytest.MonkeyPatch, job: type[Job]) -> None:
-    monkeypatch.setitem(__import__("mirrord.jobs", fromlist=["JOBS"]).JOBS, "fragalysis",
-                        f"{__name__}:{job.__name__}")
-
-
 @pytest.fixture
 async def daemon(tmp_path: Path):
     config = make_config(tmp_path, daemon={"instance_id": "replica-a"})
@@ -158,7 +154,7 @@ async def test_api_status_lists_attention_newest_first(daemon: Mirrord) -> None:
 
 async def test_failing_job_turns_readyz_503_and_shows_on_status(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    enable(monkeypatch, BrokenJob)
+    use_job(monkeypatch, BrokenJob)
     config = make_config(tmp_path, fragalysis={"enabled": True, "interval": "0.05s", "jitter": 0})
     async with Mirrord(config) as app:
         server, url = await serve(app)
@@ -180,7 +176,7 @@ async def test_failing_job_turns_readyz_503_and_shows_on_status(tmp_path: Path,
 
 async def test_readyz_ready_after_success_and_metrics_parse(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    enable(monkeypatch, CountingJob)
+    use_job(monkeypatch, CountingJob)
     config = make_config(tmp_path, fragalysis={"enabled": True, "interval": "60s", "jitter": 0})
     async with Mirrord(config) as app:
         await seed(app.store)
