@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.invariants import ROOT, Pipeline, check_invariants  # noqa: E402
+from tests.invariants import Pipeline, check_invariants  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
@@ -96,9 +96,7 @@ async def soak(minutes: float, root: Path, upload_every: float, collection_every
                 .replace("[web]\nport = 0", "[web]\nenabled = false"))
         pipeline.config_path.write_text(text)
         log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed below
-        proc = await asyncio.create_subprocess_exec(*pipeline.command("run"), cwd=ROOT, stdout=log,
-                                                    stderr=asyncio.subprocess.STDOUT,
-                                                    env={**os.environ, "MIRRORD_CONFIG": ""})
+        proc = await pipeline.spawn("run", stdout=log, stderr=asyncio.subprocess.STDOUT)
         started, wall_start = time.monotonic(), time.time()
         stop, fed = asyncio.Event(), {"uploads": 0, "collections": 0}
         feeder = asyncio.create_task(feed(pipeline, stop, upload_every, collection_every, fed))

@@ -130,6 +130,12 @@ class Pipeline:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "mirrord.cli", "--config", str(self.config_path), *args]
 
+    async def spawn(self, *args: str, **streams: object) -> asyncio.subprocess.Process:
+        """`mirrord <args>` on this pipeline's config and environment; `streams` are stdout/stderr."""
+        return await asyncio.create_subprocess_exec(*self.command(*args), cwd=ROOT,
+                                                    env={**os.environ, "MIRRORD_CONFIG": "", **self.env},
+                                                    **streams)  # type: ignore[arg-type]
+
     async def run_once(self, *, kill_after: float | None = None, wait: float = 10.0,
                        timeout: float = 120.0) -> RunRecord:
         """One `mirrord once`; SIGKILLed after `kill_after` seconds if it is still running then."""
@@ -137,9 +143,7 @@ class Pipeline:
         log = self.root / f"run-{self.run_count:03d}.log"
         started = time.monotonic()
         with open(log, "wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command("once", "--wait", f"{wait:g}"), cwd=ROOT, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, "MIRRORD_CONFIG": "", **self.env})
+            proc = await self.spawn("once", "--wait", f"{wait:g}", stdout=out, stderr=asyncio.subprocess.STDOUT)
             try:
                 code = await asyncio.wait_for(proc.wait(), kill_after if kill_after is not None else timeout)
             except TimeoutError:

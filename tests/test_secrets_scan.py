@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import time
@@ -24,7 +23,7 @@ import pytest
 from mirrord.emulators.bundle import PDIS_USER
 from mirrord.emulators.designhub import DEFAULT_API_KEYS
 from mirrord.emulators.ispyb import DEFAULT_USERS
-from tests.invariants import ROOT, Pipeline, check_invariants
+from tests.invariants import Pipeline, check_invariants
 
 pytestmark = pytest.mark.slow
 PDIS_PASSWORD = "pdis-pw-Qx7vT2mK9"
@@ -35,9 +34,7 @@ WEB_TOKEN = "web-bearer-3f9b2d71e4"
 async def start_daemon(pipeline: Pipeline, log: Path) -> tuple[asyncio.subprocess.Process, str]:
     """`mirrord run` with its web server; returns the process and the URL it listens on."""
     out = open(log, "wb")  # noqa: SIM115 - closed when the process ends
-    proc = await asyncio.create_subprocess_exec(*pipeline.command("run"), cwd=ROOT, stdout=out,
-                                                stderr=asyncio.subprocess.STDOUT,
-                                                env={**os.environ, "MIRRORD_CONFIG": "", **pipeline.env})
+    proc = await pipeline.spawn("run", stdout=out, stderr=asyncio.subprocess.STDOUT)
     out.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -65,10 +62,8 @@ async def test_no_secret_appears_in_logs_pages_status_or_store(tmp_path: Path) -
         issued_pdis_tokens = list(bundle.pdis._tokens)  # what PDIS handed out: a secret as well
         assert not (await check_invariants(pipeline)).violations
 
-        status = await asyncio.create_subprocess_exec(*pipeline.command("status", "--json"), cwd=ROOT,
-                                                      stdout=asyncio.subprocess.PIPE,
-                                                      stderr=asyncio.subprocess.PIPE,
-                                                      env={**os.environ, "MIRRORD_CONFIG": "", **pipeline.env})
+        status = await pipeline.spawn("status", "--json", stdout=asyncio.subprocess.PIPE,
+                                      stderr=asyncio.subprocess.PIPE)
         stdout, stderr = await status.communicate()
         texts["status --json"], texts["status stderr"] = stdout.decode(), stderr.decode()
         assert status.returncode == 0 and json.loads(texts["status --json"])
