@@ -83,7 +83,9 @@ def relative_files(root: Path, *subdirs: str) -> list[str]:
 # -- processes and their peak memory ------------------------------------------------------------------
 def run_measured(argv: list[str], *, shell: bool = False) -> tuple[float, float, float, str]:
     """(wall seconds, peak RSS in MB, CPU seconds (user + system), stdout) of the process and its
-    waited-for children."""
+    waited-for children. Dirty pages of the previous step are written back first, so their
+    writeback does not slow down this one."""
+    os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(argv if not shell else ["sh", "-c", argv[0]], stdout=subprocess.PIPE)
     out = proc.stdout.read().decode() if proc.stdout else ""
