@@ -7,6 +7,8 @@ write rows a newer schema no longer means.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mirrord.store.engine import Store
 
@@ -49,16 +52,44 @@ async def current_revision(store: Store) -> str | None:
         return await conn.run_sync(_current)
 
 
+@asynccontextmanager
+async def _migrating(store: Store) -> AsyncIterator[AsyncConnection]:
+    """One transaction for a schema change.
+
+    On SQLite, Alembic's batch mode rebuilds a table by dropping it; with foreign keys on, that drop
+    would cascade and delete the rows of every table that references it (a dataset's depositions).
+    So foreign keys are off while migrating, as SQLite's own ALTER TABLE procedure asks, and
+    checked before commit. The pragma only takes effect outside a transaction, hence the raw cursor.
+    """
+    async with store.engine.connect() as conn:
+        if store.is_sqlite:
+            await conn.run_sync(lambda c: c.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF"))
+        try:
+            async with conn.begin():
+                if not store.is_sqlite:
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": ADVISORY_LOCK_ID})
+                yield conn
+                if store.is_sqlite and (await conn.execute(text("PRAGMA foreign_key_check"))).first():
+                    raise SchemaError("the migration left rows whose references are broken; nothing was changed")
+        finally:
+            if store.is_sqlite:
+                await conn.run_sync(lambda c: c.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON"))
+
+
 async def upgrade(store: Store, revision: str = "head") -> tuple[str | None, str]:
     """Bring the schema to `revision`; returns (before, after)."""
-    async with store.engine.begin() as conn:
-        if not store.is_sqlite:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": ADVISORY_LOCK_ID})
+    async with _migrating(store) as conn:
         before = await conn.run_sync(_current)
         _refuse_newer(before)
         await conn.run_sync(lambda sync_conn: command.upgrade(_alembic_config(sync_conn), revision))
         after = await conn.run_sync(_current)
     return before, after or ""
+
+
+async def downgrade(store: Store, revision: str) -> None:
+    """Take the schema back to `revision` (for tests and a careful operator)."""
+    async with _migrating(store) as conn:
+        await conn.run_sync(lambda sync_conn: command.downgrade(_alembic_config(sync_conn), revision))
 
 
 def _refuse_newer(revision: str | None) -> None:

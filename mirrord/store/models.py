@@ -224,6 +224,7 @@ class Dataset(WorkItem, Base):
     file_template: Mapped[str | None] = mapped_column(Text, default=None)
     number_of_images: Mapped[int | None] = mapped_column(default=None)
     run_status: Mapped[str | None] = mapped_column(String(200), default=None)
+    experiment_type: Mapped[str | None] = mapped_column(String(40), default=None)  # group's: OSC, Mesh, …
     start: Mapped[dt.datetime | None] = mapped_column(default=None)
     end: Mapped[dt.datetime | None] = mapped_column(default=None)
     reason: Mapped[str | None] = mapped_column(Text, default=None)  # why skipped / waiting
