@@ -1,0 +1,63 @@
+"""The real servers' recorded exchanges (`../shared/recordings/<service>/`): the referee of clients and emulators.
+
+Each exchange file holds one request as sent and the real server's answer (see that folder's README).
+The recordings live beside the repo, not in it, so there is one copy of the truth; a run without them
+fails loudly rather than skipping, since a conformance test that silently does not run proves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SHARED = Path(os.environ.get("MIRRORD_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str  # "029-events-session90011"
+    request: dict[str, Any]  # method, path, query, headers, body (and query_string where sent verbatim)
+    response: dict[str, Any]  # status, headers, body
+    note: str
+
+    @property
+    def number(self) -> int:
+        return int(self.name.split("-", 1)[0])
+
+
+def recordings_dir(service: str) -> Path:
+    folder = SHARED / "recordings" / service
+    if not folder.is_dir():
+        pytest.fail(f"no recordings at {folder}: put the shared folder beside the repo or set MIRRORD_SHARED")
+    return folder
+
+
+@cache
+def exchanges(service: str) -> tuple[Exchange, ...]:
+    """Every recorded exchange of `service`, in file order."""
+    found = []
+    for path in sorted((recordings_dir(service) / "exchanges").glob("*.json")):
+        data = json.loads(path.read_text())
+        found.append(Exchange(path.stem, data["request"], data["response"], data.get("note", "")))
+    return tuple(found)
+
+
+def exchange(service: str, number: int) -> Exchange:
+    return next(x for x in exchanges(service) if x.number == number)
+
+
+@cache
+def seed(service: str) -> dict[str, Any]:
+    """The data the real server held while recording, as its API returns it."""
+    return json.loads((recordings_dir(service) / "seed.json").read_text())
+
+
+def archive(service: str, name: str) -> Path:
+    """A recorded download body (`{"file": "archives/…"}` in an exchange)."""
+    return recordings_dir(service) / name
