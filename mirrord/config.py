@@ -15,6 +15,7 @@ import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -200,6 +201,24 @@ class IspybSection(JobSection):
     missing_deadline: Duration = 2 * 86400.0
     path_map: dict[str, str] = Field(default_factory=dict)  # facility prefix -> local mount
     link_rule: Literal["sample_is_experiment_code", "none"] = "sample_is_experiment_code"
+    # ISPyB's times are naive facility-local times: the zone they are in (Diamond: Europe/London).
+    timezone: str = "Europe/London"
+    # How far a file's mtime may lie outside its collection's start..end and still count as its own
+    # (clock skew between the beamline and the file server, the last frame flushed after the end).
+    mtime_slack: Duration = 120.0
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as 'Europe/London')") from None
+        return v
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
     @model_validator(mode="after")
     def _scope(self) -> IspybSection:
@@ -238,6 +257,14 @@ class PdisSection(JobSection):
     pack_concurrency: int = Field(default=1, ge=1)
     upload_concurrency: int = Field(default=1, ge=1)
     poll_interval: Duration = 600.0
+    # Only these ISPyB experiment types (the group's experimentType) are deposited, and only with at
+    # least `min_images` frames: grid scans, characterisation and screening shots are not datasets.
+    experiment_types: list[str] = Field(default_factory=lambda: ["OSC"])
+    min_images: int = Field(default=10, ge=1)
+    # One deposition per PDB code: which complete rotation collection of the crystal goes.
+    prefer: Literal["newest", "oldest"] = "newest"
+    # PDIS answers an upload with `is_pdb_exists`: submit anyway (an additional dataset for that code)?
+    allow_additional_datasets: bool = False
 
 
 class DesignHubSection(JobSection):

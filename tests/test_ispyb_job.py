@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
 from sqlalchemy import event, func, select
 
 from mirrord.daemon import Mirrord
-from mirrord.emulators.campaign import Campaign, Collection
+from mirrord.emulators.campaign import FACILITY_ZONE, Campaign, Collection
 from mirrord.jobs.base import RunResult
 from mirrord.jobs.datafiles import expectation, map_path, scan_dataset
 from mirrord.store import Store
@@ -74,11 +74,9 @@ def local_dir(tmp_path: Path, col: Collection) -> Path:
     return tmp_path / "dls" / col.facility_dir.removeprefix("/dls/")
 
 
-def age(directory: Path, seconds: float = 3600) -> None:
-    """Make the files look written long ago."""
-    past = os.path.getmtime(directory) - seconds
-    for path in directory.iterdir():
-        os.utime(path, (past, past))
+def running_now() -> dt.datetime:
+    """A start time (naive, facility-local like ISPyB's) for a run whose files are being written now."""
+    return dt.datetime.now(ZoneInfo(FACILITY_ZONE)).replace(tzinfo=None) - dt.timedelta(minutes=1)
 
 
 # -- discovery --------------------------------------------------------------------------------------
@@ -94,7 +92,7 @@ async def test_discovers_a_growing_session_over_several_polls(tmp_path, ispyb, d
     assert (row.group_id, row.session_name, row.proposal, row.beamline) == (good.group_id, VISIT, "lb32627", "i04-1")
     assert (row.sample_name, row.sample_id, row.protein_acronym) == (good.sample, good.sample_id, "A71EV2A")
     assert row.facility_dir == good.facility_dir and row.local_dir == str(local_dir(tmp_path, good))
-    assert (row.file_template, row.number_of_images, row.run_status) == (good.file_template, 5, good.run_status)
+    assert (row.file_template, row.number_of_images, row.run_status) == (good.file_template, good.images, good.run_status)
     assert row.start == good.start.replace(tzinfo=dt.UTC) and row.end == good.end.replace(tzinfo=dt.UTC)
     assert sorted(d.state for d in found.values()) == ["complete"] * 6 + ["skipped"]
     (session,) = [s for (s,) in await query(config, select(SessionRow))]
@@ -216,7 +214,8 @@ async def test_template_styles_record_their_files(tmp_path, ispyb):
 @pytest.mark.parametrize("style", ["cbf", "cbf#"])
 async def test_first_image_number_need_not_be_one(tmp_path, ispyb, style):
     config = config_for(tmp_path, ispyb)
-    col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", style=style, images=3, write_files=False)
+    col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", style=style, images=3, write_files=False,
+                                        start=running_now())
     directory = local_dir(tmp_path, col)
     directory.mkdir(parents=True)
     names = [f"{col.prefix}_{i:04d}.cbf" for i in (11, 12, 13)]
@@ -240,14 +239,26 @@ async def test_incomplete_collection_waits_with_a_reason_then_completes(tmp_path
     assert (await datasets(config))[col.collection_id].state == "complete"
 
 
-async def test_hdf5_master_without_data_files_waits(tmp_path, ispyb):
+async def test_hdf5_is_complete_when_every_data_file_its_master_links_is_there(tmp_path, ispyb):
     config = config_for(tmp_path, ispyb)
     col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", style="h5", images=150, write_files=False)
-    ispyb.campaign.write_images(tmp_path / "dls", col, count=1)  # the master only
+    ispyb.campaign.write_images(tmp_path / "dls", col, count=2)  # the data files, not yet the master
     await run(config, horizon=0)
     row = (await datasets(config))[col.collection_id]
-    assert (row.state, row.reason) == ("waiting", f"no HDF5 data files beside {col.prefix}_master.h5 yet")
+    assert (row.state, row.reason) == ("waiting", f"HDF5 master file {col.prefix}_master.h5 not on disk yet")
     ispyb.campaign.write_images(tmp_path / "dls", col)
+    second = local_dir(tmp_path, col) / f"{col.prefix}_data_000002.h5"
+    kept = second.read_bytes()
+    second.unlink()  # the master links a data file that is not there: not complete
+    await run(config, horizon=0)
+    row = (await datasets(config))[col.collection_id]
+    assert (row.state, row.reason) == ("waiting", f"1 data file(s) named by {col.prefix}_master.h5 not on disk: "
+                                                  f"{second.name}")
+    second.write_bytes(kept[: len(kept) // 2])  # half copied: HDF5 sees the file is truncated
+    await run(config, horizon=0)
+    row = (await datasets(config))[col.collection_id]
+    assert row.state == "waiting" and row.reason.startswith(f"data file {second.name} not readable yet")
+    ispyb.campaign.write_images(tmp_path / "dls", col, overwrite=True)
     await run(config)
     row = (await datasets(config))[col.collection_id]
     assert row.state == "complete" and len(row.files) == 3  # master + two data files (150 images)
@@ -257,7 +268,7 @@ async def test_still_growing_files_wait_for_the_quiet_period(tmp_path, ispyb):
     # After discovery only the on-disk checks run (`work`: no HTTP), so each check follows its file
     # change within milliseconds; the short sleeps wait until the waiting dataset is due again.
     config = config_for(tmp_path, ispyb, quiet_period=QUIET)
-    col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", images=3, write_files=False)
+    col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", images=3, write_files=False, start=running_now())
     ispyb.campaign.write_images(tmp_path / "dls", col, count=2)
     last = local_dir(tmp_path, col) / col.file_names()[-1]
     async with Mirrord(config) as app:
@@ -311,8 +322,7 @@ async def test_a_dataset_due_again_within_the_pass_is_not_left_leased(tmp_path, 
 
 async def test_files_quiet_for_long_complete_on_the_first_check(tmp_path, ispyb):
     config = config_for(tmp_path, ispyb, quiet_period="10m")
-    col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", images=3)
-    age(local_dir(tmp_path, col))
+    col = ispyb.emulator.add_collection(VISIT, "A71EV2A-x0999", images=3)  # collected long ago (mtimes tell)
     await run(config, horizon=0)
     assert (await datasets(config))[col.collection_id].state == "complete"
 

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
+import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import h5py
+import numpy as np
 
 # Real fragment-like molecules (small, drug-like, valid SMILES).
 FRAGMENT_SMILES = [
@@ -39,6 +46,10 @@ UNRELATED_SMILES = ["CCOC(=O)c1ccccc1N", "Clc1ccc(cc1)C(=O)N1CCCC1", "CC(C)(C)OC
 
 FACILITY_ROOT = "/dls"  # where ISPyB says the raw data lives; sites map it to their own mount
 EPOCH = dt.datetime(2026, 9, 1, 8, 0, 0)
+FACILITY_ZONE = "Europe/London"  # ISPyB's naive times are this zone's; file mtimes are written to match
+FRAMES_PER_DATA_FILE = 100  # HDF5: frames in each data file a master links to
+DETECTOR_CBF = "PILATUS 6M, S/N 60-0100 Diamond"
+DETECTOR_HDF5 = "Dectris EIGER2 XE 16M"
 
 
 @dataclass
@@ -76,10 +87,18 @@ class Collection:
     end: dt.datetime | None
     beamline: str
     corrupt: bool = False  # images whose headers no reader can parse (a detector fault)
+    experiment_type: str = "OSC"  # the group's: "OSC" (rotation), "Mesh" (grid scan), "Screening", ...
+    # Two collections given the same run prefix share directory and template (ISPyB recording, fact 19).
+    run_prefix: str | None = None
+    frames_left: int = 0  # frames a failed run left on disk (a successful run writes all of them)
 
     @property
     def prefix(self) -> str:
-        return f"{self.sample}_{self.collection_id}"
+        return self.run_prefix or f"{self.sample}_{self.collection_id}"
+
+    @property
+    def succeeded(self) -> bool:
+        return "success" in self.run_status.lower()
 
     @property
     def facility_dir(self) -> str:
@@ -94,10 +113,17 @@ class Collection:
         return f"{self.prefix}_%04d.cbf"
 
     def file_names(self) -> list[str]:
+        """In the order the detector writes them (an HDF5 master last, once its data files are closed)."""
         if self.style == "h5":
-            data_files = max(1, (self.images + 99) // 100)
-            return [f"{self.prefix}_master.h5"] + [f"{self.prefix}_data_{i:06d}.h5" for i in range(1, data_files + 1)]
+            data_files = max(1, -(-self.images // FRAMES_PER_DATA_FILE))
+            return [f"{self.prefix}_data_{i:06d}.h5" for i in range(1, data_files + 1)] + [f"{self.prefix}_master.h5"]
         return [f"{self.prefix}_{i:04d}.cbf" for i in range(1, self.images + 1)]
+
+    def written_at(self, index: int, count: int, zone: ZoneInfo) -> float:
+        """The mtime (epoch seconds) of the index-th of `count` files: spread over the run, in `zone`."""
+        span = (self.end - self.start) if self.end is not None else dt.timedelta(seconds=count)
+        naive = self.start + span * index / (count + 1)
+        return naive.replace(tzinfo=zone).timestamp()
 
 
 @dataclass
@@ -130,15 +156,19 @@ class Campaign:
     unrelated: list[Ligand]
     image_size: int = 8 * 1024  # bytes of pixel payload per CBF image
     seed: int = 0
+    timezone: str = FACILITY_ZONE
     _next_collection_id: int = 1_000_000
 
     @classmethod
     def demo(cls, seed: int = 0, *, targets: int = 2, experiments: int = 6, image_size: int = 8 * 1024,
-             images_per_collection: int = 5, now: dt.datetime | None = None, with_problem: bool = False) -> Campaign:
+             images_per_collection: int = 12, now: dt.datetime | None = None, with_problem: bool = False) -> Campaign:
         """Two targets of six experiments each by default: about a dozen data collections.
 
-        `with_problem` adds a re-collection of a deposited crystal whose image headers are corrupt,
-        so a run has something that needs a person.
+        `with_problem` adds what a real visit holds besides clean rotations: a re-collection of a
+        deposited crystal whose image headers are corrupt (it needs a person), a good re-collection of
+        another crystal (one deposition per PDB code: the older run is superseded), a grid scan, a
+        screening shot, a failed run overwritten by its re-collection (deposited), and two successful
+        runs writing the same file names (neither can be attributed: both need a person).
         """
         rng = random.Random(seed)
         names = ["A71EV2A", "NSP3A", "Mpro", "D68EV3C", "Zika_NS3", "PHIPA"]
@@ -175,22 +205,43 @@ class Campaign:
             camp.add_collection(target.tas, target.experiments[0].code, beamline=target.beamline,
                                 run_status="Data collection failed", images=2)
         if with_problem:
-            target = camp.targets[-1]
-            crystal = next(e for e in target.experiments if e.pdb_code)
-            camp.add_collection(target.tas, crystal.code, beamline=target.beamline, images=3).corrupt = True
+            camp._add_problems(images_per_collection)
         return camp
+
+    def _add_problems(self, images: int) -> None:
+        target = self.targets[-1]
+        crystals = [e for e in target.experiments if e.pdb_code]
+        tas, beamline = target.tas, target.beamline
+        self.add_collection(tas, crystals[0].code, beamline=beamline, images=images).corrupt = True
+        self.add_collection(tas, crystals[1].code, beamline=beamline, images=images)  # a better run
+        self.add_collection(tas, crystals[2].code, beamline=beamline, images=100, experiment_type="Mesh")
+        self.add_collection(tas, crystals[2].code, beamline=beamline, images=5)  # a screening shot
+        # Runs sharing a template start an hour apart, so their windows cannot overlap.
+        later = max(c.end or c.start for c in self.collections) + dt.timedelta(hours=1)
+        failed = self.add_collection(tas, crystals[3].code, beamline=beamline, images=images, start=later,
+                                     run_status="Data collection failed", frames_left=images // 2)
+        self.add_collection(tas, crystals[3].code, beamline=beamline, images=images, run_prefix=failed.prefix,
+                            start=later + dt.timedelta(hours=1))
+        shared = f"{target.name}-x0991"  # not a Fragalysis experiment: recorded, never deposited
+        first = self.add_collection(tas, shared, beamline=beamline, images=images, start=later + dt.timedelta(hours=2))
+        self.add_collection(tas, shared, beamline=beamline, images=images, run_prefix=first.prefix,
+                            start=later + dt.timedelta(hours=3))
 
     # -- growth over time (tests and the demo call these) ----------------------------------------
     def add_collection(self, session: str, sample: str, *, beamline: str = "i04-1", style: str = "cbf",
-                       images: int = 5, run_status: str = "Data collection successful",
-                       group_id: int | None = None, finished: bool = True) -> Collection:
+                       images: int = 12, run_status: str = "Data collection successful",
+                       group_id: int | None = None, finished: bool = True, start: dt.datetime | None = None,
+                       experiment_type: str = "OSC", run_prefix: str | None = None,
+                       frames_left: int = 0) -> Collection:
+        """A new collection; `start` (naive facility-local) defaults to one minute after the previous one."""
         self._next_collection_id += 1
         cid = self._next_collection_id
-        start = EPOCH + dt.timedelta(minutes=cid - 1_000_000)
+        start = start or EPOCH + dt.timedelta(minutes=cid - 1_000_000)
         col = Collection(session=session, sample=sample, group_id=group_id or cid + 5_000_000, collection_id=cid,
                          sample_id=200_000 + _stable_int(sample) % 100_000, style=style, images=images,
                          run_status=run_status, start=start,
-                         end=start + dt.timedelta(minutes=3) if finished else None, beamline=beamline)
+                         end=start + dt.timedelta(minutes=3) if finished else None, beamline=beamline,
+                         experiment_type=experiment_type, run_prefix=run_prefix, frames_left=frames_left)
         self.collections.append(col)
         return col
 
@@ -216,25 +267,30 @@ class Campaign:
         return [e.ligand for t in self.targets for e in t.experiments] + self.unrelated
 
     # -- raw data on disk ----------------------------------------------------------------------
-    def write_images(self, root: Path, collection: Collection, *, count: int | None = None) -> Path:
-        """Write the collection's image files under `root` (the local mount of FACILITY_ROOT).
+    def write_images(self, root: Path, collection: Collection, *, count: int | None = None,
+                     overwrite: bool = False) -> Path:
+        """Write the collection's image files under `root` (the local mount of FACILITY_ROOT), each
+        with an mtime within the run (in the campaign's time zone), as the detector would have.
 
         `count` writes only the first files, to model a collection still being written.
         """
         directory = root / collection.facility_dir.removeprefix(FACILITY_ROOT + "/")
         directory.mkdir(parents=True, exist_ok=True)
         names = collection.file_names()
+        zone = ZoneInfo(self.timezone)
         for i, name in enumerate(names[: count if count is not None else len(names)], start=1):
             path = directory / name
-            if not path.exists():
-                data = image_bytes(collection, name, i, self.image_size)
-                path.write_bytes(b"\x00" * 16 + data[16:] if collection.corrupt else data)
+            if overwrite or not path.exists():
+                write_image(path, collection, i, self.image_size)
+                when = collection.written_at(i, len(names), zone)
+                os.utime(path, (when, when))
         return directory
 
     def write_all_images(self, root: Path) -> None:
-        for col in self.collections:
-            if "success" in col.run_status.lower():
-                self.write_images(root, col)
+        """Every run's files in the order they ran: a later run sharing a template overwrites them."""
+        for col in sorted(self.collections, key=lambda c: (c.start, c.collection_id)):
+            if col.succeeded or col.frames_left:
+                self.write_images(root, col, count=None if col.succeeded else col.frames_left, overwrite=True)
 
 
 # -- file content generators (deterministic) --------------------------------------------------
@@ -251,38 +307,98 @@ def _payload(key: str, size: int) -> bytes:
     return random.Random(key).randbytes(size)
 
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 CBF_BINARY_MARKER = b"\x0c\x1a\x04\xd5"
 
 
+def frame_shape(pixels: int) -> tuple[int, int]:
+    """(slow, fast) dimensions of a frame of `pixels` pixels: near square, fast a power of two."""
+    fast = 1 << max(0, (pixels.bit_length() - 1) // 2)
+    while pixels % fast:
+        fast //= 2
+    return pixels // fast, fast
+
+
 def cbf_image(collection: Collection, index: int, size: int) -> bytes:
+    """A Pilatus miniCBF frame: a real header (fabio reads it) over `size` byte-offset pixels."""
+    slow, fast = frame_shape(size)
+    # Byte-offset compression: each byte is a pixel step, 0x80 would escape to a wider one.
+    pixels = _payload(f"{collection.collection_id}:{index}", size).replace(b"\x80", b"\x7f")
     header = (
         "###CBF: VERSION 1.5, CBFlib v0.7.8 - PILATUS detectors\n\n"
         f"data_{collection.prefix}_{index:04d}\n\n"
         "_array_data.header_convention \"PILATUS_1.2\"\n"
         "_array_data.header_contents\n;\n"
-        "# Detector: PILATUS 6M, S/N 60-0100 Diamond\n"
+        f"# Detector: {DETECTOR_CBF}\n"
         f"# {(collection.start + dt.timedelta(seconds=index)).isoformat()}\n"
         "# Pixel_size 172e-6 m x 172e-6 m\n# Silicon sensor, thickness 0.000450 m\n"
         "# Exposure_time 0.0400000 s\n# Wavelength 0.97625 A\n# Detector_distance 0.29800 m\n"
         f"# Start_angle {index * 0.1:.4f} deg.\n# Angle_increment 0.1000 deg.\n;\n\n"
         "_array_data.data\n;\n--CIF-BINARY-FORMAT-SECTION--\n"
         "Content-Type: application/octet-stream;\n     conversions=\"x-CBF_BYTE_OFFSET\"\n"
-        f"X-Binary-Size: {size}\nX-Binary-Element-Type: \"signed 32-bit integer\"\n\n"
+        "Content-Transfer-Encoding: BINARY\n"
+        f"X-Binary-Size: {size}\nX-Binary-ID: 1\nX-Binary-Element-Type: \"signed 32-bit integer\"\n"
+        "X-Binary-Element-Byte-Order: LITTLE_ENDIAN\n"
+        f"X-Binary-Number-of-Elements: {size}\nX-Binary-Size-Fastest-Dimension: {fast}\n"
+        f"X-Binary-Size-Second-Dimension: {slow}\nX-Binary-Size-Padding: 0\n\n"
     ).encode()
     trailer = b"\n--CIF-BINARY-FORMAT-SECTION----\n;\n"
-    return header + CBF_BINARY_MARKER + _payload(f"{collection.collection_id}:{index}", size) + trailer
+    return header + CBF_BINARY_MARKER + pixels + trailer
 
 
-def hdf5_file(name: str, size: int) -> bytes:
-    # A superblock-signed file: enough for format detection and header checks; not a full HDF5 tree.
-    return HDF5_SIGNATURE + b"\x00" * 8 + name.encode().ljust(64, b"\x00") + _payload(name, size)
+def _hdf5_bytes(build: Callable[[h5py.File], None]) -> bytes:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", track_order=True) as f:
+        build(f)
+    return buffer.getvalue()
+
+
+def _data_file_frames(collection: Collection, number: int) -> range:
+    first = (number - 1) * FRAMES_PER_DATA_FILE
+    return range(first, min(first + FRAMES_PER_DATA_FILE, collection.images))
+
+
+def hdf5_data_file(collection: Collection, number: int, size: int) -> bytes:
+    """An Eiger data file: `/entry/data/data` holds its frames (uint16, `size` bytes each)."""
+    frames = _data_file_frames(collection, number)
+    shape = (len(frames), *frame_shape(max(1, size // 2)))
+    pixels = np.frombuffer(_payload(f"{collection.collection_id}:h5:{number}", 2 * int(np.prod(shape))),
+                           dtype="<u2").reshape(shape)
+
+    def build(f: h5py.File) -> None:
+        f.create_dataset("/entry/data/data", data=pixels, track_times=False)
+    return _hdf5_bytes(build)
+
+
+def hdf5_master(collection: Collection) -> bytes:
+    """An Eiger master file: detector metadata and `/entry/data` external links to its data files."""
+    data_files = [n for n in collection.file_names() if "_data_" in n]
+
+    def build(f: h5py.File) -> None:
+        entry = f.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        detector = entry.create_group("instrument/detector")
+        detector.create_dataset("description", data=DETECTOR_HDF5, track_times=False)
+        detector.create_dataset("count_time", data=0.002, track_times=False)
+        data = entry.create_group("data")
+        data.attrs["NX_class"] = "NXdata"
+        for number, name in enumerate(data_files, start=1):
+            data[f"data_{number:06d}"] = h5py.ExternalLink(name, "/entry/data/data")
+    return _hdf5_bytes(build)
 
 
 def image_bytes(collection: Collection, name: str, index: int, size: int) -> bytes:
+    """The content of one of the collection's files (`index` counts from 1 in `file_names()`)."""
+    if name.endswith("_master.h5"):
+        return hdf5_master(collection)
     if name.endswith(".h5"):
-        return hdf5_file(name, 512 if name.endswith("_master.h5") else size * 4)
+        return hdf5_data_file(collection, int(name.rsplit("_", 1)[1].removesuffix(".h5")), size)
     return cbf_image(collection, index, size)
+
+
+def write_image(path: Path, collection: Collection, index: int, size: int) -> None:
+    data = image_bytes(collection, path.name, index, size)
+    # A detector fault: the header is gone, the pixels are there.
+    path.write_bytes(b"\x00" * 64 + data[64:] if collection.corrupt else data)
 
 
 def pdb_text(target: Target, exp: Experiment, *, bound: bool = True) -> str:

@@ -265,7 +265,7 @@ class IspybEmulator:
             "xBeamPix": None, "yBeamPix": None, "magnification": None, "binning": None,
             "particleDiameter": None, "defocusStepSize": None, "amountAstigmatism": None, "voltage": None,
             "objAperture": None, "dataCollectionId": col.collection_id,
-            "DataCollectionGroup": {"dataCollectionGroupId": col.group_id, "experimentType": "OSC",
+            "DataCollectionGroup": {"dataCollectionGroupId": col.group_id, "experimentType": col.experiment_type,
                                     "Workflow": None},
             "GridInfo": [],
             "_metadata": {"snapshots": {"1": True, "2": False, "3": False, "4": False}},

@@ -1,9 +1,28 @@
-"""On-disk checks of a data collection's raw files: which files its template names, and a signature.
+"""On-disk checks of a data collection's raw files: which files are its own, and a signature.
 
-Blocking (directory scans and stats): call from `asyncio.to_thread`. Three template styles exist:
-`x_%04d.cbf` (printf), `x_####.cbf` (hashes) and an HDF5 `x_master.h5` whose data files
-`x_data_000001.h5`... sit beside it. The first image number is not always 1, so a printf or hash
-template matches any number of its width and the files matching are counted.
+Blocking (directory scans, stats, HDF5 headers): call from `asyncio.to_thread`. Three template styles
+exist: `x_%04d.cbf` (printf), `x_####.cbf` (hashes) and an HDF5 `x_master.h5`.
+
+Which files a collection owns. ISPyB exposes neither `startImageNumber` nor the run number (recorded
+py-ispyb, fact 18), and two collections may name the same directory and template (fact 19: the failed
+90403 and its re-collection 90404). So a dataset is complete only when its files can be shown to be
+its own, from what the API and the file system offer:
+
+1. Exactly its frames. A frame template must match exactly `numberOfImages` files with consecutive
+   frame numbers (the first need not be 1); fewer is "not there yet" (wait), more or a gap is not
+   attributable. An HDF5 master must open (h5py: links and shapes, never pixel data), every data file
+   its `/entry/data` external links (or virtual dataset sources) name must be beside it, open, and be
+   at least as large as its datasets' stored bytes, and their frames must add up to `numberOfImages`.
+2. Written during its own run. Every file's mtime lies within the collection's start..end, read in
+   the facility's time zone (ISPyB's naive times are facility-local: `ispyb.timezone`), widened by
+   `ispyb.mtime_slack` on both sides.
+3. No other run could have written them. Every other known collection (a `datasets` row) in the same
+   directory whose template names any of these files must have failed (run status without "success"),
+   with known times, and no file's mtime may fall within that run's window. A re-collection that
+   overwrote a failed run's files is therefore attributable; two successful (or running) collections
+   writing the same names never are, whatever the mtimes say.
+
+When 2 or 3 fails the dataset needs a person; the reason names the other collection.
 """
 
 from __future__ import annotations
@@ -12,34 +31,103 @@ import datetime as dt
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from zoneinfo import ZoneInfo
+
+import h5py
 
 _PRINTF = re.compile(r"%0?(\d*)d")
 _HASHES = re.compile(r"#+")
 _MASTER = re.compile(r"^(?P<prefix>.+)_master\.h5$")
+DATA_GROUP = "/entry/data"
 
 
 @dataclass(frozen=True)
 class Expectation:
-    """What a template asks for: files matching `pattern`, at least `count` of them."""
+    """What a template names: files matching `pattern` (the frame number is group `frame`), `count` of them."""
 
     pattern: re.Pattern[str]
     count: int
-    # For HDF5: the master file that must be among them (data files are counted apart).
+    # For HDF5: the master file, whose links name the data files.
     master: str | None = None
 
 
 @dataclass(frozen=True)
+class FileStat:
+    name: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def mtime(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.mtime_ns / 1e9, dt.UTC)
+
+
+@dataclass(frozen=True)
 class DirScan:
-    """The dataset's files as found on disk (only those its template names)."""
+    """The dataset's files as found on disk (only those it would pack)."""
 
     exists: bool
-    files: tuple[str, ...] = ()  # names relative to the directory, sorted
-    total_bytes: int = 0
-    signature: str | None = None  # over names, sizes and mtimes: any change to the files changes it
-    last_change: dt.datetime | None = None  # newest mtime among the files (UTC)
+    stats: tuple[FileStat, ...] = ()  # sorted by name
     shortfall: str | None = None  # why the files are not all there yet, or None when they are
+    mismatch: str | None = None  # why these files cannot be exactly this collection's frames
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stats)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.stats)
+
+    @property
+    def signature(self) -> str | None:
+        """Over names, sizes and mtimes: any change to the files changes it."""
+        if not self.stats:
+            return None
+        digest = hashlib.sha256()
+        for s in self.stats:
+            digest.update(f"{s.name}\0{s.size}\0{s.mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+    @property
+    def last_change(self) -> dt.datetime | None:
+        """The newest mtime among the files (UTC)."""
+        return max((s.mtime for s in self.stats), default=None)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One data collection as the attribution rule sees it (ISPyB's naive facility-local times)."""
+
+    collection_id: int
+    template: str
+    run_status: str | None
+    start: dt.datetime | None
+    end: dt.datetime | None
+
+    @property
+    def failed(self) -> bool:
+        """Ended without success: ISPyB's "failed" means "not success" (fact 10), never a running one."""
+        return bool(self.run_status) and "success" not in (self.run_status or "").lower()
+
+    def window(self, zone: ZoneInfo, slack: float) -> tuple[dt.datetime, dt.datetime] | None:
+        """Start..end as aware UTC times, widened by `slack`; both readings of an hour a DST change repeats."""
+        if self.start is None or self.end is None:
+            return None
+        start = min(_local(self.start, zone, fold) for fold in (0, 1))
+        end = max(_local(self.end, zone, fold) for fold in (0, 1))
+        margin = dt.timedelta(seconds=slack)
+        return start - margin, end + margin
+
+    def describe(self) -> str:
+        return f"collection {self.collection_id} ({self.run_status or 'still running'})"
+
+
+def _local(naive: dt.datetime, zone: ZoneInfo, fold: int) -> dt.datetime:
+    return naive.replace(tzinfo=None, fold=fold).replace(tzinfo=zone).astimezone(dt.UTC)
 
 
 def map_path(facility_dir: str, path_map: dict[str, str]) -> str:
@@ -60,53 +148,188 @@ def map_path(facility_dir: str, path_map: dict[str, str]) -> str:
 
 
 def expectation(template: str, number_of_images: int | None) -> Expectation:
-    images = max(1, number_of_images or 1)
+    images = max(0, number_of_images or 0)
     if (master := _MASTER.match(template)) is not None:
         prefix = re.escape(master["prefix"])
-        return Expectation(re.compile(rf"^{prefix}_(master|meta|data_\d+)\.h5$"), 2, master=template)
+        return Expectation(re.compile(rf"^{prefix}_(master|meta|data_\d+)\.h5$"), images, master=template)
     if _PRINTF.search(template):
-        parts = _PRINTF.split(template)  # literal, width, literal, width, ..., literal
-        regex = "".join(re.escape(p) if i % 2 == 0 else (rf"\d{{{p}}}" if p else r"\d+") for i, p in enumerate(parts))
+        regex = _PRINTF.sub(lambda m: rf"(?P<frame>\d{{{m[1]}}})" if m[1] else r"(?P<frame>\d+)",
+                            re.escape(template), count=1)
         return Expectation(re.compile(f"^{regex}$"), images)
     if _HASHES.search(template):
-        regex = _HASHES.sub(lambda m: rf"\d{{{len(m.group())}}}", re.escape(template).replace(r"\#", "#"))
+        escaped = re.escape(template).replace(r"\#", "#")
+        regex = _HASHES.sub(lambda m: rf"(?P<frame>\d{{{len(m.group())}}})", escaped, count=1)
         return Expectation(re.compile(f"^{regex}$"), images)
     return Expectation(re.compile(f"^{re.escape(template)}$"), 1)  # one file named as it is
 
 
-def _shortfall(expected: Expectation, names: list[str]) -> str | None:
-    if expected.master is not None:
-        if expected.master not in names:
-            return f"HDF5 master file {expected.master} not on disk yet"
-        if not any("_data_" in name for name in names):
-            return f"no HDF5 data files beside {expected.master} yet"
-        return None
-    if len(names) < expected.count:
-        return f"{len(names)} of {expected.count} image files on disk"
-    return None
+def _stat(directory: Path, names: Iterable[str]) -> tuple[FileStat, ...]:
+    stats = []
+    for name in sorted(set(names)):
+        st = (directory / name).stat()
+        stats.append(FileStat(name, st.st_size, st.st_mtime_ns))
+    return tuple(stats)
 
 
 def scan_dataset(directory: Path, template: str, number_of_images: int | None) -> DirScan:
-    """Find the files `template` names in `directory`, with their sizes, mtimes and a signature."""
+    """Find the files `template` names in `directory`, with their sizes and mtimes."""
     expected = expectation(template, number_of_images)
     try:
-        entries = list(os.scandir(directory))
+        entries = [e.name for e in os.scandir(directory) if expected.pattern.match(e.name) and e.is_file()]
     except FileNotFoundError:
         return DirScan(exists=False)
-    stats: list[tuple[str, int, int]] = []
-    for entry in entries:
-        if expected.pattern.match(entry.name) and entry.is_file():
-            st = entry.stat()
-            stats.append((entry.name, st.st_size, st.st_mtime_ns))
-    stats.sort()
-    digest = hashlib.sha256()
-    for name, size, mtime_ns in stats:
-        digest.update(f"{name}\0{size}\0{mtime_ns}\n".encode())
-    newest = max((mtime_ns for _, _, mtime_ns in stats), default=None)
-    names = [name for name, _, _ in stats]
-    return DirScan(
-        exists=True, files=tuple(names), total_bytes=sum(size for _, size, _ in stats),
-        signature=digest.hexdigest() if stats else None,
-        last_change=dt.datetime.fromtimestamp(newest / 1e9, dt.UTC) if newest is not None else None,
-        shortfall=_shortfall(expected, names),
-    )
+    if expected.master is not None:
+        return _scan_hdf5(directory, expected.master, entries, number_of_images)
+    stats = _stat(directory, entries)
+    return DirScan(exists=True, stats=stats, **_frame_verdict(expected, [s.name for s in stats], number_of_images))
+
+
+def _frame_verdict(expected: Expectation, names: list[str], number_of_images: int | None) -> dict[str, str]:
+    if "frame" not in expected.pattern.groupindex:
+        return {} if names else {"shortfall": "the file is not on disk yet"}
+    if not number_of_images:
+        return {"mismatch": "ISPyB gives no number of images: which frames are this collection's cannot be shown"}
+    frames = sorted(int(expected.pattern.match(name)["frame"]) for name in names)
+    if len(frames) < number_of_images:
+        return {"shortfall": f"{len(frames)} of {number_of_images} image files on disk"}
+    if len(frames) > number_of_images:
+        return {"mismatch": f"{len(frames)} files match the template where ISPyB says {number_of_images} images "
+                            f"(frames {frames[0]}..{frames[-1]}): other runs' frames are among them"}
+    if frames[-1] - frames[0] + 1 != len(frames):
+        return {"mismatch": f"frames {frames[0]}..{frames[-1]} have gaps: {len(frames)} files are not "
+                            "one run's consecutive frames"}
+    return {}
+
+
+# -- HDF5: the master names its data files ----------------------------------------------------------
+@dataclass(frozen=True)
+class _Block:
+    """One dataset of frames a master links to: in which file, at which path."""
+
+    file: str
+    path: str
+
+
+def master_blocks(master: Path) -> list[_Block]:
+    """The frame datasets `/entry/data` refers to: external links, virtual dataset sources, or itself.
+
+    Reads the link table and dataset layouts only; no pixel data, and no linked file is opened.
+    """
+    blocks: list[_Block] = []
+    with h5py.File(master, "r") as f:
+        group = f.get(DATA_GROUP)
+        if not isinstance(group, h5py.Group):
+            raise OSError(f"{master.name} has no {DATA_GROUP} group")
+        for key in sorted(group):
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                blocks.append(_Block(PurePosixPath(link.filename).name, link.path))
+                continue
+            item = group.get(key)
+            if isinstance(item, h5py.Dataset) and item.is_virtual:
+                blocks += [_Block(PurePosixPath(s.file_name).name if s.file_name != "." else master.name,
+                                  s.dset_name) for s in item.virtual_sources()]
+            elif isinstance(item, h5py.Dataset):
+                blocks.append(_Block(master.name, item.name))
+    return blocks
+
+
+def block_frames(path: Path, dataset: str) -> int:
+    """Frames in one data file's dataset, from its shape; the file must hold the bytes its layout says."""
+    with h5py.File(path, "r") as f:
+        item = f.get(dataset)
+        if not isinstance(item, h5py.Dataset) or item.ndim < 3:
+            raise OSError(f"{path.name} has no frame stack at {dataset}")
+        stored = item.id.get_storage_size()
+        if path.stat().st_size < stored:
+            raise OSError(f"{path.name} is {path.stat().st_size} bytes, smaller than its {stored} stored bytes")
+        return int(item.shape[0])
+
+
+def _scan_hdf5(directory: Path, master: str, entries: list[str], number_of_images: int | None) -> DirScan:
+    if master not in entries:
+        return DirScan(exists=True, stats=_stat(directory, entries),
+                       shortfall=f"HDF5 master file {master} not on disk yet")
+    try:
+        blocks = master_blocks(directory / master)
+    except OSError as exc:  # still being written, or damaged: h5py says which
+        return DirScan(exists=True, stats=_stat(directory, entries),
+                       shortfall=f"HDF5 master file {master} not readable yet: {exc}")
+    names = {master, *(b.file for b in blocks)}
+    meta = master.removesuffix("_master.h5") + "_meta.h5"
+    if meta in entries:
+        names.add(meta)
+    missing = sorted(name for name in names if not (directory / name).is_file())
+    if missing:
+        present = [name for name in names if name not in missing]
+        return DirScan(exists=True, stats=_stat(directory, present),
+                       shortfall=f"{len(missing)} data file(s) named by {master} not on disk: {', '.join(missing[:3])}")
+    stats = _stat(directory, names)
+    frames = 0
+    for block in blocks:
+        try:
+            frames += block_frames(directory / block.file, block.path)
+        except OSError as exc:
+            return DirScan(exists=True, stats=stats, shortfall=f"data file {block.file} not readable yet: {exc}")
+    if number_of_images and frames < number_of_images:
+        return DirScan(exists=True, stats=stats,
+                       shortfall=f"{master} names {frames} of {number_of_images} frames")
+    if number_of_images and frames > number_of_images:
+        return DirScan(exists=True, stats=stats,
+                       mismatch=f"{master} names {frames} frames where ISPyB says {number_of_images}")
+    if frames == 0:
+        return DirScan(exists=True, stats=stats, shortfall=f"{master} names no frames yet")
+    return DirScan(exists=True, stats=stats)
+
+
+# -- attribution ------------------------------------------------------------------------------------
+def sharing(scan: DirScan, others: Iterable[Run]) -> list[Run]:
+    """The other collections whose template names any of the scanned files."""
+    files = scan.files
+    found = []
+    for other in others:
+        pattern = expectation(other.template, None).pattern
+        if any(pattern.match(name) for name in files):
+            found.append(other)
+    return found
+
+
+def attribution_problem(scan: DirScan, own: Run, others: list[Run], zone: ZoneInfo, slack: float) -> str | None:
+    """Why the scanned files cannot be shown to be `own`'s, or None when they can (see the module doc).
+
+    `others` are the other collections in the same directory whose template names these files.
+    """
+    if scan.mismatch is not None:
+        return scan.mismatch + _naming(others)
+    for other in others:
+        if not other.failed:
+            return (f"{other.describe()} names the same files ({other.template}): which run wrote them "
+                    "cannot be shown")
+    window = own.window(zone, slack)
+    if window is None:
+        return "ISPyB gives no start or end time: whether the files were written by this run cannot be shown"
+    for other in others:
+        theirs = other.window(zone, slack)
+        if theirs is None:
+            return f"{other.describe()} names the same files and ISPyB gives it no start or end time"
+        written = [s for s in scan.stats if theirs[0] <= s.mtime <= theirs[1]]
+        if written:
+            return (f"{len(written)} of {len(scan.stats)} files were last written during {other.describe()} "
+                    f"({_span(theirs, zone)}), e.g. {written[0].name}")
+    outside = [s for s in scan.stats if not window[0] <= s.mtime <= window[1]]
+    if outside:
+        return (f"{len(outside)} of {len(scan.stats)} files were modified outside this collection's run "
+                f"({_span(window, zone)}), e.g. {outside[0].name} at {_at(outside[0].mtime, zone)}" + _naming(others))
+    return None
+
+
+def _naming(others: list[Run]) -> str:
+    return f"; {', '.join(o.describe() for o in others)} names the same files" if others else ""
+
+
+def _at(when: dt.datetime, zone: ZoneInfo) -> str:
+    return when.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _span(window: tuple[dt.datetime, dt.datetime], zone: ZoneInfo) -> str:
+    return f"{_at(window[0], zone)} to {_at(window[1], zone)}"

@@ -10,16 +10,20 @@ and writes nothing. Most groups hold one collection, which the session's event d
 `work` checks each dataset on disk:
 
     discovered ──► waiting (files missing, still written, or the run not finished) ──► complete
-        └─► skipped (the run failed: reason)        └─► missing (no directory after missing_deadline;
-                                                                  looked for again hourly)
+        └─► skipped (the run failed: reason)        ├─► missing (no directory after missing_deadline;
+                                                    │             looked for again hourly)
+                                                    └─► needs_attention (the files cannot be shown to be
+                                                                         this collection's: reason)
 
-A dataset is complete when its run succeeded and ended, the files its template names are all there,
-and they have not changed (names, sizes, mtimes) for `quiet_period`. The files' own mtimes count as
+A dataset is complete when its run succeeded and ended, the files it would pack are exactly its own
+(`datafiles` documents the attribution rule: frame count, mtimes within the run in the facility's
+time zone, no other run naming the same files), and they have not changed (names, sizes, mtimes)
+for `quiet_period`. The files' own mtimes count as
 evidence of quiet, so data collected long ago completes on its first check; a site whose file server
 clock runs behind ours by more than `quiet_period` would see that shortcut too early.
 
-ISPyB datetimes are naive facility-local times; they are stored as if they were UTC (the facility's
-zone is not known), which is only compared with itself or against day-long windows.
+ISPyB datetimes are naive facility-local times; they are stored as if they were UTC and read back in
+`ispyb.timezone` where they meet real clocks (file mtimes).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from mirrord.clients.errors import UpstreamError
 from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, IspybSession
 from mirrord.config import IspybSection
 from mirrord.jobs.base import Job, JobContext, RunResult, aware
-from mirrord.jobs.datafiles import DirScan, map_path, scan_dataset
+from mirrord.jobs.datafiles import DirScan, Run, attribution_problem, map_path, scan_dataset, sharing
 from mirrord.store.items import clear_retries, log_event, move
 from mirrord.store.models import Dataset, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
@@ -75,6 +79,15 @@ def make_client(section: IspybSection, **http: Any) -> IspybClient:
     token = section.token.get_secret_value() if section.token else None
     return IspybClient(section.url, plugin=section.plugin, login=section.login, password=password, token=token,
                        http=http or None)
+
+
+def _naive(when: dt.datetime | None) -> dt.datetime | None:
+    """The store keeps ISPyB's naive facility-local times labelled UTC: take the label off again."""
+    return when.replace(tzinfo=None) if when is not None else None
+
+
+def _run(row: Dataset) -> Run:
+    return Run(row.collection_id, row.file_template or "", row.run_status, _naive(row.start), _naive(row.end))
 
 
 def _proposal(s: IspybSession) -> str:
@@ -257,7 +270,7 @@ class IspybJob(Job):
             "sample_name": c.sample_name, "sample_id": c.sample_id, "facility_dir": c.image_directory,
             "local_dir": map_path(c.image_directory, self.section.path_map) if c.image_directory else None,
             "file_template": c.file_template, "number_of_images": c.number_of_images, "run_status": c.run_status,
-            "start": aware(c.start), "end": aware(c.end),
+            "experiment_type": c.experiment_type, "start": aware(c.start), "end": aware(c.end),
         }
         if acronym is not None:  # never forget an acronym because one lookup failed
             values["protein_acronym"] = acronym
@@ -311,7 +324,7 @@ class IspybJob(Job):
             return
         if row.state in WORKABLE:
             row.next_attempt_at = None
-        elif row.state in ("skipped", "missing"):
+        elif row.state in ("skipped", "missing", "needs_attention"):
             move(session, row, "discovered", f"ISPyB changed: {', '.join(decisive)}", instance=self.ctx.instance)
             row.next_attempt_at = None
         else:
@@ -338,10 +351,10 @@ class IspybJob(Job):
                 if not await self._record_verdict(item.id, verdict):
                     continue
                 result.count(f"datasets_{verdict.state}")
-                if verdict.state == "missing" and item.state != "missing":  # said once, not at every recheck
-                    self.log.error("dataset.missing", dataset=item.id, directory=item.local_dir,
+                if verdict.state in ("missing", "needs_attention") and item.state != verdict.state:  # said once
+                    self.log.error(f"dataset.{verdict.state}", dataset=item.id, directory=item.local_dir,
                                    reason=verdict.reason)
-                    self.ctx.notifier.item("dataset", str(item.id), "missing", verdict.reason)
+                    self.ctx.notifier.item("dataset", str(item.id), verdict.state, verdict.reason)
 
     async def _record_verdict(self, dataset_id: int, verdict: Verdict) -> bool:
         """Like `Job.transition`, plus the `reason` column; False if another replica took the item over."""
@@ -382,6 +395,9 @@ class IspybJob(Job):
         files = {"files": list(scan.files), "total_bytes": scan.total_bytes, "files_signature": scan.signature}
         if scan.shortfall is not None:
             return self._wait(now, scan.shortfall, section.quiet_period, **files, stable_since=None)
+        if (problem := await self._attribution(item, scan)) is not None:
+            # Nothing of these files is packed: a person decides whose they are.
+            return Verdict("needs_attention", problem, {**files, "last_error": problem, "next_attempt_at": None})
         stable_since = self._stable_since(item, scan, now)
         quiet_until = stable_since + dt.timedelta(seconds=section.quiet_period)
         if now >= quiet_until:
@@ -389,6 +405,15 @@ class IspybJob(Job):
                            f"{stable_since:%Y-%m-%d %H:%M:%S}Z", {**files, "stable_since": stable_since})
         return self._wait(now, "files changed within the quiet period", (quiet_until - now).total_seconds(),
                           **files, stable_since=stable_since)
+
+    async def _attribution(self, item: Dataset, scan: DirScan) -> str | None:
+        """Why the files cannot be shown to be this collection's (`datafiles` documents the rule)."""
+        async with self.store.read() as session:
+            neighbours = (await session.scalars(select(Dataset).where(
+                Dataset.local_dir == item.local_dir, Dataset.id != item.id,
+                Dataset.file_template.is_not(None)))).all()
+        others = sharing(scan, [_run(row) for row in neighbours])
+        return attribution_problem(scan, _run(item), others, self.section.zone, self.section.mtime_slack)
 
     @staticmethod
     def _stable_since(item: Dataset, scan: DirScan, now: dt.datetime) -> dt.datetime:
