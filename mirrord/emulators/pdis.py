@@ -232,12 +232,14 @@ class PdisEmulator:
 
     `step_seconds=None` stops the clock: only `advance()` moves it. `bandwidth` caps upload speed
     in bytes/s (benchmarks); `max_upload_bytes` answers 413 beyond it; `existing_pdb_ids` are PDB
-    ids the repository already holds (`is_pdb_exists`).
+    ids the repository already holds (`is_pdb_exists`); `detect_as` maps a PDB id to the one the
+    server detects instead (the data is another crystal's: the answer's `pdbid` is not the sender's).
     """
 
     def __init__(self, *, storage_dir: Path, users: Mapping[str, str] | None = None,
                  step_seconds: float | None = 0.2, faults: Faults | None = None, bandwidth: float | None = None,
-                 max_upload_bytes: int | None = None, existing_pdb_ids: set[str] | None = None) -> None:
+                 max_upload_bytes: int | None = None, existing_pdb_ids: set[str] | None = None,
+                 detect_as: Mapping[str, str] | None = None) -> None:
         self.storage_dir = Path(storage_dir)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.users = dict(users if users is not None else {"you@lab.edu": "secret"})
@@ -245,6 +247,7 @@ class PdisEmulator:
         self.bandwidth = bandwidth
         self.max_upload_bytes = max_upload_bytes
         self.existing_pdb_ids = {p.upper() for p in existing_pdb_ids or ()}
+        self.detect_as = {k.upper(): v.upper() for k, v in (detect_as or {}).items()}
         self.uploads_by_md5: Counter[str] = Counter()  # accepted (201) uploads per md5
         self.submissions_by_md5: Counter[str] = Counter()  # accepted submits per md5: exactly once?
         # The next N uploads are stored damaged (as if corrupted in transit): their md5 is not the sent one.
@@ -293,6 +296,11 @@ class PdisEmulator:
 
     def stored_path(self, token: str) -> Path:
         return self._records[token].stored
+
+    @property
+    def held(self) -> dict[str, str]:
+        """Status by token of every upload the server still holds (deleted ones are gone)."""
+        return {token: self.status_of(token) for token in list(self._records)}
 
     def fail_next(self, path: str, status: int | str) -> None:
         """Fail the next request under `path` ("/upload/" or a full path).
@@ -422,6 +430,7 @@ class PdisEmulator:
             received.md5hash = hashlib.md5(received.md5hash.encode()).hexdigest()  # noqa: S324 - a fake digest
         stored = received.path.rename(self.storage_dir / f"{token}{received.suffix}")
         pdbid = pdb_id_in(received.inner_name)
+        pdbid = self.detect_as.get(pdbid, pdbid) if pdbid else None
         published = {r.pdbid for r in self._records.values() if r.status == "published"}
         now = _now()
         self._seq += 1

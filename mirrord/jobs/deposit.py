@@ -1,11 +1,21 @@
 """PDIS deposition job: pack complete datasets, upload them, submit them once, follow them to `published`.
 
     queued ─► packing ─► packed ─► uploading ─► uploaded ─► submitted ─► pending ─► validated ─► published
-      │          └─► needs_attention (preflight: no readable images)        └─► needs_attention (PDIS verdict)
-      └─► not_deposited (policy) / dry_run (what would happen)          failed: gave up after retries
+      │          └─► needs_attention (preflight)            │                       └─► needs_attention (PDIS verdict)
+      └─► not_deposited (policy, superseded)                └─► withdrawing ─► already_in_pdis | needs_attention
+          / dry_run (what would happen)                         (PDIS's upload answer says stop)
+                                                             failed: gave up after retries
 
 `poll` decides (see `deposit_policy`): one `Deposition` per complete dataset, re-decided while nothing
-has left the host; then it reads the status of submissions in flight whose check is due.
+has left the host, one per PDB code; then it reads the status of submissions in flight whose check is due.
+
+Listening to PDIS. The upload answer names the PDB id PDIS detected in the data (`pdbid`) and whether
+it already holds a dataset for it (`is_pdb_exists`); both are recorded, and before submitting: a
+detected id other than ours means the data may be another crystal's (needs a person), an existing
+dataset means PDIS has this structure already (`already_in_pdis`, unless
+`pdis.allow_additional_datasets`). Either way the upload is withdrawn: `withdrawing` records why, then
+deletes it (allowed while `uploaded`), so a restart in between finishes the delete. An upload adopted
+after a lost answer has no verdict: it is deleted and uploaded again to hear one.
 `work` runs a packing loop and an uploading loop side by side, each bounded by its own concurrency.
 
 Exactly once. Submitting is irreversible, so every step checks its postcondition on PDIS first:
@@ -48,11 +58,10 @@ from mirrord.jobs.base import Job, JobContext, LeaseLost, RunResult
 from mirrord.jobs.deposit_policy import (
     DatasetFacts,
     Decision,
-    decide,
-    facts_for,
+    decision_for,
     needs_equipment,
     resolve_equipment,
-    undecided_facts,
+    undecided,
 )
 from mirrord.store.items import log_event, move
 from mirrord.store.models import Deposition, utcnow
@@ -60,8 +69,9 @@ from mirrord.store.models import Deposition, utcnow
 QUEUED, PACKING, PACKED, UPLOADING, UPLOADED = "queued", "packing", "packed", "uploading", "uploaded"
 SUBMITTED, PUBLISHED = "submitted", "published"
 NEEDS_ATTENTION, NOT_DEPOSITED, DRY_RUN = "needs_attention", "not_deposited", "dry_run"
+WITHDRAWING, ALREADY_IN_PDIS = "withdrawing", "already_in_pdis"
 PACK_STATES = (QUEUED, PACKING)
-UPLOAD_STATES = (PACKED, UPLOADING, UPLOADED)
+UPLOAD_STATES = (PACKED, UPLOADING, UPLOADED, WITHDRAWING)
 IN_FLIGHT_STATES = tuple(sorted(pdis.IN_FLIGHT))  # local state == PDIS status while PDIS works on it
 # States in which the spool file is (or may soon be) needed; anywhere else it is removed.
 SPOOL_STATES = frozenset({QUEUED, PACKING, PACKED, UPLOADING, UPLOADED, *IN_FLIGHT_STATES})
@@ -80,6 +90,11 @@ def pack_for_deposit(facts: DatasetFacts, dest: Path, *, level: int,
     assert facts.local_dir is not None
     return pack_dataset(Path(facts.local_dir), dest, files=list(facts.files), arcname_root=facts.archive_root,
                         level=level, progress=progress)
+
+
+def _mismatch(detected: str | None, ours: str | None) -> bool:
+    """PDIS detected a PDB id in the data, and it is not the one we would submit (or we would submit none)."""
+    return bool(detected) and detected.upper() != (ours or "").upper()
 
 
 def upload_filename(facts: DatasetFacts, decision: Decision) -> str:
@@ -149,8 +164,7 @@ class DepositJob(Job):
 
     async def _decide(self, result: RunResult) -> None:
         async with self.store.read() as session:
-            candidates = await undecided_facts(session)
-        decided = [(facts, decide(facts, self.section)) for facts in candidates]
+            decided = await undecided(session, self.section)
         equipment = []
         if any(needs_equipment(d) for _f, d in decided):
             equipment = await self.client.equipment()  # network, outside any transaction
@@ -246,7 +260,8 @@ class DepositJob(Job):
             items = await self.claim(Deposition, UPLOAD_STATES)
             if items:
                 dep = items[0]
-                step = {PACKED: self._upload, UPLOADING: self._upload, UPLOADED: self._submit}[dep.state]
+                step = {PACKED: self._upload, UPLOADING: self._upload, UPLOADED: self._submit,
+                        WITHDRAWING: self._withdraw}[dep.state]
                 await self._step(dep, step, result)
             elif wake.packing:
                 await wake.wait()
@@ -353,7 +368,7 @@ class DepositJob(Job):
         metrics.bytes_uploaded.labels("pdis").inc(dep.zst_size or 0)
         result.count("uploaded")
         recorded = dict(upload_token=answer.token, server_md5=answer.md5hash, server_size=answer.size,
-                        pdis_status=pdis.UPLOADED)
+                        pdis_status=pdis.UPLOADED, detected_pdb=answer.pdbid, pdb_exists=answer.is_pdb_exists)
         if (answer.md5hash, answer.size) != (dep.tar_md5, dep.tar_size):
             await self._attention(dep.id, f"integrity: PDIS stored md5 {answer.md5hash} ({answer.size} bytes), "
                                   f"we packed {dep.tar_md5} ({dep.tar_size} bytes); not submitted", **recorded)
@@ -397,6 +412,13 @@ class DepositJob(Job):
         if not decision.deposit:
             await self._delete_remote(dep.upload_token)
             return await self._not_deposited(dep, decision)
+        if dep.pdb_exists is None and not self.section.allow_additional_datasets:
+            return await self._upload_again(dep)
+        if (stop := self._pdis_says_stop(dep, decision, detected=sub.pdbid)) is not None:
+            found = dep.detected_pdb if dep.pdb_exists is not None else sub.pdbid
+            dep = await self.transition(Deposition, dep.id, WITHDRAWING, stop, status_details=stop,
+                                        detected_pdb=found, pdb_code=decision.pdb_code, release=False)
+            return await self._withdraw(dep, result)
         metadata = await self._metadata(dep, facts, decision)
         try:
             status = await self.client.submit(dep.upload_token, metadata)
@@ -413,6 +435,43 @@ class DepositJob(Job):
             authors=metadata.project_authors, synchrotron_id=metadata.synchrotron_id,
             beamline_id=metadata.beamline_id, equipment_other=metadata.equipment_other,
             next_attempt_at=self._next_check())
+
+    def _pdis_says_stop(self, dep: Deposition, decision: Decision, *, detected: str | None) -> str | None:
+        """Why PDIS's upload answer forbids the submit, or None. Upload answer first, else the submission's."""
+        found = (dep.detected_pdb if dep.pdb_exists is not None else detected) or None
+        ours = decision.pdb_code
+        if _mismatch(found, ours):
+            return (f"PDIS detected PDB {found} in the data, we would submit it as {ours or 'other'}: "
+                    "not submitted, upload withdrawn")
+        if dep.pdb_exists and not self.section.allow_additional_datasets:
+            return f"PDIS already holds a dataset for PDB {ours}: not submitted, upload withdrawn"
+        return None
+
+    async def _withdraw(self, dep: Deposition, result: RunResult) -> None:
+        """Delete an upload PDIS's answer told us not to submit, then rest where the reason says.
+
+        `withdrawing` is recorded first, with the reason and the detected id, so this step is resumed
+        after a restart until the upload is gone."""
+        try:
+            await self.client.delete(dep.upload_token)
+        except NotFound:
+            pass  # deleted before a restart
+        reason = dep.status_details or "upload withdrawn"
+        result.count("withdrawn")
+        if _mismatch(dep.detected_pdb, dep.pdb_code):
+            return await self._attention(dep.id, reason, pdis_status="deleted")
+        await self.transition(Deposition, dep.id, ALREADY_IN_PDIS, reason, pdis_status="deleted")
+        self.log.info("deposition.already_in_pdis", deposition=dep.id, pdb_code=dep.pdb_code)
+
+    async def _upload_again(self, dep: Deposition) -> None:
+        """Adopted after a lost upload answer: PDIS's verdict on it was never heard, so ask again."""
+        try:
+            await self.client.delete(dep.upload_token)
+        except NotFound:
+            pass
+        await self.transition(Deposition, dep.id, PACKED, "PDIS's upload answer was lost: deleted the upload "
+                              "and uploading again to hear its verdict", upload_token=None, server_md5=None,
+                              server_size=None, pdis_status=None, detected_pdb=None)
 
     async def _metadata(self, dep: Deposition, facts: DatasetFacts, decision: Decision) -> SubmitMetadata:
         if decision.pdb_code:
@@ -474,10 +533,10 @@ class DepositJob(Job):
     async def _current(self, dep: Deposition) -> tuple[DatasetFacts, Decision]:
         """The policy's decision as of now (the dataset, its link or the config may have changed)."""
         async with self.store.read() as session:
-            facts = await facts_for(session, dep.dataset_id)
-        if facts is None:
+            found = await decision_for(session, dep.dataset_id, self.section)
+        if found is None:
             raise RuntimeError(f"dataset {dep.dataset_id} of deposition {dep.id} is gone")
-        return facts, decide(facts, self.section)
+        return found
 
     # -- spool housekeeping -----------------------------------------------------------------------
     async def _remove_spool_file(self, dep: Deposition) -> dt.datetime | None:

@@ -1,20 +1,36 @@
 """Which datasets mirrord may deposit on PDIS, and with what metadata.
 
 Publishing is irreversible, so the decision is a pure function of the store's facts and the
-configuration (`decide`), evaluated when a deposition is created, again on every poll while it has
+configuration (`decide_all`), evaluated when a deposition is created, again on every poll while it has
 not been uploaded, and once more right before the upload and the submit. `mirrord plan` shows the
 same decisions without touching PDIS.
+
+Only datasets are deposited: rotation collections (the group's ISPyB experiment type is one of
+`pdis.experiment_types`, "OSC" by default) of at least `pdis.min_images` frames. Grid scans ("Mesh",
+an ordinary `dc` event on the real server: recorded py-ispyb, fact 2), characterisation and screening
+shots are recorded with the reason. A row without an experiment type (discovered before mirrord read
+it) is not deposited until ISPyB says what it is: nothing irreversible happens on a guess.
+
+One deposition per PDB code. All complete rotation collections linked to experiments with one PDB
+code compete; one goes, the others are `not_deposited`, "superseded by collection N for PDB XXXX".
+The winner is, in this order: one that already reached PDIS and can no longer be taken back
+(submitted or beyond, or PDIS said the code has a dataset); else one whose archive may be on PDIS
+(uploading, uploaded, withdrawing); else the preferred candidate (`pdis.prefer`: the "newest" or
+"oldest" collection by its end time). A candidate whose deposition stopped before anything left the
+host (preflight, packing) drops out, so the next one goes. A collection linked later therefore never
+causes a second submission, and the check right before the submit settles a race between replicas.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mirrord.clients.pdis import Synchrotron
@@ -24,6 +40,11 @@ from mirrord.store.models import Dataset, Deposition, Experiment
 COMPLETE_DATASET_STATES = ("complete", "eligible")
 # Deposition states in which the decision may still change what happens (nothing has left the host).
 UNDECIDED_STATES = ("queued", "packed", "not_deposited", "dry_run")
+LOCAL_STATES = (*UNDECIDED_STATES, "packing")
+# Nothing can be taken back: submitted (or beyond), or PDIS already holds the PDB code.
+FINAL_STAGE_STATES = ("submitted", "pending", "validated", "published", "already_in_pdis")
+# The archive may be on PDIS (deletable while `uploaded`).
+SENT_STATES = ("uploading", "uploaded", "withdrawing")
 MIN_TITLE = 10  # PDIS refuses shorter project titles
 
 
@@ -42,10 +63,24 @@ class DatasetFacts:
     local_dir: str | None
     files: tuple[str, ...]
     total_bytes: int | None
+    experiment_type: str | None = None  # the group's ISPyB experimentType: "OSC", "Mesh", ...
+    number_of_images: int | None = None
+    collected_at: dt.datetime | None = None  # the collection's end (else start) time
     experiment_code: str | None = None
     pdb_code: str | None = None
     deposition_id: int | None = None
     deposition_state: str | None = None
+    uploaded: bool = False  # the deposition has an upload token or a submit time: PDIS has seen it
+
+    @property
+    def stage(self) -> int:
+        """How far this dataset's deposition has gone: 2 final, 1 on PDIS, 0 local, -1 stopped locally."""
+        state = self.deposition_state
+        if state in FINAL_STAGE_STATES:
+            return 2
+        if state in SENT_STATES or (state is not None and state not in LOCAL_STATES and self.uploaded):
+            return 1
+        return 0 if state is None or state in LOCAL_STATES else -1
 
     @property
     def archive_root(self) -> str:
@@ -82,6 +117,20 @@ def _listed(value: str | None, names: Sequence[str]) -> bool:
     return value is not None and value.lower() in {n.lower() for n in names}
 
 
+def _not_a_dataset(facts: DatasetFacts, section: PdisSection) -> str | None:
+    """Why this collection is not a rotation dataset (a grid scan, a screening shot, unknown)."""
+    kind = facts.experiment_type
+    wanted = ", ".join(section.experiment_types)
+    if not kind:
+        return f"ISPyB gives no experiment type: only rotation collections ({wanted}) are deposited"
+    if kind.lower() not in {t.lower() for t in section.experiment_types}:
+        return f"experiment type {kind} is not a rotation dataset (deposited: {wanted})"
+    if (facts.number_of_images or 0) < section.min_images:
+        return (f"{facts.number_of_images or 0} images: a screening shot, not a dataset "
+                f"(min_images = {section.min_images})")
+    return None
+
+
 def _filtered_out(facts: DatasetFacts, section: PdisSection) -> str | None:
     if section.include_proposals and not _listed(facts.proposal, section.include_proposals):
         return f"proposal {facts.proposal} is not in include_proposals"
@@ -112,6 +161,8 @@ def decide(facts: DatasetFacts, section: PdisSection) -> Decision:
         return Decision(False, f"dataset is {facts.dataset_state}, not complete")
     if not facts.local_dir or not facts.files:
         return Decision(False, "dataset has no files on disk")
+    if (why := _not_a_dataset(facts, section)) is not None:
+        return Decision(False, why)
     if (why := _filtered_out(facts, section)) is not None:
         return Decision(False, why)
     if facts.pdb_code:
@@ -130,6 +181,34 @@ def decide(facts: DatasetFacts, section: PdisSection) -> Decision:
     if not section.authors.strip():
         return Decision(False, "authors is not configured (required without a PDB code)")
     return Decision(True, "complete dataset (policy: all)", "other", None, title, section.authors.strip())
+
+
+def decide_all(facts: Sequence[DatasetFacts], section: PdisSection) -> dict[int, Decision]:
+    """`decide` for each dataset, then one deposition per PDB code (see the module doc); by dataset id."""
+    decisions = {f.dataset_id: decide(f, section) for f in facts}
+    rivals: dict[str, list[DatasetFacts]] = {}
+    for f in facts:
+        code = (f.pdb_code or "").upper()
+        if code and (f.stage >= 1 or (f.stage == 0 and decisions[f.dataset_id].deposit)):
+            rivals.setdefault(code, []).append(f)
+    for code, group in rivals.items():
+        winner = max(group, key=lambda f: (f.stage, *_preference(f, section)))
+        for f in group:
+            if f is not winner and decisions[f.dataset_id].deposit:
+                decisions[f.dataset_id] = Decision(False, _superseded(winner, code))
+    return decisions
+
+
+def _preference(facts: DatasetFacts, section: PdisSection) -> tuple[float, int]:
+    when = facts.collected_at.timestamp() if facts.collected_at else 0.0
+    key = (when, facts.collection_id)
+    return key if section.prefer == "newest" else (-key[0], -key[1])
+
+
+def _superseded(winner: DatasetFacts, code: str) -> str:
+    if winner.deposition_state == "already_in_pdis":
+        return f"PDB {code} already has a dataset on PDIS (said when collection {winner.collection_id} was uploaded)"
+    return f"superseded by collection {winner.collection_id} for PDB {code}"
 
 
 def resolve_equipment(beamline: str | None, section: PdisSection, equipment: Iterable[Synchrotron]) -> Equipment:
@@ -156,10 +235,14 @@ def _facts(dataset: Dataset, experiment: Experiment | None, deposition: Depositi
         proposal=dataset.proposal, beamline=dataset.beamline, session_name=dataset.session_name,
         sample_name=dataset.sample_name, protein_acronym=dataset.protein_acronym, local_dir=dataset.local_dir,
         files=tuple(str(f) for f in dataset.files or ()), total_bytes=dataset.total_bytes,
+        experiment_type=dataset.experiment_type, number_of_images=dataset.number_of_images,
+        collected_at=dataset.end or dataset.start,
         experiment_code=experiment.code if experiment else None,
         pdb_code=(experiment.pdb_code or None) if experiment else None,
         deposition_id=deposition.id if deposition else None,
         deposition_state=deposition.state if deposition else None,
+        uploaded=deposition is not None and (deposition.upload_token is not None
+                                             or deposition.submitted_at is not None),
     )
 
 
@@ -169,24 +252,48 @@ def _facts_query() -> Any:
             .outerjoin(Deposition, Deposition.dataset_id == Dataset.id))
 
 
-async def undecided_facts(session: AsyncSession) -> list[DatasetFacts]:
-    """Complete datasets without a deposition, and depositions whose decision may still change."""
-    query = _facts_query().where(or_(
-        (Deposition.id.is_(None)) & Dataset.state.in_(COMPLETE_DATASET_STATES),
-        Deposition.state.in_(UNDECIDED_STATES),
-    )).order_by(Dataset.id)
+def _considered() -> Any:
+    """Datasets that compete for a PDB code: complete ones, and any with a deposition."""
+    return or_(Deposition.id.is_not(None), Dataset.state.in_(COMPLETE_DATASET_STATES))
+
+
+async def _rows(session: AsyncSession, *where: Any) -> list[DatasetFacts]:
+    query = _facts_query().where(*where).order_by(Dataset.id)
     return [_facts(*row) for row in (await session.execute(query)).all()]
 
 
+async def _with_rivals(session: AsyncSession, facts: list[DatasetFacts]) -> list[DatasetFacts]:
+    """`facts` plus every other dataset competing for one of their PDB codes."""
+    codes = {f.pdb_code.upper() for f in facts if f.pdb_code}
+    if not codes:
+        return facts
+    known = {f.dataset_id for f in facts}
+    rivals = await _rows(session, func.upper(Experiment.pdb_code).in_(codes), _considered())
+    return facts + [f for f in rivals if f.dataset_id not in known]
+
+
+async def undecided(session: AsyncSession, section: PdisSection) -> list[tuple[DatasetFacts, Decision]]:
+    """Complete datasets without a deposition, and depositions whose decision may still change."""
+    candidates = await _rows(session, or_(
+        (Deposition.id.is_(None)) & Dataset.state.in_(COMPLETE_DATASET_STATES),
+        Deposition.state.in_(UNDECIDED_STATES),
+    ))
+    decisions = decide_all(await _with_rivals(session, candidates), section)
+    return [(f, decisions[f.dataset_id]) for f in candidates]
+
+
+async def decision_for(session: AsyncSession, dataset_id: int, section: PdisSection
+                       ) -> tuple[DatasetFacts, Decision] | None:
+    """One dataset's facts and the decision as of now, its PDB code's rivals considered."""
+    found = await _rows(session, Dataset.id == dataset_id)
+    if not found:
+        return None
+    return found[0], decide_all(await _with_rivals(session, found), section)[dataset_id]
+
+
 async def facts_for(session: AsyncSession, dataset_id: int) -> DatasetFacts | None:
-    row = (await session.execute(_facts_query().where(Dataset.id == dataset_id))).first()
-    return _facts(*row) if row else None
-
-
-async def all_facts(session: AsyncSession) -> list[DatasetFacts]:
-    """Every dataset that is complete or has a deposition (for `mirrord plan`)."""
-    query = _facts_query().where(or_(Deposition.id.is_not(None), Dataset.state.in_(COMPLETE_DATASET_STATES)))
-    return [_facts(*row) for row in (await session.execute(query.order_by(Dataset.id))).all()]
+    found = await _rows(session, Dataset.id == dataset_id)
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -197,4 +304,6 @@ class PlanEntry:
 
 async def plan(session: AsyncSession, section: PdisSection) -> list[PlanEntry]:
     """The policy's decision for every complete (or already considered) dataset; no network."""
-    return [PlanEntry(facts, decide(facts, section)) for facts in await all_facts(session)]
+    facts = await _rows(session, _considered())
+    decisions = decide_all(facts, section)
+    return [PlanEntry(f, decisions[f.dataset_id]) for f in facts]

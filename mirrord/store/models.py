@@ -241,7 +241,8 @@ class Dataset(WorkItem, Base):
 
 # -- PDIS ---------------------------------------------------------------------------------------------
 class Deposition(WorkItem, Base):
-    """queued → packing → packed → uploading → uploaded → submitted → pending/validated → published."""
+    """queued → packing → packed → uploading → uploaded → submitted → pending/validated → published;
+    uploaded → withdrawing → already_in_pdis | needs_attention when PDIS's upload answer says stop."""
 
     __tablename__ = "depositions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -261,6 +262,10 @@ class Deposition(WorkItem, Base):
     upload_token: Mapped[str | None] = mapped_column(String(100), default=None)
     server_md5: Mapped[str | None] = mapped_column(String(32), default=None)
     server_size: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # PDIS's upload answer: the PDB id it detected in the data, and whether it holds a dataset for it
+    # already (None: the answer was not heard, e.g. an adopted upload).
+    detected_pdb: Mapped[str | None] = mapped_column(String(10), default=None)
+    pdb_exists: Mapped[bool | None] = mapped_column(default=None)
     pdis_status: Mapped[str | None] = mapped_column(String(60), default=None)
     status_details: Mapped[str | None] = mapped_column(Text, default=None)
     submitted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
