@@ -34,7 +34,7 @@ log = structlog.get_logger("mirrord.daemon")
 
 # States in which an item is done for good or waits for a person: `once` does not wait for these.
 RESTING_STATES = {"mirrored", "pruned", "superseded", "skipped", "eligible", "published", "attached", "unmatched",
-                  "failed", "needs_attention", "dry_run", "not_deposited", "complete", "missing"}
+                  "failed", "needs_attention", "dry_run", "not_deposited", "already_in_pdis", "complete", "missing"}
 
 
 @dataclass

@@ -13,6 +13,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import fabio
+import numpy as np
 import pytest
 import xxhash
 import zstandard
@@ -35,7 +37,7 @@ from mirrord.archive import (
     verify_spool,
 )
 from mirrord.archive.common import CHUNK
-from mirrord.emulators.campaign import Campaign, pdb_text, sdf_text
+from mirrord.emulators.campaign import Campaign, cbf_image, pdb_text, sdf_text
 
 MiB = 1024 * 1024
 LONG_NAME = "a_rather_long_detector_image_name_" + "x" * 90 + ".cbf"  # over ustar's 100 bytes: PAX path
@@ -567,7 +569,7 @@ def test_preflight_accepts_cbf_and_hdf5_datasets(campaign_images):
     assert (result.ok, result.images, result.formats) == (True, cbf.images, {"cbf"})
     h5_files = sorted(h5_dir.iterdir())
     result = preflight_images(h5_files)
-    assert (result.ok, result.images, result.formats) == (True, len(h5.file_names()) - 1, {"hdf5"})
+    assert (result.ok, result.images, result.formats) == (True, h5.images, {"hdf5"})  # frames the master links
     assert all(image_header_readable(p) for p in cbf_files + h5_files)
 
 
@@ -579,6 +581,9 @@ def test_preflight_refuses_incomplete_hdf5(campaign_images):
     assert not only_master.ok and "master without data" in only_master.reason
     only_data = preflight_images(data)
     assert not only_data.ok and "without a master" in only_data.reason
+    data[0].write_bytes(data[0].read_bytes()[:1000])  # a truncated copy: HDF5 itself says so
+    truncated = preflight_images([master, *data])
+    assert not truncated.ok and truncated.reason.startswith(f"image header not readable: {data[0].name}")
 
 
 def test_preflight_refuses_junk_and_unreadable_headers(tmp_path, campaign_images):
@@ -588,26 +593,48 @@ def test_preflight_refuses_junk_and_unreadable_headers(tmp_path, campaign_images
     junk = preflight_images([tmp_path / "README.txt", tmp_path / "process.log"])
     assert (junk.ok, junk.reason, junk.images) == (False, "no diffraction images", 0)
 
-    broken = tmp_path / "broken_0001.cbf"
+    frames = sorted(cbf_dir.iterdir())
+    broken = tmp_path / "zz_broken_9999.cbf"  # sorts last: the last frame is always read
     broken.write_bytes(b"\0" * 4096)  # a detector crash left a zero-filled image
-    empty = tmp_path / "empty_0002.img"
+    empty = tmp_path / "zz_empty_9999.img"
     empty.write_bytes(b"")
     for bad in (broken, empty):
-        result = preflight_images([*sorted(cbf_dir.iterdir()), bad])
-        assert not result.ok and result.reason == f"image header not readable: {bad.name}"
+        result = preflight_images([*frames, bad])
+        assert not result.ok and result.reason.startswith(f"image header not readable: {bad.name}"), result
         assert not image_header_readable(bad)
 
 
+def test_preflight_reads_the_first_middle_and_last_frame_and_they_must_agree(campaign_images):
+    """The header, not the magic: a CBF whose binary section lost its dimensions stops in preflight,
+    and so does a series whose last frame comes from another detector geometry."""
+    cbf_dir, _, cbf, _ = campaign_images
+    frames = sorted(cbf_dir.iterdir())
+    middle = frames[len(frames) // 2]
+    good = middle.read_bytes()
+    middle.write_bytes(good.replace(b"X-Binary-Size-Fastest-Dimension", b"X-Binary-Size-Lost"))
+    assert image_format(frames[0]) == "cbf" and image_format(middle) is None
+    result = preflight_images(frames)
+    assert not result.ok and result.reason.startswith(f"image header not readable: {middle.name}"), result
+    middle.write_bytes(good)
+    last = frames[-1]
+    last.write_bytes(cbf_image(cbf, len(frames), 4096))  # 4096 pixels where the others have 2048
+    result = preflight_images(frames)
+    assert not result.ok and result.reason.startswith(f"inconsistent frames: {frames[0].name} is "), result
+    assert "64x32" in result.reason and "64x64" in result.reason
+
+
 def test_image_formats_by_header(tmp_path, campaign_images):
-    cbf_dir, _, _, _ = campaign_images
+    cbf_dir, h5_dir, _, _ = campaign_images
     first = sorted(cbf_dir.iterdir())[0]
+    edf = tmp_path / "d.edf"
+    fabio.edfimage.EdfImage(data=np.zeros((8, 8), dtype=np.uint16)).write(str(edf))
     samples = {
         "a.cbf.gz": (gzip.compress(first.read_bytes()), "cbf"),
         "b.cbf.bz2": (bz2.compress(first.read_bytes()), "cbf"),
-        "c.img": (b"{\nHEADER_BYTES=  512;\nDIM=2;\nBYTE_ORDER=little_endian;\n}".ljust(512) + bytes(64), "smv"),
-        "d.mar2300": ((1234).to_bytes(4, "little") + bytes(4092), "mar345"),
-        "e.mccd": (b"II*\x00" + bytes(4092), "tiff"),
-        "f.h5": (bytes(512) + b"\x89HDF\r\n\x1a\n" + bytes(100), "hdf5"),
+        "c.h5": (next(h5_dir.glob("*_master.h5")).read_bytes(), "hdf5"),
+        "d.edf": (edf.read_bytes(), "edf"),
+        "e.cbf": (b"###CBF: VERSION 1.5\n" + bytes(200), None),  # the magic alone is not a header
+        "f.h5": (b"\x89HDF\r\n\x1a\n" + bytes(100), None),
         "g.cbf": (b"<html>not an image</html>", None),
     }
     for name, (data, expected) in samples.items():

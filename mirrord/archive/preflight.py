@@ -1,133 +1,252 @@
-"""Does a dataset hold diffraction images with readable headers? Checked before packing."""
+"""Does a dataset hold diffraction images whose headers PDIS can read, and do they agree? Checked before packing.
+
+PDIS answers an archive it cannot read with `header_not_readable` and one mixing detectors or frame
+sizes with `inconsistent_datasets`, after a multi-gigabyte upload. So the real headers are read here,
+with the field's own libraries, of the first, a middle and the last frame of each image series:
+
+- fabio (`fabio.openheader`, the header only, never the pixels) for single-frame formats: CBF, SMV,
+  MarCCD, mar345, Rayonix, Bruker, ... It installs from wheels, unlike dxtbx (cctbx's, from conda),
+  and what it reads (detector, dimensions) is what a consistency check needs.
+- h5py for HDF5 (Eiger/NeXus): the master's `/entry/data` links and the linked datasets' shapes and
+  types, never pixel data; fabio's Eiger reader would open the frames.
+
+Their detector and frame dimensions must agree. Files that are not images (logs) are ignored.
+"""
 
 from __future__ import annotations
 
-import bz2
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-IMAGE_HEAD = 4096  # every supported header identifies itself within this many bytes
-IMAGE_SUFFIXES = {".cbf", ".img", ".h5", ".hdf5", ".nxs", ".mccd", ".tif", ".tiff", ".osc", ".sfrm", ".mar"}
-_COMPRESSED_READ = {".gz": 64 * 1024, ".bz2": 1024 * 1024}  # bz2 emits nothing before a whole block
+import fabio
+import h5py
+
+IMAGE_SUFFIXES = {".cbf", ".img", ".mccd", ".tif", ".tiff", ".osc", ".sfrm", ".mar", ".mar2300", ".mar3450",
+                  ".edf"}
+HDF5_SUFFIXES = {".h5", ".hdf5", ".nxs"}
+COMPRESSED = {".gz", ".bz2"}
+DATA_GROUP = "/entry/data"
+DETECTOR_PATH = "/entry/instrument/detector/description"
 
 
 @dataclass(frozen=True)
 class Preflight:
     ok: bool
     reason: str  # why not ok, or a one-line summary
-    images: int  # image files; for HDF5, data files that have a master beside them
+    images: int  # frames: one per single-frame file, a master's linked frames for HDF5
     formats: set[str] = field(default_factory=set)
 
 
+@dataclass(frozen=True)
+class Header:
+    """What must agree between the frames of one dataset."""
+
+    format: str
+    detector: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.detector or 'unknown detector'} {'x'.join(map(str, self.shape))}"
+
+
+class Problem(Exception):
+    """Why the dataset would be refused, as the preflight's reason."""
+
+
+def _unreadable(what: str) -> Problem:
+    return Problem(f"image header not readable: {what}")
+
+
+# -- HDF5: links and shapes (also used by the dataset completeness check) -----------------------------
+@dataclass(frozen=True)
+class Block:
+    """One frame dataset a master refers to: in which file (beside the master), at which path."""
+
+    file: str
+    path: str
+
+
+def master_blocks(master: Path) -> list[Block]:
+    """The frame datasets `/entry/data` refers to: external links, virtual dataset sources, or itself.
+
+    Reads the link table and dataset layouts only; no pixel data, and no linked file is opened.
+    """
+    blocks: list[Block] = []
+    with h5py.File(master, "r") as f:
+        group = f.get(DATA_GROUP)
+        if not isinstance(group, h5py.Group):
+            raise OSError(f"{master.name} has no {DATA_GROUP} group")
+        for key in sorted(group):
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                blocks.append(Block(PurePosixPath(link.filename).name, link.path))
+                continue
+            item = group.get(key)
+            if isinstance(item, h5py.Dataset) and item.is_virtual:
+                blocks += [Block(master.name if s.file_name == "." else PurePosixPath(s.file_name).name, s.dset_name)
+                           for s in item.virtual_sources()]
+            elif isinstance(item, h5py.Dataset):
+                blocks.append(Block(master.name, item.name))
+    return blocks
+
+
+def block_shape(path: Path, dataset: str) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) of a frame stack; the file must hold the bytes its layout says it stores."""
+    with h5py.File(path, "r") as f:
+        item = f.get(dataset)
+        if not isinstance(item, h5py.Dataset) or item.ndim < 3:
+            raise OSError(f"{path.name} has no frame stack at {dataset}")
+        stored = item.id.get_storage_size()
+        if path.stat().st_size < stored:
+            raise OSError(f"{path.name} is {path.stat().st_size} bytes, smaller than its {stored} stored bytes")
+        return tuple(int(n) for n in item.shape), str(item.dtype)
+
+
+def _master_detector(master: Path) -> str:
+    with h5py.File(master, "r") as f:
+        item = f.get(DETECTOR_PATH)
+        if not isinstance(item, h5py.Dataset):
+            return ""
+        value = item[()]
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- single-frame formats through fabio ---------------------------------------------------------------
+def _fabio_header(path: Path) -> Header:
+    try:
+        image = fabio.openheader(str(path))
+    except Exception as exc:  # fabio raises whatever its codec meets (IOError, ValueError, KeyError...)
+        raise _unreadable(f"{path.name} ({type(exc).__name__}: {exc})") from None
+    shape = tuple(int(n) for n in (image.shape or ()))
+    if not shape or not all(shape):
+        raise _unreadable(f"{path.name} (no frame dimensions in its header)")
+    return Header(type(image).__name__.removesuffix("Image").lower(), _detector(image.header), shape)
+
+
+def _detector(header: dict) -> str:
+    """The detector a header names (miniCBF's "# Detector:" line, or a DETECTOR-like key), else ""."""
+    contents = str(header.get("_array_data.header_contents", ""))
+    for line in contents.splitlines():
+        if line.strip().lstrip("#").strip().lower().startswith("detector:"):
+            return line.split(":", 1)[1].strip()
+    for key in ("DETECTOR_SN", "DETECTOR", "Detector", "detector"):
+        if key in header:
+            return str(header[key]).strip()
+    return ""
+
+
+def _suffixes(path: Path) -> list[str]:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes.pop()
+    return suffixes
+
+
+def _is_image(path: Path) -> bool:
+    suffixes = _suffixes(path)
+    return bool(suffixes) and (suffixes[-1] in IMAGE_SUFFIXES or suffixes[-1].startswith(".mar"))
+
+
+def _is_hdf5(path: Path) -> bool:
+    suffixes = _suffixes(path)
+    return bool(suffixes) and suffixes[-1] in HDF5_SUFFIXES
+
+
+def _is_master(path: Path) -> bool:
+    return path.name.endswith(("_master.h5", "_master.hdf5", ".nxs"))
+
+
 def image_format(path: Path | str) -> str | None:
-    """The diffraction image format from the file's first bytes (gzip/bzip2-compressed images too)."""
+    """The image format its real header shows ("cbf", "hdf5", ...), or None when it cannot be read."""
     path = Path(path)
     try:
-        head = _image_head(path)
-    except (OSError, EOFError, ValueError, zlib.error):
+        if _is_hdf5(path):
+            with h5py.File(path, "r"):  # the superblock and root group, not only the signature
+                return "hdf5"
+        return _fabio_header(path).format
+    except (Problem, OSError):
         return None
-    return _image_format_of(head)
 
 
 def image_header_readable(path: Path | str) -> bool:
     return image_format(path) is not None
 
 
-def _image_head(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        head = fh.read(IMAGE_HEAD)
-        if head.startswith(b"\x1f\x8b"):
-            data = head + fh.read(_COMPRESSED_READ[".gz"] - len(head))
-            return zlib.decompressobj(wbits=31).decompress(data, IMAGE_HEAD)
-        if head.startswith(b"BZh"):
-            data = head + fh.read(_COMPRESSED_READ[".bz2"] - len(head))
-            return bz2.BZ2Decompressor().decompress(data, IMAGE_HEAD)
-    return head
+def _samples(items: list[Path]) -> list[Path]:
+    """The first, a middle and the last of a sorted series."""
+    return [items[i] for i in sorted({0, len(items) // 2, len(items) - 1})] if items else []
 
 
-def _image_format_of(head: bytes) -> str | None:
-    if head.startswith(b"###CBF"):
-        return "cbf"
-    # HDF5 allows a user block before the superblock: the signature sits at 0, 512, 1024, 2048...
-    if any(head[offset:offset + 8] == HDF5_SIGNATURE for offset in (0, 512, 1024, 2048)):
-        return "hdf5"
-    if head.startswith(b"{") and b"HEADER_BYTES=" in head[:128]:
-        return "smv"  # ADSC and the many detectors that write SMV .img
-    if head[:4] in (b"\xd2\x04\x00\x00", b"\x00\x00\x04\xd2"):
-        return "mar345"  # first int32 is 1234 in either byte order
-    if head[:4] in (b"II*\x00", b"MM\x00*") and len(head) >= 3072:
-        return "tiff"  # MarCCD/Rayonix: a TIFF with a 2048-byte frame header after 1024 bytes
-    if head.startswith(b"RAXIS"):
-        return "raxis"
-    if head.startswith(b"FORMAT :"):
-        return "bruker"
-    return None
-
-
-def _looks_like_image(path: Path) -> bool:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSED_READ:
-        suffixes.pop()
-    if not suffixes:
-        return False
-    last = suffixes[-1]
-    return last in IMAGE_SUFFIXES or last.startswith(".mar")  # .mar2300, .mar3450...
-
-
-def _hdf5_master_stem(name: str) -> str | None:
-    for ending in ("_master.h5", "_master.hdf5", ".nxs"):
-        if name.endswith(ending):
-            return name[: -len(ending)]
+def _agree(headers: list[tuple[str, Header]]) -> str | None:
+    first_name, first = headers[0]
+    for name, header in headers[1:]:
+        if (header.detector, header.shape) != (first.detector, first.shape):
+            return f"inconsistent frames: {first_name} is {first}, {name} is {header}"
     return None
 
 
 def preflight_images(files: list[Path]) -> Preflight:
-    """Check, from the first bytes of each file, that a dataset holds diffraction images PDIS can read.
-
-    Fails (with the first reason found) on an image-named file whose header is not recognised, an
-    HDF5 master without data files beside it, data files without a master, or no images at all.
-    Other files (logs, processing output) are ignored.
-    """
-    images = 0
-    formats: set[str] = set()
-    problem = ""
-    hdf5: dict[Path, list[str]] = {}  # directory -> HDF5 file names
-    for path in map(Path, files):
-        fmt = image_format(path)
-        if fmt is None:
-            if _looks_like_image(path) and not problem:
-                problem = f"image header not readable: {path.name}"
-            continue
-        formats.add(fmt)
-        if fmt == "hdf5":
-            hdf5.setdefault(path.parent, []).append(path.name)
-        else:
-            images += 1
-    for names in hdf5.values():
-        found, reason = _pair_hdf5(names)
-        images += found
-        problem = problem or reason
-    if not problem and images == 0:
-        problem = "no diffraction images"
-    if problem:
-        return Preflight(False, problem, images, formats)
+    """Read the headers of the first, a middle and the last frame of each series; fail with the first
+    reason found: an unreadable header, frames that disagree, an HDF5 master whose data files are not
+    among `files` or unreadable, HDF5 data files no master links, or no images at all."""
+    paths = sorted(map(Path, files))
+    frames = [p for p in paths if _is_image(p)]
+    masters = [p for p in paths if _is_hdf5(p) and _is_master(p)]
+    images, formats = 0, set()
+    try:
+        if frames:
+            headers = [(p.name, _fabio_header(p)) for p in _samples(frames)]
+            formats = {h.format for _, h in headers}
+            if (problem := _agree(headers)) is not None:
+                raise Problem(problem)
+            images = len(frames)
+        linked: set[str] = set()
+        for master in masters:
+            count, names = _check_master(master, {p.name for p in paths})
+            images += count
+            linked |= names
+            formats.add("hdf5")
+    except Problem as exc:
+        return Preflight(False, str(exc), images, formats)
+    orphans = [p.name for p in paths if _is_hdf5(p) and not _is_master(p) and p.name not in linked
+               and "_meta" not in p.name]
+    if orphans:
+        return Preflight(False, f"HDF5 data files without a master: {orphans[0]}", images, formats)
+    if images == 0:
+        return Preflight(False, "no diffraction images", 0, formats)
     return Preflight(True, f"{images} images ({', '.join(sorted(formats))})", images, formats)
 
 
-def _pair_hdf5(names: list[str]) -> tuple[int, str]:
-    """Count data files that travel with a master in one directory; report the first mismatch."""
-    masters = {name: stem for name in names if (stem := _hdf5_master_stem(name)) is not None}
-    data = [name for name in names if name not in masters]
-    claimed: set[str] = set()
-    problem = ""
-    for master, stem in sorted(masters.items()):
-        mine = [name for name in data if name.startswith(stem + "_")]
-        claimed.update(mine)
-        if not mine and not problem:
-            problem = f"HDF5 master without data files: {master}"
-    orphans = sorted(name for name in data if name not in claimed and "_data_" in name)
-    if orphans and not problem:
-        problem = f"HDF5 data files without a master: {orphans[0]}"
-    return len(claimed), problem
+def _check_master(master: Path, packed: set[str]) -> tuple[int, set[str]]:
+    """Frames a master links, and the data files it names; raises Problem with the reason."""
+    try:
+        blocks = master_blocks(master)
+        detector = _master_detector(master)
+    except OSError as exc:
+        raise _unreadable(f"{master.name} ({exc})") from None
+    if not blocks:
+        raise Problem(f"HDF5 master without data files: {master.name}")
+    missing = sorted({b.file for b in blocks} - packed)
+    if missing:
+        raise Problem(f"HDF5 master without data files: {master.name} links {missing[0]}, which is not in the dataset")
+    shapes: dict[Block, tuple[tuple[int, ...], str]] = {}
+    for block in _samples(blocks):
+        try:
+            shapes[block] = block_shape(master.parent / block.file, block.path)
+        except OSError as exc:
+            raise _unreadable(f"{block.file} ({exc})") from None
+    headers = [(b.file, Header("hdf5", detector, (*shape[1:],))) for b, (shape, _dtype) in shapes.items()]
+    if (problem := _agree(headers)) is not None or len({d for _s, d in shapes.values()}) > 1:
+        raise Problem(problem or f"inconsistent frames: {master.name} links data files of different pixel types")
+    frames = 0
+    for block in blocks:
+        shape = shapes.get(block) or _shape_or_raise(master.parent / block.file, block.path)
+        frames += shape[0][0]
+    return frames, {b.file for b in blocks}
+
+
+def _shape_or_raise(path: Path, dataset: str) -> tuple[tuple[int, ...], str]:
+    try:
+        return block_shape(path, dataset)
+    except OSError as exc:
+        raise _unreadable(f"{path.name} ({exc})") from None

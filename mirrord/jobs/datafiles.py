@@ -36,12 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from zoneinfo import ZoneInfo
 
-import h5py
+from mirrord.archive.preflight import block_shape, master_blocks
 
 _PRINTF = re.compile(r"%0?(\d*)d")
 _HASHES = re.compile(r"#+")
 _MASTER = re.compile(r"^(?P<prefix>.+)_master\.h5$")
-DATA_GROUP = "/entry/data"
 
 
 @dataclass(frozen=True)
@@ -202,50 +201,6 @@ def _frame_verdict(expected: Expectation, names: list[str], number_of_images: in
 
 
 # -- HDF5: the master names its data files ----------------------------------------------------------
-@dataclass(frozen=True)
-class _Block:
-    """One dataset of frames a master links to: in which file, at which path."""
-
-    file: str
-    path: str
-
-
-def master_blocks(master: Path) -> list[_Block]:
-    """The frame datasets `/entry/data` refers to: external links, virtual dataset sources, or itself.
-
-    Reads the link table and dataset layouts only; no pixel data, and no linked file is opened.
-    """
-    blocks: list[_Block] = []
-    with h5py.File(master, "r") as f:
-        group = f.get(DATA_GROUP)
-        if not isinstance(group, h5py.Group):
-            raise OSError(f"{master.name} has no {DATA_GROUP} group")
-        for key in sorted(group):
-            link = group.get(key, getlink=True)
-            if isinstance(link, h5py.ExternalLink):
-                blocks.append(_Block(PurePosixPath(link.filename).name, link.path))
-                continue
-            item = group.get(key)
-            if isinstance(item, h5py.Dataset) and item.is_virtual:
-                blocks += [_Block(PurePosixPath(s.file_name).name if s.file_name != "." else master.name,
-                                  s.dset_name) for s in item.virtual_sources()]
-            elif isinstance(item, h5py.Dataset):
-                blocks.append(_Block(master.name, item.name))
-    return blocks
-
-
-def block_frames(path: Path, dataset: str) -> int:
-    """Frames in one data file's dataset, from its shape; the file must hold the bytes its layout says."""
-    with h5py.File(path, "r") as f:
-        item = f.get(dataset)
-        if not isinstance(item, h5py.Dataset) or item.ndim < 3:
-            raise OSError(f"{path.name} has no frame stack at {dataset}")
-        stored = item.id.get_storage_size()
-        if path.stat().st_size < stored:
-            raise OSError(f"{path.name} is {path.stat().st_size} bytes, smaller than its {stored} stored bytes")
-        return int(item.shape[0])
-
-
 def _scan_hdf5(directory: Path, master: str, entries: list[str], number_of_images: int | None) -> DirScan:
     if master not in entries:
         return DirScan(exists=True, stats=_stat(directory, entries),
@@ -268,7 +223,7 @@ def _scan_hdf5(directory: Path, master: str, entries: list[str], number_of_image
     frames = 0
     for block in blocks:
         try:
-            frames += block_frames(directory / block.file, block.path)
+            frames += block_shape(directory / block.file, block.path)[0][0]
         except OSError as exc:
             return DirScan(exists=True, stats=stats, shortfall=f"data file {block.file} not readable yet: {exc}")
     if number_of_images and frames < number_of_images:
