@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fabio
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -22,9 +24,10 @@ from mirrord.clients.pdis import PdisClient
 from mirrord.config import PdisSection
 from mirrord.daemon import Mirrord
 from mirrord.emulators.base import Served
-from mirrord.emulators.campaign import Campaign, Collection, cbf_image
+from mirrord.emulators.campaign import Campaign, Collection
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs import deposit
+from mirrord.jobs.base import aware
 from mirrord.jobs.deposit import pack_for_deposit
 from mirrord.jobs.deposit_policy import DatasetFacts, decide, facts_for, render_title
 from mirrord.store import Store, migrate
@@ -107,7 +110,9 @@ async def add_datasets(config, campaign: Campaign, root: Path, collections: list
                               session_name=col.session, proposal=target.proposal, beamline=col.beamline,
                               sample_name=col.sample, protein_acronym=target.name, local_dir=str(directory),
                               files=files, total_bytes=sum((directory / f).stat().st_size for f in files),
-                              experiment_id=experiment_id, state="complete")
+                              experiment_id=experiment_id, state="complete", file_template=col.file_template,
+                              number_of_images=col.images, run_status=col.run_status,
+                              experiment_type=col.experiment_type, start=aware(col.start), end=aware(col.end))
                 session.add(row)
                 await session.flush()
                 ids.append(row.id)
@@ -144,7 +149,7 @@ def assert_exactly_once(emulator: PdisEmulator, rows: list[Deposition]) -> None:
 def facts(**overrides: Any) -> DatasetFacts:
     base = dict(dataset_id=1, dataset_state="complete", collection_id=7, proposal="lb32627", beamline="i04-1",
                 session_name="lb32627-66", sample_name="A71EV2A-x0152", protein_acronym="A71EV2A",
-                local_dir="/data/x", files=("a.cbf",), total_bytes=10)
+                local_dir="/data/x", files=("a.cbf",), total_bytes=10, experiment_type="OSC", number_of_images=900)
     return DatasetFacts(**{**base, **overrides})
 
 
@@ -165,6 +170,18 @@ def facts(**overrides: Any) -> DatasetFacts:
      "not deposited: title_template cannot be filled in: 'nope'"),
     ({"deposit": "all", "authors": "S", "title_template": "{visit}"}, {"session_name": "lb1-1"},
      "not deposited: title 'lb1-1' is shorter than 10 characters"),
+    # Only rotation datasets (recorded py-ispyb, fact 2: a grid scan is an ordinary dc event).
+    ({}, {"pdb_code": "5ABC", "experiment_type": "Mesh"},
+     "not deposited: experiment type Mesh is not a rotation dataset (deposited: OSC)"),
+    ({}, {"pdb_code": "5ABC", "experiment_type": "Characterization", "number_of_images": 4},
+     "not deposited: experiment type Characterization is not a rotation dataset (deposited: OSC)"),
+    ({}, {"pdb_code": "5ABC", "number_of_images": 5},
+     "not deposited: 5 images: a screening shot, not a dataset (min_images = 10)"),
+    ({"min_images": 5}, {"pdb_code": "5ABC", "number_of_images": 5}, "deposit as 5ABC"),
+    ({}, {"pdb_code": "5ABC", "experiment_type": "osc"}, "deposit as 5ABC"),
+    ({}, {"pdb_code": "5ABC", "experiment_type": None},
+     "not deposited: ISPyB gives no experiment type: only rotation collections (OSC) are deposited"),
+    ({"experiment_types": ["OSC", "SAD"]}, {"pdb_code": "5ABC", "experiment_type": "SAD"}, "deposit as 5ABC"),
 ])
 def test_policy_decisions(section, overrides, expected):
     assert decide(facts(**overrides), PdisSection(**section)).summary == expected
@@ -214,7 +231,7 @@ async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, 
 
 async def test_all_policy_maps_equipment_with_override_and_fallback(tmp_path, campaign, emulator, served):
     target = campaign.targets[0]
-    cols = [campaign.add_collection(target.tas, f"loose-{bl}", beamline=bl, images=2) for bl in ("i04-1", "i03", "i99")]
+    cols = [campaign.add_collection(target.tas, f"loose-{bl}", beamline=bl) for bl in ("i04-1", "i03", "i99")]
     config = config_for(tmp_path, served, deposit="all", authors="Smith J., Doe A.",
                         equipment={"I03": {"synchrotron_id": 25, "beamline_id": 42}})
     ids = await add_datasets(config, campaign, tmp_path / "dls", cols, link=False)
@@ -267,11 +284,11 @@ async def test_error_no_data_from_pdis_needs_attention(tmp_path, campaign, emula
     store = await open_store(config)
     async with store.write() as session:
         dataset = await session.get(Dataset, dataset_id)
-        # Image headers mirrord recognises, in files PDIS does not take for images (".dat").
+        # An image format fabio reads (EDF) but the emulated PDIS does not take for diffraction images.
         directory = Path(dataset.local_dir)
-        (directory / "frame_0001.dat").write_bytes(cbf_image(col, 1, 256))
-        dataset.files = ["frame_0001.dat"]
-        dataset.total_bytes = (directory / "frame_0001.dat").stat().st_size
+        fabio.edfimage.EdfImage(data=np.zeros((16, 16), dtype=np.uint16)).write(str(directory / "frame_0001.edf"))
+        dataset.files = ["frame_0001.edf"]
+        dataset.total_bytes = (directory / "frame_0001.edf").stat().st_size
     await store.close()
     outcome = await run(config)
     row = (await depositions(config))[dataset_id]
@@ -321,9 +338,13 @@ async def test_conflict_adopts_the_earlier_upload_without_a_second_submission(tm
         earlier = await client.upload(packed.path)
     assert (await run(config)).exit_code == 0
     row = (await depositions(config))[dataset_id]
-    assert (row.state, row.upload_token, row.tar_md5) == ("published", earlier.token, packed.tar_md5)
-    assert emulator.uploads_by_md5[packed.tar_md5] == 1 and emulator.submissions_by_md5[packed.tar_md5] == 1
-    assert served.requests.count("POST", "/api/v1/upload/") == 2  # ours answered 409
+    assert (row.state, row.tar_md5) == ("published", packed.tar_md5)
+    assert emulator.submissions_by_md5[packed.tar_md5] == 1
+    # Ours answered 409 and adopted the earlier upload; its answer (is_pdb_exists) was never heard, so
+    # the earlier upload was deleted and the archive uploaded once more to hear it, then submitted.
+    assert served.requests.count("POST", "/api/v1/upload/") == 3
+    assert row.upload_token != earlier.token and earlier.token not in emulator.held
+    assert emulator.uploads_by_md5[packed.tar_md5] == 2 and row.pdb_exists is False
 
 
 async def test_a_lost_submit_answer_is_recorded_not_repeated(tmp_path, campaign, emulator, served):
@@ -446,7 +467,7 @@ async def mirrord_once(config_path: Path, db: Path, kill_at: str | None = None) 
 
 @pytest.mark.parametrize("kill_at", ["packing", "packed", "uploading", "uploaded", "submitted"])
 async def test_sigkill_at_each_boundary_then_restart_publishes_exactly_once(tmp_path, kill_at):
-    campaign = Campaign.demo(seed=1, targets=1, experiments=2, image_size=256 * 1024, images_per_collection=6)
+    campaign = Campaign.demo(seed=1, targets=1, experiments=2, image_size=128 * 1024, images_per_collection=12)
     # Slow enough uploads that "uploading" lasts a moment; a quick status clock.
     emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.05,
                             bandwidth=8 * 1024**2)
