@@ -5,12 +5,14 @@ ISPyB and Fragalysis jobs leave them; the last tests run those jobs too, and kil
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
 import sqlite3
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs import deposit
 from mirrord.jobs.base import aware
 from mirrord.jobs.deposit import pack_for_deposit
-from mirrord.jobs.deposit_policy import DatasetFacts, decide, facts_for, render_title
+from mirrord.jobs.deposit_policy import DatasetFacts, decide, decide_all, facts_for, render_title
 from mirrord.store import Store, migrate
 from mirrord.store.models import Dataset, Deposition, Event, Experiment, Target
 from mirrord.store.models import Session as SessionRow
@@ -192,6 +194,31 @@ def test_title_template_fields():
     assert title == "A71EV2A: A71EV2A-x0152 lb32627-66 i04-1 lb32627"
 
 
+def test_one_deposition_per_pdb_code_by_rule():
+    t0 = dt.datetime(2026, 3, 10, 9, 31, tzinfo=dt.UTC)
+    older = facts(dataset_id=1, collection_id=90401, pdb_code="5ABC", collected_at=t0)
+    newer = facts(dataset_id=2, collection_id=90402, pdb_code="5abc", collected_at=t0 + dt.timedelta(minutes=15))
+    other = facts(dataset_id=3, collection_id=90403, pdb_code="6DEF", collected_at=t0)
+    summaries = {i: d.summary for i, d in decide_all([older, newer, other], PdisSection()).items()}
+    assert summaries == {1: "not deposited: superseded by collection 90402 for PDB 5ABC",
+                         2: "deposit as 5ABC", 3: "deposit as 6DEF"}
+    oldest = decide_all([older, newer], PdisSection(prefer="oldest"))
+    assert oldest[1].deposit and oldest[2].reason == "superseded by collection 90401 for PDB 5ABC"
+    # Whatever the rule prefers, one whose archive may be on PDIS keeps the code...
+    sent = replace(older, deposition_state="uploaded", uploaded=True)
+    assert decide_all([sent, newer], PdisSection())[2].reason == "superseded by collection 90401 for PDB 5ABC"
+    # ...one that stopped before anything left the host drops out...
+    stopped = replace(newer, deposition_state="needs_attention", deposition_id=9)
+    assert decide_all([older, stopped], PdisSection())[1].deposit
+    # ...and PDIS saying it holds the code stops the others too.
+    known = replace(older, deposition_state="already_in_pdis", uploaded=True)
+    assert decide_all([known, newer], PdisSection())[2].reason == (
+        "PDB 5ABC already has a dataset on PDIS (said when collection 90401 was uploaded)")
+    # Only candidates compete: a grid scan of the crystal supersedes nothing.
+    mesh = replace(newer, experiment_type="Mesh")
+    assert decide_all([older, mesh], PdisSection())[1].deposit
+
+
 # -- end to end against the emulator -----------------------------------------------------------------
 async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, campaign, emulator, served, db_url):
     config = config_for(tmp_path, served, database_url=db_url)
@@ -227,6 +254,72 @@ async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, 
     row = (await depositions(config))[waiting.dataset_id]
     assert (row.state, row.pdb_code) == ("published", "7ZZZ")
     assert set(emulator.submissions_by_md5.values()) == {1} and len(emulator.submissions_by_md5) == 5
+
+
+async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campaign, emulator, served):
+    config = config_for(tmp_path, served)
+    target = campaign.targets[0]
+    crystal = next(e for e in target.experiments if e.pdb_code)
+    first = next(c for c in campaign.collections if c.sample == crystal.code)
+    again = campaign.add_collection(target.tas, crystal.code, beamline=target.beamline)  # re-collected later
+    ids = await add_datasets(config, campaign, tmp_path / "dls", [first, again])
+    assert (await run(config)).exit_code == 0
+    rows = await depositions(config)
+    superseded = f"superseded by collection {again.collection_id} for PDB {crystal.pdb_code}"
+    assert (rows[ids[1]].state, rows[ids[1]].pdb_code) == ("published", crystal.pdb_code)
+    assert (rows[ids[0]].state, rows[ids[0]].status_details) == ("not_deposited", superseded)
+    assert_exactly_once(emulator, [rows[ids[1]]])
+
+    # A collection of the crystal linked later, newer still, never causes a second submission.
+    latest = campaign.add_collection(target.tas, crystal.code, beamline=target.beamline)
+    [latest_id] = await add_datasets(config, campaign, tmp_path / "dls", [latest])
+    assert (await run(config)).exit_code == 0
+    rows = await depositions(config)
+    assert (rows[latest_id].state, rows[latest_id].status_details) == ("not_deposited", superseded)
+    assert uploads(served) == 1 and list(emulator.submissions_by_md5.values()) == [1]
+
+
+async def test_grid_scans_and_screening_shots_are_not_deposited(tmp_path, campaign, emulator, served):
+    config = config_for(tmp_path, served)
+    target = campaign.targets[0]
+    crystals = [e for e in target.experiments if e.pdb_code]
+    mesh = campaign.add_collection(target.tas, crystals[0].code, images=100, experiment_type="Mesh")
+    shot = campaign.add_collection(target.tas, crystals[1].code, images=5)
+    ids = await add_datasets(config, campaign, tmp_path / "dls", [mesh, shot])
+    assert (await run(config)).exit_code == 0
+    rows = await depositions(config)
+    assert [(rows[i].state, rows[i].status_details) for i in ids] == [
+        ("not_deposited", "experiment type Mesh is not a rotation dataset (deposited: OSC)"),
+        ("not_deposited", "5 images: a screening shot, not a dataset (min_images = 10)")]
+    assert uploads(served) == 0 and spool_files(config) == []
+
+
+@pytest.mark.parametrize("scenario", ["detected_another", "exists", "exists_allowed"])
+async def test_pdis_upload_answer_is_heard_before_the_submit(tmp_path, campaign, emulator, served, scenario):
+    """Seed 003: the upload answer's `pdbid` (detected from the data) and `is_pdb_exists`."""
+    config = config_for(tmp_path, served, allow_additional_datasets=scenario == "exists_allowed")
+    col = next(c for c in campaign.collections if campaign.experiment(c.sample)[1].pdb_code)
+    code = campaign.experiment(col.sample)[1].pdb_code
+    if scenario == "detected_another":
+        emulator.detect_as[code] = "9ZZZ"
+    else:
+        emulator.existing_pdb_ids.add(code)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
+    outcome = await run(config)
+    row = (await depositions(config))[dataset_id]
+    if scenario == "exists_allowed":
+        assert (row.state, row.pdb_exists) == ("published", True)
+        assert_exactly_once(emulator, [row])
+        return
+    assert served.requests.count("POST", "/api/v1/submit/") == 0 and not emulator.submissions_by_md5
+    assert emulator.held == {} and row.pdis_status == "deleted"  # the upload was withdrawn
+    if scenario == "detected_another":
+        assert (row.state, row.detected_pdb) == ("needs_attention", "9ZZZ") and outcome.attention
+        assert row.status_details == (f"PDIS detected PDB 9ZZZ in the data, we would submit it as {code}: "
+                                      "not submitted, upload withdrawn")
+    else:
+        assert (row.state, row.pdb_exists, outcome.exit_code) == ("already_in_pdis", True, 0)
+        assert row.status_details == f"PDIS already holds a dataset for PDB {code}: not submitted, upload withdrawn"
 
 
 async def test_all_policy_maps_equipment_with_override_and_fallback(tmp_path, campaign, emulator, served):
@@ -465,12 +558,10 @@ async def mirrord_once(config_path: Path, db: Path, kill_at: str | None = None) 
     return await proc.wait()
 
 
-@pytest.mark.parametrize("kill_at", ["packing", "packed", "uploading", "uploaded", "submitted"])
-async def test_sigkill_at_each_boundary_then_restart_publishes_exactly_once(tmp_path, kill_at):
+async def killed_then_restarted(tmp_path: Path, emulator: PdisEmulator, kill_at: str) -> list[Deposition]:
+    """One linked dataset; `mirrord once` SIGKILLed when the deposition first reaches `kill_at`, then run
+    again until it exits cleanly. Returns the deposition rows."""
     campaign = Campaign.demo(seed=1, targets=1, experiments=2, image_size=128 * 1024, images_per_collection=12)
-    # Slow enough uploads that "uploading" lasts a moment; a quick status clock.
-    emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.05,
-                            bandwidth=8 * 1024**2)
     async with Served(emulator.app) as served:
         config = config_for(tmp_path, served)
         await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
@@ -487,10 +578,38 @@ async def test_sigkill_at_each_boundary_then_restart_publishes_exactly_once(tmp_
         for _ in range(3):
             if await mirrord_once(config_path, db) == 0:
                 break
-        rows = list((await depositions(config)).values())
-        assert [r.state for r in rows] == ["published"]
-        assert_exactly_once(emulator, rows)
         assert spool_files(config) == []  # no temp file, no archive left behind
+        return list((await depositions(config)).values())
+
+
+def slow_emulator(tmp_path: Path) -> PdisEmulator:
+    """Slow enough uploads that "uploading" lasts a moment; a quick status clock."""
+    return PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.05,
+                        bandwidth=8 * 1024**2)
+
+
+@pytest.mark.parametrize("kill_at", ["packing", "packed", "uploading", "uploaded", "submitted"])
+async def test_sigkill_at_each_boundary_then_restart_publishes_exactly_once(tmp_path, kill_at):
+    emulator = slow_emulator(tmp_path)
+    rows = await killed_then_restarted(tmp_path, emulator, kill_at)
+    assert [r.state for r in rows] == ["published"]
+    assert_exactly_once(emulator, rows)
+
+
+@pytest.mark.parametrize("kill_at", ["uploading", "uploaded", "withdrawing"])
+async def test_sigkill_between_upload_and_withdrawal_leaves_no_submission_and_no_upload(tmp_path, kill_at):
+    """PDIS already holds the PDB code (`is_pdb_exists`, seed 003): wherever mirrord dies between the
+    upload and the delete, the restart finishes the withdrawal. Killed while uploading, the answer is
+    lost: the adopted upload is deleted and sent again to hear the verdict."""
+    emulator = slow_emulator(tmp_path)
+    campaign = Campaign.demo(seed=1, targets=1, experiments=2)
+    emulator.existing_pdb_ids.add(campaign.targets[0].experiments[0].pdb_code)
+    emulator.faults.stall_seconds = 1.0  # the status read and the delete take a second: time to kill
+    emulator.faults.inject("/api/v1/submissions/", "stall", "stall")
+    rows = await killed_then_restarted(tmp_path, emulator, kill_at)
+    assert [(r.state, r.pdis_status, r.pdb_exists) for r in rows] == [("already_in_pdis", "deleted", True)]
+    assert rows[0].status_details.startswith(f"PDIS already holds a dataset for PDB {rows[0].pdb_code}")
+    assert not emulator.submissions_by_md5 and emulator.held == {}
 
 
 # -- the whole pipeline: Fragalysis + ISPyB + PDIS emulators, the three real jobs ----------------------
