@@ -43,8 +43,8 @@ TRANSIENT_STATES = {"building", "fetching", "extracting", "packing", "uploading"
 
 
 def fast_campaign(seed: int = 0) -> Campaign:
-    """The demo campaign (with its corrupt re-collection) with tiny images, so a run takes seconds."""
-    return Campaign.demo(seed=seed, with_problem=True, image_size=1024, images_per_collection=3)
+    """The demo campaign (with its problem cases) with tiny images, so a run takes seconds."""
+    return Campaign.demo(seed=seed, with_problem=True, image_size=1024)
 
 
 # -- one pipeline: emulators in this process, mirrord in a subprocess ---------------------------------
@@ -193,13 +193,8 @@ class Summary:
 
 
 def expected_publications(campaign: Campaign) -> set[int]:
-    """Collection ids that must end published: successful, readable, linked to an experiment with a PDB code."""
-    wanted = set()
-    for col in campaign.collections:
-        found = campaign.experiment(col.sample)
-        if found and found[1].pdb_code and "success" in col.run_status.lower() and not col.corrupt:
-            wanted.add(col.collection_id)
-    return wanted
+    """Collection ids that must end published: one per PDB code (see `Campaign.expected_depositions`)."""
+    return {col.collection_id for col in campaign.expected_depositions()}
 
 
 async def check_invariants(pipeline: Pipeline) -> Summary:

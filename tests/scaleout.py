@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def replica_campaign(datasets: int, image_size: int = 64 * 1024) -> Campaign:
     """Two targets whose successful collections add up to `datasets` (policy "all" deposits each)."""
     per_target = datasets // 2
-    return Campaign.demo(targets=2, experiments=per_target, images_per_collection=3, image_size=image_size)
+    return Campaign.demo(targets=2, experiments=per_target, image_size=image_size)
 
 
 @dataclass

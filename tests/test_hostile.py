@@ -279,7 +279,7 @@ async def test_odd_raw_data_names_and_loops_do_not_stop_the_pipeline(tmp_path: P
     campaign = pipeline.campaign
     target = campaign.targets[0]
     for name in ODD_SAMPLES:
-        campaign.add_collection(target.tas, name, beamline=target.beamline, images=2)
+        campaign.add_collection(target.tas, name, beamline=target.beamline)
     linked = next(c for c in campaign.collections if c.sample == target.experiments[0].code
                   and "success" in c.run_status.lower())
     async with pipeline:

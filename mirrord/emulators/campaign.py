@@ -263,6 +263,24 @@ class Campaign:
                 return t, e
         return None
 
+    def expected_depositions(self, *, min_images: int = 10) -> list[Collection]:
+        """What the default policy publishes: per PDB code, the newest run of the crystal that is a
+        successful rotation of at least `min_images` frames, alone on its file names, with readable images."""
+        chosen: dict[str, Collection] = {}
+        for col in self.collections:
+            found = self.experiment(col.sample)
+            if not (found and found[1].pdb_code and col.succeeded and not col.corrupt
+                    and col.experiment_type == "OSC" and col.images >= min_images):
+                continue
+            if any(o is not col and o.succeeded and o.facility_dir == col.facility_dir and o.prefix == col.prefix
+                   for o in self.collections):
+                continue  # two successful runs wrote these names: neither is attributable
+            code = found[1].pdb_code
+            if code not in chosen or (col.end or col.start, col.collection_id) > (
+                    chosen[code].end or chosen[code].start, chosen[code].collection_id):
+                chosen[code] = col
+        return list(chosen.values())
+
     def ligands(self) -> list[Ligand]:
         return [e.ligand for t in self.targets for e in t.experiments] + self.unrelated
 
