@@ -12,16 +12,13 @@ import pytest
 from sqlalchemy import select
 
 from mirrord.daemon import Mirrord
-from mirrord.emulators.base import Served
 from mirrord.emulators.campaign import Campaign
-from mirrord.emulators.fragalysis import FragalysisEmulator
-from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs.datafiles import Run, attribution_problem, scan_dataset, sharing
 from mirrord.store import Store
 from mirrord.store.models import Dataset, Deposition
-from tests.conftest import make_config
 from tests.ispyb_openapi import ispyb_emulator_factory  # noqa: F401 - pytest fixture
 from tests.recordings import seed
+from tests.test_deposit_job import linked_pipeline
 
 UTC_ZONE = ZoneInfo("UTC")  # the recorded py-ispyb ran in UTC: its naive times are UTC
 SLACK = 120.0
@@ -121,29 +118,13 @@ def test_the_run_window_is_read_in_the_facility_zone_both_ways_round_a_dst_chang
 
 
 # -- the campaign's problem cases, end to end -------------------------------------------------------
-USER, PASSWORD = "you@lab.edu", "secret"
-
-
 async def test_problem_cases_of_a_visit_end_to_end(tmp_path, ispyb_emulator_factory):  # noqa: F811
     """One deposition per PDB code; the re-collection over a failed run deposits; two successful runs
     sharing a template need a person and pack nothing; a grid scan and a screening shot are recorded,
     never deposited; a corrupt re-collection stops in preflight and its crystal's good run goes."""
     campaign = Campaign.demo(seed=0, with_problem=True)
     target = campaign.targets[-1]
-    ispyb = await ispyb_emulator_factory(campaign, data_root=tmp_path / "dls")
-    pdis = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.02)
-    async with Served(FragalysisEmulator(campaign, build_seconds=0.02).app) as fragalysis, \
-            Served(pdis.app) as served:
-        config = make_config(
-            tmp_path, daemon={"retry_base": "10ms", "retry_max": "50ms"},
-            fragalysis={"enabled": True, "url": fragalysis.url, "settle": "0s", "build_poll_interval": "10ms",
-                        "targets": [{"name": target.name, "tas": target.tas}]},
-            ispyb={"enabled": True, "url": ispyb.url, "login": "mirrord", "password": "mirrord-password",
-                   "proposals": [target.proposal], "lookback": "3650d", "quiet_period": 0,
-                   "missing_deadline": "1h", "path_map": {"/dls": str(tmp_path / "dls")},
-                   "timezone": campaign.timezone},
-            pdis={"enabled": True, "url": PdisEmulator.api_url(served.url), "username": USER, "password": PASSWORD,
-                  "poll_interval": "20ms", "spool_margin": 0})
+    async with linked_pipeline(tmp_path, campaign, ispyb_emulator_factory) as (config, pdis):
         async with Mirrord(config) as app:
             await app.run_once(horizon=3.0)
         store = Store(config.daemon.resolved_database_url)

@@ -5,6 +5,7 @@ ISPyB and Fragalysis jobs leave them; the last tests run those jobs too, and kil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -256,7 +257,7 @@ async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, 
     assert set(emulator.submissions_by_md5.values()) == {1} and len(emulator.submissions_by_md5) == 5
 
 
-async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campaign, emulator, served):
+async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campaign, emulator, served, capsys):
     config = config_for(tmp_path, served)
     target = campaign.targets[0]
     crystal = next(e for e in target.experiments if e.pdb_code)
@@ -277,6 +278,13 @@ async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campa
     rows = await depositions(config)
     assert (rows[latest_id].state, rows[latest_id].status_details) == ("not_deposited", superseded)
     assert uploads(served) == 1 and list(emulator.submissions_by_md5.values()) == [1]
+    # `mirrord plan` shows each decision with its reason.
+    path = tmp_path / "plan.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\n')
+    assert await asyncio.to_thread(cli.main, ["--config", str(path), "plan"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if crystal.code in line]
+    assert sorted(line.rsplit(": ", 1)[-1] for line in lines) == [
+        f"deposit as {crystal.pdb_code}", superseded, superseded]
 
 
 async def test_grid_scans_and_screening_shots_are_not_deposited(tmp_path, campaign, emulator, served):
@@ -613,25 +621,34 @@ async def test_sigkill_between_upload_and_withdrawal_leaves_no_submission_and_no
 
 
 # -- the whole pipeline: Fragalysis + ISPyB + PDIS emulators, the three real jobs ----------------------
-async def test_pipeline_fragalysis_ispyb_pdis_publishes_linked_datasets(
-        tmp_path, ispyb_emulator_factory):  # noqa: F811 - the fixture, used
+@contextlib.asynccontextmanager
+async def linked_pipeline(tmp_path: Path, campaign: Campaign, ispyb_factory: Any):
+    """The Fragalysis, ISPyB and PDIS emulators serving `campaign`, and a config following its last target
+    through all three; yields (config, the PDIS emulator)."""
     from mirrord.emulators.fragalysis import FragalysisEmulator
 
-    campaign = Campaign.demo(seed=0)
-    target = campaign.targets[0]
-    ispyb = await ispyb_emulator_factory(campaign, data_root=tmp_path / "dls")
+    target = campaign.targets[-1]
+    ispyb = await ispyb_factory(campaign, data_root=tmp_path / "dls")
     emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.02)
     async with Served(FragalysisEmulator(campaign, build_seconds=0.02).app) as fragalysis, \
             Served(emulator.app) as served:
-        config = make_config(
+        yield make_config(
             tmp_path, daemon={"retry_base": "10ms", "retry_max": "50ms"},
             fragalysis={"enabled": True, "url": fragalysis.url, "settle": "0s", "build_poll_interval": "10ms",
                         "targets": [{"name": target.name, "tas": target.tas}]},
             ispyb={"enabled": True, "url": ispyb.url, "login": "mirrord", "password": "mirrord-password",
                    "proposals": [target.proposal], "lookback": "3650d", "quiet_period": 0,
-                   "missing_deadline": "1h", "path_map": {"/dls": str(tmp_path / "dls")}},
+                   "missing_deadline": "1h", "path_map": {"/dls": str(tmp_path / "dls")},
+                   "timezone": campaign.timezone},
             pdis={"enabled": True, "url": PdisEmulator.api_url(served.url), "username": USER, "password": PASSWORD,
-                  "poll_interval": "20ms", "spool_margin": 0})
+                  "poll_interval": "20ms", "spool_margin": 0}), emulator
+
+
+async def test_pipeline_fragalysis_ispyb_pdis_publishes_linked_datasets(
+        tmp_path, ispyb_emulator_factory):  # noqa: F811 - the fixture, used
+    campaign = Campaign.demo(seed=0, targets=1)
+    target = campaign.targets[0]
+    async with linked_pipeline(tmp_path, campaign, ispyb_emulator_factory) as (config, emulator):
         outcome = await run(config, horizon=3.0)
         assert outcome.exit_code == 0, outcome.failed
         rows = list((await depositions(config)).values())
