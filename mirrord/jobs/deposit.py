@@ -16,6 +16,7 @@ dataset means PDIS has this structure already (`already_in_pdis`, unless
 `pdis.allow_additional_datasets`). Either way the upload is withdrawn: `withdrawing` records why, then
 deletes it (allowed while `uploaded`), so a restart in between finishes the delete. An upload adopted
 after a lost answer has no verdict: it is deleted and uploaded again to hear one.
+
 `work` runs a packing loop and an uploading loop side by side, each bounded by its own concurrency.
 
 Exactly once. Submitting is irreversible, so every step checks its postcondition on PDIS first:
@@ -345,7 +346,9 @@ class DepositJob(Job):
                                   spool_path=None)
             return
         if dep.state != UPLOADING:
-            await self.transition(Deposition, dep.id, UPLOADING, f"uploading {dep.zst_size} bytes", release=False)
+            # A verdict heard for an earlier upload is not this upload's.
+            await self.transition(Deposition, dep.id, UPLOADING, f"uploading {dep.zst_size} bytes", release=False,
+                                  detected_pdb=None, pdb_exists=None)
         label = f"upload {facts.archive_root}"
         progress = self.ctx.progress.task(label, dep.zst_size)
         started = time.monotonic()
@@ -414,8 +417,9 @@ class DepositJob(Job):
             return await self._not_deposited(dep, decision)
         if dep.pdb_exists is None and not self.section.allow_additional_datasets:
             return await self._upload_again(dep)
-        if (stop := self._pdis_says_stop(dep, decision, detected=sub.pdbid)) is not None:
-            found = dep.detected_pdb if dep.pdb_exists is not None else sub.pdbid
+        # The upload answer's detected id; for an adopted upload (allowed extra datasets) the submission's.
+        found = (dep.detected_pdb if dep.pdb_exists is not None else sub.pdbid) or None
+        if (stop := self._pdis_says_stop(dep, decision, found)) is not None:
             dep = await self.transition(Deposition, dep.id, WITHDRAWING, stop, status_details=stop,
                                         detected_pdb=found, pdb_code=decision.pdb_code, release=False)
             return await self._withdraw(dep, result)
@@ -436,9 +440,8 @@ class DepositJob(Job):
             beamline_id=metadata.beamline_id, equipment_other=metadata.equipment_other,
             next_attempt_at=self._next_check())
 
-    def _pdis_says_stop(self, dep: Deposition, decision: Decision, *, detected: str | None) -> str | None:
-        """Why PDIS's upload answer forbids the submit, or None. Upload answer first, else the submission's."""
-        found = (dep.detected_pdb if dep.pdb_exists is not None else detected) or None
+    def _pdis_says_stop(self, dep: Deposition, decision: Decision, found: str | None) -> str | None:
+        """Why PDIS's verdict on the upload forbids the submit (`found`: the PDB id it detected), or None."""
         ours = decision.pdb_code
         if _mismatch(found, ours):
             return (f"PDIS detected PDB {found} in the data, we would submit it as {ours or 'other'}: "
