@@ -363,18 +363,28 @@ async def test_dry_run_records_decisions_and_uploads_nothing(tmp_path, campaign,
     assert sorted(r.state for r in (await depositions(config)).values()) == ["not_deposited"] * 2 + ["published"] * 4
 
 
-async def test_preflight_failure_needs_attention_without_upload(tmp_path, campaign, emulator, served):
+@pytest.mark.parametrize("damage", ["junk", "binary_header"])
+async def test_preflight_failure_needs_attention_without_upload(tmp_path, campaign, emulator, served, damage):
+    """`binary_header`: the middle frame still starts with "###CBF" (magic-byte sniffing passed it), but
+    its binary section lost its dimensions; the real header read (fabio) stops it before any upload."""
     config = config_for(tmp_path, served)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
     store = await open_store(config)
     async with store.read() as session:
         dataset = await session.get(Dataset, dataset_id)
-    for name in dataset.files:
-        Path(dataset.local_dir, name).write_bytes(b"junk, not a detector image")
     await store.close()
+    frames = [Path(dataset.local_dir, name) for name in dataset.files]
+    if damage == "junk":
+        for frame in frames:
+            frame.write_bytes(b"junk, not a detector image")
+    else:
+        middle = frames[len(frames) // 2]
+        middle.write_bytes(middle.read_bytes().replace(b"X-Binary-Size-Second-Dimension", b"X-Binary-Lost"))
     outcome = await run(config)
     row = (await depositions(config))[dataset_id]
     assert row.state == "needs_attention" and "image header not readable" in row.status_details
+    if damage == "binary_header":
+        assert row.status_details.startswith(f"preflight: image header not readable: {middle.name}")
     assert outcome.attention and uploads(served) == 0 and spool_files(config) == []
 
 
