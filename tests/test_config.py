@@ -213,3 +213,16 @@ def test_log_lines_follow_sys_stderr_so_progress_bars_can_redirect_them(monkeypa
     monkeypatch.setattr("sys.stderr", proxy)
     structlog.get_logger("t").info("while a bar is shown")
     assert '"event": "while a bar is shown"' in proxy.getvalue()
+
+
+def test_deposit_keys_are_checked_and_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[ispyb]\ntimezone = "Europe/Londres"\nmtime_slack = "soon"\n'
+                    '[pdis]\nmin_images = 0\nprefer = "best"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "ispyb.timezone", "ispyb.mtime_slack", "pdis.min_images", "pdis.prefer"]
+    assert "unknown time zone 'Europe/Londres'" in err.value.problems[0]
+    path.write_text('[ispyb]\ntimezone = "Asia/Tokyo"\n')
+    assert str(load_config(path, env={}).ispyb.zone) == "Asia/Tokyo"
