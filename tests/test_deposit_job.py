@@ -32,7 +32,7 @@ from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs import deposit
 from mirrord.jobs.base import aware
 from mirrord.jobs.deposit import pack_for_deposit
-from mirrord.jobs.deposit_policy import DatasetFacts, decide, decide_all, facts_for, render_title
+from mirrord.jobs.deposit_policy import DatasetFacts, decide, decide_all, decision_for, render_title
 from mirrord.store import Store, migrate
 from mirrord.store.models import Dataset, Deposition, Event, Experiment, Target
 from mirrord.store.models import Session as SessionRow
@@ -208,6 +208,10 @@ def test_one_deposition_per_pdb_code_by_rule():
     # Whatever the rule prefers, one whose archive may be on PDIS keeps the code...
     sent = replace(older, deposition_state="uploaded", uploaded=True)
     assert decide_all([sent, newer], PdisSection())[2].reason == "superseded by collection 90401 for PDB 5ABC"
+    # ...one submitted can never be taken back, even if PDIS then wanted a person...
+    answered = replace(older, deposition_state="needs_attention", uploaded=True, submitted=True)
+    racing = replace(newer, deposition_state="uploaded", uploaded=True)
+    assert decide_all([answered, racing], PdisSection())[2].reason == "superseded by collection 90401 for PDB 5ABC"
     # ...one that stopped before anything left the host drops out...
     stopped = replace(newer, deposition_state="needs_attention", deposition_id=9)
     assert decide_all([older, stopped], PdisSection())[1].deposit
@@ -440,7 +444,7 @@ async def test_conflict_adopts_the_earlier_upload_without_a_second_submission(tm
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
     store = await open_store(config)
     async with store.read() as session:
-        dataset_facts = await facts_for(session, dataset_id)
+        dataset_facts, _decision = await decision_for(session, dataset_id, config.pdis)
     await store.close()
     # An earlier attempt reached PDIS but its answer was lost: the same archive is there, unsubmitted.
     packed = pack_for_deposit(dataset_facts, tmp_path / "earlier.tar.zst", level=config.pdis.zstd_level)

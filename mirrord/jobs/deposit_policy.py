@@ -70,13 +70,14 @@ class DatasetFacts:
     pdb_code: str | None = None
     deposition_id: int | None = None
     deposition_state: str | None = None
-    uploaded: bool = False  # the deposition has an upload token or a submit time: PDIS has seen it
+    uploaded: bool = False  # the deposition holds an upload token: PDIS has (or had) its archive
+    submitted: bool = False  # the deposition was submitted: nothing can take it back
 
     @property
     def stage(self) -> int:
         """How far this dataset's deposition has gone: 2 final, 1 on PDIS, 0 local, -1 stopped locally."""
         state = self.deposition_state
-        if state in FINAL_STAGE_STATES:
+        if state in FINAL_STAGE_STATES or self.submitted:
             return 2
         if state in SENT_STATES or (state is not None and state not in LOCAL_STATES and self.uploaded):
             return 1
@@ -241,8 +242,8 @@ def _facts(dataset: Dataset, experiment: Experiment | None, deposition: Depositi
         pdb_code=(experiment.pdb_code or None) if experiment else None,
         deposition_id=deposition.id if deposition else None,
         deposition_state=deposition.state if deposition else None,
-        uploaded=deposition is not None and (deposition.upload_token is not None
-                                             or deposition.submitted_at is not None),
+        uploaded=deposition is not None and deposition.upload_token is not None,
+        submitted=deposition is not None and deposition.submitted_at is not None,
     )
 
 
@@ -289,11 +290,6 @@ async def decision_for(session: AsyncSession, dataset_id: int, section: PdisSect
     if not found:
         return None
     return found[0], decide_all(await _with_rivals(session, found), section)[dataset_id]
-
-
-async def facts_for(session: AsyncSession, dataset_id: int) -> DatasetFacts | None:
-    found = await _rows(session, Dataset.id == dataset_id)
-    return found[0] if found else None
 
 
 @dataclass(frozen=True)
