@@ -206,6 +206,9 @@ class IspybSection(JobSection):
     # How far a file's mtime may lie outside its collection's start..end and still count as its own
     # (clock skew between the beamline and the file server, the last frame flushed after the end).
     mtime_slack: Duration = 120.0
+    # A re-collection whose files all date from its own run owns them, although a failed run named the
+    # same files before; false: any other run naming the same files needs a person.
+    trust_overwrites: bool = True
 
     @field_validator("timezone")
     @classmethod

@@ -78,6 +78,17 @@ def test_recorded_pair_a_fully_overwritten_failed_run_is_the_recollections(tmp_p
     assert verdict(tmp_path, again, failed) is None
 
 
+def test_recorded_pair_overwrites_not_trusted_by_config(tmp_path, pair):
+    """`ispyb.trust_overwrites = false`: the same files as above need a person, naming 90403."""
+    failed, again = pair
+    write_frames(tmp_path, range(1, 21), failed.start)
+    write_frames(tmp_path, range(1, 21), again.start + dt.timedelta(seconds=5))
+    scan = scan_dataset(tmp_path, again.template, 20)
+    assert attribution_problem(scan, again, sharing(scan, [failed]), UTC_ZONE, SLACK, trust_overwrites=False) == (
+        "collection 90403 (Data collection failed) names the same files (A71EV2A-x0153_1_%04d.cbf): "
+        "which run wrote them cannot be shown (ispyb.trust_overwrites = false)")
+
+
 def test_recorded_pair_files_copied_later_cannot_be_attributed(tmp_path, pair):
     failed, again = pair
     write_frames(tmp_path, range(1, 21), dt.datetime(2026, 12, 7, 1, 0))  # an rsync without -t, say

@@ -20,7 +20,9 @@ its own, from what the API and the file system offer:
    directory whose template names any of these files must have failed (run status without "success"),
    with known times, and no file's mtime may fall within that run's window. A re-collection that
    overwrote a failed run's files is therefore attributable; two successful (or running) collections
-   writing the same names never are, whatever the mtimes say.
+   writing the same names never are, whatever the mtimes say. A site whose detectors may leave part
+   of a file in place when they overwrite sets `ispyb.trust_overwrites = false`: then any other run
+   naming the same files needs a person.
 
 When 2 or 3 fails the dataset needs a person; the reason names the other collection.
 """
@@ -249,17 +251,21 @@ def sharing(scan: DirScan, others: Iterable[Run]) -> list[Run]:
     return found
 
 
-def attribution_problem(scan: DirScan, own: Run, others: list[Run], zone: ZoneInfo, slack: float) -> str | None:
+def attribution_problem(scan: DirScan, own: Run, others: list[Run], zone: ZoneInfo, slack: float, *,
+                        trust_overwrites: bool = True) -> str | None:
     """Why the scanned files cannot be shown to be `own`'s, or None when they can (see the module doc).
 
-    `others` are the other collections in the same directory whose template names these files.
+    `others` are the other collections in the same directory whose template names these files. Without
+    `trust_overwrites` a failed one is no different from a successful one: a person decides.
     """
     if scan.mismatch is not None:
         return scan.mismatch + _naming(others)
     for other in others:
+        unknown = f"{other.describe()} names the same files ({other.template}): which run wrote them cannot be shown"
         if not other.failed:
-            return (f"{other.describe()} names the same files ({other.template}): which run wrote them "
-                    "cannot be shown")
+            return unknown
+        if not trust_overwrites:
+            return unknown + " (ispyb.trust_overwrites = false)"
     window = own.window(zone, slack)
     if window is None:
         return "ISPyB gives no start or end time: whether the files were written by this run cannot be shown"

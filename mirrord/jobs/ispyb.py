@@ -413,7 +413,8 @@ class IspybJob(Job):
                 Dataset.local_dir == item.local_dir, Dataset.id != item.id,
                 Dataset.file_template.is_not(None)))).all()
         others = sharing(scan, [_run(row) for row in neighbours])
-        return attribution_problem(scan, _run(item), others, self.section.zone, self.section.mtime_slack)
+        return attribution_problem(scan, _run(item), others, self.section.zone, self.section.mtime_slack,
+                                   trust_overwrites=self.section.trust_overwrites)
 
     @staticmethod
     def _stable_since(item: Dataset, scan: DirScan, now: dt.datetime) -> dt.datetime:
