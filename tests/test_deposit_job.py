@@ -332,6 +332,13 @@ async def test_pdis_upload_answer_is_heard_before_the_submit(tmp_path, campaign,
     else:
         assert (row.state, row.pdb_exists, outcome.exit_code) == ("already_in_pdis", True, 0)
         assert row.status_details == f"PDIS already holds a dataset for PDB {code}: not submitted, upload withdrawn"
+        # Rests there; an operator who wants the additional dataset says so, and it goes.
+        assert (await run(config)).exit_code == 0 and (await depositions(config))[dataset_id].state == "already_in_pdis"
+        config = config_for(tmp_path, served, allow_additional_datasets=True)
+        assert (await run(config)).exit_code == 0
+        row = (await depositions(config))[dataset_id]
+        assert (row.state, row.pdb_exists) == ("published", True)
+        assert_exactly_once(emulator, [row])
 
 
 async def test_all_policy_maps_equipment_with_override_and_fallback(tmp_path, campaign, emulator, served):

@@ -274,10 +274,12 @@ async def _with_rivals(session: AsyncSession, facts: list[DatasetFacts]) -> list
 
 
 async def undecided(session: AsyncSession, section: PdisSection) -> list[tuple[DatasetFacts, Decision]]:
-    """Complete datasets without a deposition, and depositions whose decision may still change."""
+    """Complete datasets without a deposition, and depositions whose decision may still change
+    (with `allow_additional_datasets`, also those stopped because PDIS held their PDB code)."""
+    states = UNDECIDED_STATES + (("already_in_pdis",) if section.allow_additional_datasets else ())
     candidates = await _rows(session, or_(
         (Deposition.id.is_(None)) & Dataset.state.in_(COMPLETE_DATASET_STATES),
-        Deposition.state.in_(UNDECIDED_STATES),
+        Deposition.state.in_(states),
     ))
     decisions = decide_all(await _with_rivals(session, candidates), section)
     return [(f, decisions[f.dataset_id]) for f in candidates]
