@@ -212,20 +212,25 @@ async def test_failed_collections_are_reported_but_not_complete(ispyb_emulator):
     assert not collection.succeeded and not collection.complete and collection.end is not None
 
 
-async def test_events_are_asked_for_by_id_because_names_are_ignored(ispyb_emulator_factory):  # noqa: F811
+async def test_events_are_asked_for_by_id_and_never_by_event_type(ispyb_emulator_factory):  # noqa: F811
+    """A session name that names nothing is ignored upstream (057): every visible event would come
+    back. `eventType` is the group's experimentType (028): `eventType=dc` would find nothing."""
     queries: list = []
     served = await ispyb_emulator_factory(extra_middlewares=[query_log(queries)])
     camp = served.campaign
     async with client_for(served) as client:
         sessions = {s.name: s async for s in client.sessions()}
         events = await client.session_events(sessions["lb32633-67"].session_id)
-        # What a name filter would have given: every visible event, from both sessions.
-        everything = await client._get("events", {"session": "lb32633-67", "limit": 100})
+        collections = await client.group_collections(events[0].group_id)
+        everything = await client._get("events", {"session": "lb32633-99", "limit": 100})
+        nothing = await client._get("events", {"sessionId": sessions["lb32633-67"].session_id, "eventType": "dc"})
     assert everything["total"] == len(camp.collections) == 14
-    assert len(events) == 7
+    assert nothing["total"] == 0
+    assert len(events) == 7 and len(collections) == 1
     assert {e.sample_name for e in events} <= {c.sample for c in camp.collections if c.session == "lb32633-67"}
-    sent = [q for path, q in queries if path.endswith("/events")][:-1]
-    assert sent and all("sessionId" in q and "session" not in q and "proposal" not in q for q in sent)
+    sent = [q for path, q in queries if path.endswith("/events")][:2]
+    assert all("session" not in q and "proposal" not in q and "eventType" not in q for q in sent)
+    assert "sessionId" in sent[0] and "dataCollectionGroupId" in sent[1]
 
 
 # -- samples ----------------------------------------------------------------------------------------------------------

@@ -6,6 +6,19 @@ and link them to the Fragalysis experiment they are a crystal of.
 date moved since the last scan (`Session.scanned_*`), and a group's collections only when the group
 changed or still has unfinished collections, so a quiet poll costs one request per page of sessions
 and writes nothing. Most groups hold one collection, which the session's event describes in full.
+A group is read again while any of its collections has no end time: the group's own `endTime` is
+there as soon as one collection ended (SQL MAX ignores the running one, recording 033).
+
+A scan is recorded as done only when the events hold at least the collections the session counts
+(the count is of collections, not groups: recordings 008 and 029). A shorter scan is logged once
+with both numbers, kept in `Session.short_*` (see `short_sessions`) and the session stays due.
+
+Sample names: ISPyB exposes only the GROUP's sample on an event (`blSample`), never the collection's
+own, and the group's may be null while its collections have one (recording 073; fact 7). A dataset's
+`sample_name`/`sample_id` are therefore the group's as the API gives them, null when it has none: a
+sample is never guessed from file names, so such a dataset is not linked to an experiment. Protein
+acronyms come from the proposal's sample list (`GET /samples?proposal=`, a page per request), with a
+single lookup only for a sample the list does not hold.
 
 `work` checks each dataset on disk:
 
@@ -34,10 +47,11 @@ from typing import Any, ClassVar
 from sqlalchemy import func, select, update
 
 from mirrord.clients.errors import UpstreamError
-from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, IspybSession
+from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, IspybSession, Sample
 from mirrord.config import IspybSection
 from mirrord.jobs.base import Job, JobContext, RunResult, aware
 from mirrord.jobs.datafiles import DirScan, map_path, scan_dataset
+from mirrord.store import Store
 from mirrord.store.items import clear_retries, log_event, move
 from mirrord.store.models import Dataset, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
@@ -59,6 +73,24 @@ class KnownGroup:
 
     collection_ids: frozenset[int]
     unfinished: bool  # some collection has no end time yet: read the group again next poll
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A session whose last full scan saw fewer collections than it counts."""
+
+    session: str
+    seen: int
+    expected: int
+    since: dt.datetime
+
+
+async def short_sessions(store: Store) -> list[Shortfall]:
+    """The sessions currently short, oldest shortfall first (for `/status` and `mirrord status`)."""
+    async with store.read() as session:
+        rows = await session.scalars(select(SessionRow).where(SessionRow.short_since.is_not(None))
+                                     .order_by(SessionRow.short_since, SessionRow.name))
+        return [Shortfall(r.name, r.short_seen or 0, r.short_expected or 0, r.short_since) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -121,6 +153,7 @@ class IspybJob(Job):
         self._limit = asyncio.Semaphore(SCAN_CONCURRENCY)
         self._sample_limit = asyncio.Semaphore(SCAN_CONCURRENCY)
         self._writing = asyncio.Lock()
+        self._sample_lists: dict[str, asyncio.Future[dict[int, Sample]]] = {}
 
     async def start(self) -> None:
         self.client = make_client(self.section)
@@ -139,6 +172,7 @@ class IspybJob(Job):
     async def poll(self, result: RunResult) -> None:
         """Upsert the followed sessions; scan those whose count or end moved. Auth and protocol
         errors propagate: the runner logs the job as failing once."""
+        self._sample_lists = {}  # read again each poll: new samples appear
         remote = await self._followed_sessions()
         result.count("sessions", len(remote))
         rows, groups = await self._known(remote)
@@ -206,9 +240,11 @@ class IspybJob(Job):
             client = self._client()
             collections: list[DataCollection] = []
             to_read: list[int] = []
+            seen = None
             if full:
                 # A session that counts no collections has no events worth a request.
                 events = await client.session_events(s.session_id) if s.datacollections != 0 else []
+                seen = sum(event.count for event in events)  # collections, as the session counts them
                 result.count("sessions_scanned")
                 for event in events:
                     if not _group_needs_read(event, known.get(event.group_id)):
@@ -222,13 +258,14 @@ class IspybJob(Job):
             for group_id in to_read:
                 collections.extend(await client.group_collections(group_id))
                 result.count("groups_read")
-            acronyms = await self._acronyms(collections)
+            acronyms = await self._acronyms(_proposal(s), collections)
             # One recording write at a time: waiting writers queue here, not inside the database.
             async with self._writing:
-                await self._record(s, collections, acronyms, scanned=full, result=result)
+                await self._record(s, collections, acronyms, seen=seen, result=result)
 
-    async def _acronyms(self, collections: Iterable[DataCollection]) -> dict[int, str | None]:
-        """Protein acronyms by sample id: from the store when known, else one lookup per sample."""
+    async def _acronyms(self, proposal: str, collections: Iterable[DataCollection]) -> dict[int, str | None]:
+        """Protein acronyms by sample id: from the store when known, else from the proposal's sample
+        list (fetched once per poll), else one lookup per sample the list does not hold."""
         wanted = {c.sample_id for c in collections if c.sample_id is not None}
         if not wanted:
             return {}
@@ -239,6 +276,12 @@ class IspybJob(Job):
                 .group_by(Dataset.sample_id))).all()
         found: dict[int, str | None] = dict(rows)
         client = self._client()
+        for sample_id in wanted - set(found):
+            if (cached := client.cached_sample(sample_id)) is not None:
+                found[sample_id] = cached.protein_acronym
+        if wanted - set(found):
+            listed = await self._proposal_samples(proposal)
+            found.update({sid: listed[sid].protein_acronym for sid in wanted - set(found) if sid in listed})
 
         async def lookup(sample_id: int) -> None:
             async with self._sample_limit:
@@ -250,6 +293,16 @@ class IspybJob(Job):
         await asyncio.gather(*(lookup(sid) for sid in wanted - set(found)))
         return found
 
+    async def _proposal_samples(self, proposal: str) -> dict[int, Sample]:
+        """The proposal's sample list, one request per page, shared by the scans of this poll."""
+        if proposal not in self._sample_lists:
+            self._sample_lists[proposal] = asyncio.ensure_future(self._client().proposal_samples(proposal))
+        try:
+            return await asyncio.shield(self._sample_lists[proposal])
+        except UpstreamError as exc:  # single lookups remain
+            self.log.warning("ispyb.sample_list_unreadable", proposal=proposal, error=str(exc))
+            return {}
+
     def _dataset_values(self, s: IspybSession, c: DataCollection, acronym: str | None) -> dict[str, Any]:
         values = {
             "session_id": s.session_id, "session_name": s.name,
@@ -257,15 +310,16 @@ class IspybJob(Job):
             "sample_name": c.sample_name, "sample_id": c.sample_id, "facility_dir": c.image_directory,
             "local_dir": map_path(c.image_directory, self.section.path_map) if c.image_directory else None,
             "file_template": c.file_template, "number_of_images": c.number_of_images, "run_status": c.run_status,
-            "start": aware(c.start), "end": aware(c.end),
+            "experiment_type": c.experiment_type, "start": aware(c.start), "end": aware(c.end),
         }
         if acronym is not None:  # never forget an acronym because one lookup failed
             values["protein_acronym"] = acronym
         return values
 
     async def _record(self, s: IspybSession, collections: list[DataCollection], acronyms: dict[int, str | None],
-                      *, scanned: bool, result: RunResult) -> None:
-        """One short write: new datasets, changed facts, and (after a full scan) what we scanned."""
+                      *, seen: int | None, result: RunResult) -> None:
+        """One short write: new datasets, changed facts, and (after a full scan that `seen` collections)
+        what we scanned, or the shortfall."""
         keys = [(c.group_id, c.collection_id) for c in collections]
         async with self.store.write() as session:
             existing = {}
@@ -293,13 +347,28 @@ class IspybJob(Job):
                 for row in new_rows:
                     self._log_discovered(session, row)
                 result.count("datasets_discovered", len(new_rows))
-            if scanned:
-                row = await session.get(SessionRow, s.session_id)
-                values = {"scanned_collections": s.datacollections, "scanned_end": aware(s.end)}
-                if row is not None and _changed(row, values):
-                    for key, value in values.items():
-                        setattr(row, key, value)
-                    row.scanned_at = utcnow()
+            row = await session.get(SessionRow, s.session_id)
+            if seen is not None and row is not None:
+                self._record_scan(row, s, seen)
+
+    def _record_scan(self, row: SessionRow, s: IspybSession, seen: int) -> None:
+        """Scanned, unless the events held fewer collections than the session counts: then the
+        session stays due and the shortfall is kept (and said once) until a scan sees them all."""
+        expected = s.datacollections
+        if expected is not None and seen < expected:
+            if (row.short_seen, row.short_expected) != (seen, expected):
+                self.log.warning("ispyb.scan_short", session=s.name, seen=seen, expected=expected)
+                row.short_seen, row.short_expected = seen, expected
+            row.short_since = row.short_since or utcnow()
+            return
+        if row.short_since is not None:
+            self.log.info("ispyb.scan_whole", session=s.name, seen=seen, expected=expected)
+        values = {"scanned_collections": expected, "scanned_end": aware(s.end),
+                  "short_seen": None, "short_expected": None, "short_since": None}
+        if _changed(row, values):
+            for key, value in values.items():
+                setattr(row, key, value)
+            row.scanned_at = utcnow()
 
     def _log_discovered(self, session: Any, row: Dataset) -> None:
         log_event(session, row, None, "discovered", f"{row.session_name} {row.sample_name or '?'} "
