@@ -388,20 +388,9 @@ async def _check_fragalysis(config: Config) -> tuple[bool, str]:
 
 
 async def _check_ispyb(config: Config) -> tuple[bool, str]:
-    from mirrord.clients.ispyb import IspybClient
+    from mirrord.jobs.ispyb import readiness
 
-    section = config.ispyb
-    async with IspybClient(section.url, plugin=section.plugin, login=section.login,
-                           password=_secret(section.password), token=_secret(section.token), page_size=1,
-                           http=CHECK_HTTP) as client:
-        proposal = section.proposals[0] if section.proposals else None
-        beamline = None if proposal else section.beamlines[0]
-        sessions = client.sessions(proposal=proposal, beamline=beamline)
-        first = await anext(aiter(sessions), None)
-        await sessions.aclose()
-    scope = f"proposal {proposal}" if proposal else f"beamline {beamline}"
-    seen = f"latest session {first.name}" if first is not None else "no sessions visible yet"
-    return True, f"logged in as {section.login} ({section.plugin}); {scope}: {seen}"
+    return await readiness(config.ispyb, **CHECK_HTTP)
 
 
 async def _check_pdis(config: Config) -> tuple[bool, str]:

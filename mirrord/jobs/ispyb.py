@@ -109,6 +109,36 @@ def make_client(section: IspybSection, **http: Any) -> IspybClient:
                        http=http or None)
 
 
+async def check_proposal(client: IspybClient, proposal: str) -> tuple[bool, str]:
+    """What a run needs of one proposal: it is visible, and the events of its newest session with
+    collections can be read and hold as many collections as the session counts."""
+    sessions = [s async for s in client.sessions(proposal=proposal)]
+    if not sessions:  # the server answers what it will not show with `total 0` (018)
+        return False, f"proposal {proposal}: not visible to this login, or empty"
+    newest = next((s for s in sessions if s.datacollections != 0), None)  # newest first (008)
+    if newest is None:
+        return True, f"proposal {proposal}: {len(sessions)} session(s), no collections yet"
+    seen = sum(event.count for event in await client.session_events(newest.session_id))
+    if newest.datacollections is not None and seen < newest.datacollections:
+        return False, (f"proposal {proposal}: the events of {newest.name} show {seen} of its "
+                       f"{newest.datacollections} collections")
+    return True, f"proposal {proposal}: {len(sessions)} session(s); {newest.name} events show {seen} collection(s)"
+
+
+async def readiness(section: IspybSection, **http: Any) -> tuple[bool, str]:
+    """`mirrord check`: the login works, and every configured proposal passes `check_proposal`."""
+    async with make_client(section, **http) as client:
+        results = [await check_proposal(client, proposal) for proposal in section.proposals]
+        for beamline in section.beamlines:
+            sessions = client.sessions(beamline=beamline)
+            first = await anext(aiter(sessions), None)
+            await sessions.aclose()
+            seen = f"latest session {first.name}" if first is not None else "no sessions visible yet"
+            results.append((True, f"beamline {beamline}: {seen}"))
+    detail = "; ".join(text for _, text in results)
+    return all(ok for ok, _ in results), f"logged in as {section.login} ({section.plugin}); {detail}"
+
+
 def _proposal(s: IspybSession) -> str:
     """The session's proposal, or the visit name without its number ("lb32627-66" -> "lb32627")."""
     return s.proposal or s.name.rsplit("-", 1)[0]
