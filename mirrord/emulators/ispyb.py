@@ -303,6 +303,10 @@ class IspybEmulator:
         self._sessions: dict[str, EmulatedSession] = {}
         self._proposal_ids: dict[str, int] = {}
         self._campaign_samples: dict[int, SampleRow] = {}
+        # How much of the campaign (which only grows) is already indexed: each request reads only what is new.
+        self._indexed = {"targets": 0, "sessions": 0, "samples": 0, "rows": 0}
+        self._by_session: dict[str, list[Collection]] = {}
+        self._usage: tuple[int, tuple[Counter[int], dict[int, list[str]]]] | None = None
         self.app = make_app(faults)
         self.app.middlewares.extend(extra_middlewares)
         self.app.middlewares.append(self._not_found_middleware)
@@ -383,16 +387,25 @@ class IspybEmulator:
     def _sessions_by_name(self) -> dict[str, EmulatedSession]:
         if self.seeded is not None:
             return self.seeded.sessions
-        for target in self.campaign.targets:
+        for target in self._new("targets", self.campaign.targets):
             self._ensure_session(target.tas, target.beamline)
-        for col in self.campaign.collections:
+        for col in self._new("sessions", self.campaign.collections):
             self._ensure_session(col.session, col.beamline)
         return self._sessions
+
+    def _new(self, index: str, items: list[Any]) -> list[Any]:
+        """The items appended since `index` was last brought up to date."""
+        start, self._indexed[index] = self._indexed[index], len(items)
+        return items[start:]
 
     def _rows(self, *, sessions: set[str] | None = None, group_id: int | None = None,
               collection_id: int | None = None) -> list[Row]:
         """Collections narrowed by the cheap filters first; campaign ones are converted only when kept."""
         source: Iterable[Any] = self.seeded.rows if self.seeded is not None else self.campaign.collections
+        if self.seeded is None and sessions is not None:
+            for col in self._new("rows", self.campaign.collections):
+                self._by_session.setdefault(col.session, []).append(col)
+            source = [c for name in sessions for c in self._by_session.get(name, ())]
         kept = [c for c in source if (sessions is None or c.session in sessions)
                 and (group_id is None or c.group_id == group_id)
                 and (collection_id is None or c.collection_id == collection_id)]
@@ -406,7 +419,7 @@ class IspybEmulator:
     def _samples(self) -> dict[int, SampleRow]:
         if self.seeded is not None:
             return self.seeded.samples
-        for col in self.campaign.collections:
+        for col in self._new("samples", self.campaign.collections):
             if col.sample_id not in self._campaign_samples:
                 self._campaign_samples[col.sample_id] = self._campaign_sample(col)
         return self._campaign_samples
@@ -414,8 +427,11 @@ class IspybEmulator:
     def _sample_usage(self) -> tuple[Counter[int], dict[int, list[str]]]:
         """Per sample: collections reached through their GROUP's sample, and their experiment types (fact 14)."""
         if self.seeded is None:
-            counts = Counter(c.sample_id for c in self.campaign.collections)
-            return counts, {sample_id: ["OSC"] for sample_id in counts}
+            size = len(self.campaign.collections)
+            if self._usage is None or self._usage[0] != size:  # the campaign only grows
+                counts = Counter(c.sample_id for c in self.campaign.collections)
+                self._usage = size, (counts, {sample_id: ["OSC"] for sample_id in counts})
+            return self._usage[1]
         rows = self.seeded.rows
         counts = Counter(r.group_sample_id for r in rows if r.group_sample_id is not None)
         types: dict[int, list[tuple[int, str]]] = {}

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from mirrord.clients.errors import UpstreamError
 from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, IspybSession, Sample
@@ -52,8 +52,8 @@ from mirrord.config import IspybSection
 from mirrord.jobs.base import Job, JobContext, RunResult, aware
 from mirrord.jobs.datafiles import DirScan, map_path, scan_dataset
 from mirrord.store import Store
-from mirrord.store.items import clear_retries, log_event, move
-from mirrord.store.models import Dataset, Experiment, Target, utcnow
+from mirrord.store.items import clear_retries, move
+from mirrord.store.models import Dataset, Event, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
 
 WORKABLE = ("discovered", "waiting", "missing")
@@ -357,13 +357,14 @@ class IspybJob(Job):
                 group_ids = {g for g, _ in keys}
                 for row in await session.scalars(select(Dataset).where(Dataset.group_id.in_(group_ids))):
                     existing[(row.group_id, row.collection_id)] = row
-            new_rows: list[Dataset] = []
+            new_rows: list[dict[str, Any]] = []
             for c in collections:
-                values = self._dataset_values(s, c, acronyms.get(c.sample_id) if c.sample_id is not None else None)
+                acronym = acronyms.get(c.sample_id) if c.sample_id is not None else None
+                values = self._dataset_values(s, c, acronym)
                 row = existing.get((c.group_id, c.collection_id))
                 if row is None:
-                    new_rows.append(Dataset(group_id=c.group_id, collection_id=c.collection_id, state="discovered",
-                                            reason="new in ISPyB", **values))
+                    new_rows.append({"group_id": c.group_id, "collection_id": c.collection_id, "state": "discovered",
+                                     "reason": "new in ISPyB", "protein_acronym": acronym, **values})
                     continue
                 changed = _changed(row, values)
                 for key, value in changed.items():
@@ -372,10 +373,7 @@ class IspybJob(Job):
                     result.count("datasets_updated")
                     self._recheck(session, row, sorted(set(changed) & set(DECISIVE)))
             if new_rows:
-                session.add_all(new_rows)
-                await session.flush()  # one round trip for all of them; their ids are for the events
-                for row in new_rows:
-                    self._log_discovered(session, row)
+                await self._insert_discovered(session, new_rows)
                 result.count("datasets_discovered", len(new_rows))
             row = await session.get(SessionRow, s.session_id)
             if seen is not None and row is not None:
@@ -400,9 +398,20 @@ class IspybJob(Job):
                 setattr(row, key, value)
             row.scanned_at = utcnow()
 
-    def _log_discovered(self, session: Any, row: Dataset) -> None:
-        log_event(session, row, None, "discovered", f"{row.session_name} {row.sample_name or '?'} "
-                  f"collection {row.collection_id}", self.ctx.instance)
+    async def _insert_discovered(self, session: Any, new_rows: list[dict[str, Any]]) -> None:
+        """New datasets and their `discovered` events in one statement each: ORM inserts with RETURNING
+        go row by row on SQLite, which made a first poll of thousands of collections slow."""
+        await session.execute(insert(Dataset), new_rows)
+        keys = {(v["group_id"], v["collection_id"]): v for v in new_rows}
+        ids = await session.execute(select(Dataset.id, Dataset.group_id, Dataset.collection_id)
+                                    .where(Dataset.group_id.in_({g for g, _ in keys})))
+        events = [self._log_discovered(dataset_id, keys[(g, c)]) for dataset_id, g, c in ids if (g, c) in keys]
+        await session.execute(insert(Event), events)
+
+    def _log_discovered(self, dataset_id: int, values: dict[str, Any]) -> dict[str, Any]:
+        return {"item_type": "dataset", "item_id": str(dataset_id), "from_state": None, "to_state": "discovered",
+                "reason": f"{values['session_name']} {values['sample_name'] or '?'} collection {values['collection_id']}",
+                "instance": self.ctx.instance}
 
     def _recheck(self, session: Any, row: Dataset, decisive: list[str]) -> None:
         """Upstream facts that decide completeness moved: check the dataset again soon."""
