@@ -288,10 +288,11 @@ class IspybJob(Job):
             for group_id in to_read:
                 collections.extend(await client.group_collections(group_id))
                 result.count("groups_read")
-            acronyms = await self._acronyms(_proposal(s), collections)
-            # One recording write at a time: waiting writers queue here, not inside the database.
-            async with self._writing:
-                await self._record(s, collections, acronyms, seen=seen, result=result)
+        # Outside the limit: while one scan waits for the proposal's sample list, the others read on.
+        acronyms = await self._acronyms(_proposal(s), collections)
+        # One recording write at a time: waiting writers queue here, not inside the database.
+        async with self._writing:
+            await self._record(s, collections, acronyms, seen=seen, result=result)
 
     async def _acronyms(self, proposal: str, collections: Iterable[DataCollection]) -> dict[int, str | None]:
         """Protein acronyms by sample id: from the store when known, else from the proposal's sample
