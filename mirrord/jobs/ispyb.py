@@ -160,7 +160,7 @@ def _in_window(s: IspybSession, cutoff: dt.datetime) -> bool:
 
 
 def _needs_scan(s: IspybSession, row: SessionRow | None) -> bool:
-    if row is None or s.datacollections is None:  # a fork without the count: always look
+    if row is None or s.datacollections is None or row.short_since is not None:  # no count, or short: look
         return True
     return s.datacollections != row.scanned_collections or aware(s.end) != row.scanned_end
 
