@@ -15,13 +15,15 @@ from aiohttp import web
 from mirrord.clients.errors import AuthError, BadRequest, ProtocolError
 from mirrord.clients.http import RetryPolicy
 from mirrord.clients.ispyb import IspybClient
-from mirrord.emulators.ispyb import DEFAULT_USERS
+from mirrord.emulators.campaign import Campaign
+from mirrord.emulators.ispyb import DEFAULT_USERS, SeedData
 from tests.ispyb_openapi import (
     ValidatedIspyb,
     ispyb_emulator,  # noqa: F401 - pytest fixture
     ispyb_emulator_factory,  # noqa: F401 - pytest fixture
 )
 from tests.mockhttp import aioresponses
+from tests.recordings import seed
 
 FAST_RETRY = {"retry": RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01)}
 
@@ -242,6 +244,23 @@ async def test_sample_acronym_is_cached(ispyb_emulator):  # noqa: F811
     assert first is again
     assert (first.name, first.protein_acronym) == (col.sample, ispyb_emulator.campaign.target_by_tas(col.session).name)
     assert ispyb_emulator.served.requests.count("GET", f"/ispyb/api/v1/samples/{col.sample_id}") == 1
+
+
+async def test_a_proposals_samples_come_a_page_per_request(ispyb_emulator_factory):  # noqa: F811
+    """Fact 22: `GET /samples?proposal=` lists every sample with its acronym, newest first, paged
+    (122-124); a proposal the login cannot see lists nothing (126). Listed samples need no lookup."""
+    served = await ispyb_emulator_factory(Campaign(targets=[], collections=[], unrelated=[]),
+                                          seeded=SeedData.from_seed(seed("ispyb")))
+    async with IspybClient(served.url, login="abcd", page_size=4, http=FAST_RETRY) as client:
+        samples = await client.proposal_samples("lb90001")
+        hidden = await client.proposal_samples("lb90002")
+        x0152 = await client.sample(90101)
+    assert list(samples) == list(range(90111, 90100, -1))
+    assert {s.protein_acronym for s in samples.values()} == {"A71EV2A"}
+    assert hidden == {}
+    assert x0152 is samples[90101] and x0152.name == "A71EV2A-x0152"
+    assert served.served.requests.count("GET", "/ispyb/api/v1/samples") == 3 + 1  # 11 samples by 4, and lb90002
+    assert served.served.requests.count("GET", "/ispyb/api/v1/samples/") == 0
 
 
 # -- odd answers (aioresponses) -------------------------------------------------------------------------------------
