@@ -106,7 +106,11 @@ async def test_first_poll_discovers_every_collection_the_real_server_holds(tmp_p
     assert sent.count(api + "events?dataCollectionGroupId=90306&skip=0&limit=100") == 1  # finished: read once
     scanned = {r.name: r.scanned_collections for (r,) in await query(config, select(SessionRow))}
     assert scanned == {"lb90001-1": 8, "lb90001-2": 3, "lb90001-3": 4, "lb90001-None": 1, "lb90001-4": 0}
-    assert await short_sessions(Store(config.daemon.resolved_database_url)) == []
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        assert await short_sessions(store) == []
+    finally:
+        await store.close()
 
 
 async def test_a_scan_that_sees_fewer_collections_than_counted_is_not_recorded_as_done(tmp_path, recorded, hide):
