@@ -283,7 +283,8 @@ class FragalysisClient(UpstreamClient):
             problems.append(f"The configured Fragalysis {self.auth_kind} token is not accepted: the server treats "
                             "us as anonymous (expired or wrong token), so only open projects are visible.")
         if me.authenticated and not me.from_landing_page:
-            visible = set(me.target_access)
+            # Open projects are visible to everyone without being in the user's list.
+            visible = set(me.target_access) | {p.tas for p in await self.projects() if p.open_to_public}
             where = f"user {me.user}'s target access list"
         else:
             visible = {p.tas for p in await self.projects()}
