@@ -1,0 +1,88 @@
+"""A real `mirrord once` against a server that answers only from the real 2024-10 backend's recordings
+(`tests/replay_fragalysis.py`): the job must get from start to a mirrored upload using recorded exchanges
+only, and the mirror must hold exactly the recorded archive's files.
+
+mirrord's build payload asks for `metadata_info` (the mirror reads metadata.csv, fact 16) and, with the
+default target flags, `pdb_info` and `single_sdf_file`: the payload of recordings 085/087, made as `member`.
+The anonymous run gets 085's answer through the replay's shared-build rule (fact 12) and 086's archive
+through the unchecked download (fact 15); no anonymous POST with that payload was recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mirrord.emulators.base import Served
+from mirrord.jobs.fragalysis_mirror import MANIFEST_NAME
+from tests.recordings import archive
+from tests.replay_fragalysis import RecordedFragalysis
+
+TESTTGT = ("TESTTGT", "lb00001-1", "archives/TESTTGT-public-member-recommended.zip")
+PRIVTGT = ("PRIVTGT", "lb00002-1", "archives/PRIVTGT-private-member-recommended.zip")
+
+CONFIG = """\
+[daemon]
+state_dir = "{state}"
+
+[log]
+format = "json"
+
+[web]
+enabled = false
+
+[fragalysis]
+enabled = true
+url = "{url}"
+settle = "0s"
+{token}
+{targets}
+"""
+
+
+def config_text(tmp_path: Path, url: str, targets: list[tuple[str, str, str]], token: str | None) -> str:
+    blocks = "\n".join(f'[[fragalysis.targets]]\nname = "{name}"\ntas = "{tas}"\n' for name, tas, _ in targets)
+    token_line = ""
+    if token:
+        token_file = tmp_path / "fragalysis.token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        token_line = f'token_file = "{token_file}"'
+    return CONFIG.format(state=tmp_path / "state", url=url, token=token_line, targets=blocks)
+
+
+def mirrored_files(version: Path) -> list[str]:
+    return sorted(str(p.relative_to(version)) for p in version.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+@pytest.mark.parametrize(("token", "targets"), [(None, [TESTTGT]), ("member-session", [TESTTGT, PRIVTGT])],
+                         ids=["anon", "member"])
+async def test_mirrord_once_against_the_recordings(tmp_path, token, targets):
+    replay = RecordedFragalysis()
+    state = tmp_path / "state"
+    log = tmp_path / "mirrord.log"
+    async with Served(replay.app) as server:
+        config = tmp_path / "mirrord.toml"
+        config.write_text(config_text(tmp_path, server.url, targets, token))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mirrord.cli", "--config", str(config), "once",
+            stdout=log.open("ab"), stderr=asyncio.subprocess.STDOUT)
+        code = await asyncio.wait_for(proc.wait(), 120)
+    assert replay.unrecorded == [], replay.unrecorded
+    assert code == 0, log.read_text()[-3000:]
+    with sqlite3.connect(state / "mirrord.db") as db:
+        states = dict(db.execute("SELECT t.name, u.state FROM uploads u JOIN targets t ON t.id = u.target_id"))
+        experiments = db.execute("SELECT code, pdb_code, observations, ligand_sdf FROM experiments").fetchall()
+    for name, tas, recorded in targets:
+        version = state / "mirror" / tas / name / "upload_2"
+        with zipfile.ZipFile(archive("fragalysis", recorded)) as zipped:
+            assert mirrored_files(version) == sorted(zipped.namelist())
+        assert states[name] == "mirrored"
+    # No pdb_code on this version (fact 7); short observation codes map to their experiments (fact 8).
+    assert ("TESTTGT-x0001", None, '["x0001a"]', "aligned_files/x0001a/x0001a.sdf") in experiments
+    assert "fragalysis.no_user_endpoint" in log.read_text()
