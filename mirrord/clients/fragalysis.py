@@ -4,6 +4,9 @@ Follows the Fragalysis contract: trailing slashes everywhere, CSRF priming for c
 never following redirects (a redirect to Keycloak means "log in again"), every page of every list,
 both download protocols (synchronous `200 {file_url}` and asynchronous `202 {task_status_url}`),
 and a format sniffed from magic bytes because the server calls every archive `application/zip`.
+Older deployments (the recorded 2024-10 backend) have no `/api/user/`: identity then comes from the
+landing page. Where task status is refused (anonymous callers, non-members), a build is awaited by
+repeating the identical request, which answers `200 {file_url}` once the shared build is done.
 """
 
 from __future__ import annotations

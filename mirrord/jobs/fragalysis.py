@@ -195,7 +195,8 @@ class FragalysisJob(Job):
         return sorted({spec.tas for spec in self.section.targets})
 
     async def _check_identity(self, *, force: bool = False) -> None:
-        """Ask /api/user/ who we are, at start and every `identity_check`; remember the answer."""
+        """Ask who we are (/api/user/, or the landing page where it is missing), at start and every
+        `identity_check`; remember the answer."""
         stored = await kv_get(self.store, IDENTITY_KEY)
         # After a login redirect, look again at the next poll rather than after `identity_check`.
         if not force and stored and stored.get("checked_at") and not stored.get("login_needed"):
