@@ -407,7 +407,7 @@ async def test_all_visible_mirrors_every_target_with_default_flags(tmp_path, cam
 
 
 # -- crash safety -----------------------------------------------------------------------------------
-CRASH_CONFIG = """\
+CLI_CONFIG = """\
 [daemon]
 state_dir = "{state}"
 
@@ -422,11 +422,14 @@ enabled = true
 url = "{url}"
 settle = "0s"
 build_poll_interval = "10ms"
-
-[[fragalysis.targets]]
-name = "{name}"
-tas = "{tas}"
+{extra}
 """
+
+
+def cli_config(state: Path, url: str, targets: list[tuple[str, str]], extra: str = "") -> str:
+    """A config file for a `mirrord once` subprocess watching these (name, TAS) targets."""
+    blocks = "".join(f'\n[[fragalysis.targets]]\nname = "{name}"\ntas = "{tas}"\n' for name, tas in targets)
+    return CLI_CONFIG.format(state=state, url=url, extra=extra) + blocks
 
 
 def upload_state(db: Path) -> str | None:
@@ -452,7 +455,7 @@ async def test_sigkill_between_fetch_and_extract_then_restart_finishes_once(tmp_
     async with served(campaign, padding_bytes=48 * 1024**2) as (emulator, server):
         state = tmp_path / "state"
         config_path = tmp_path / "mirrord.toml"
-        config_path.write_text(CRASH_CONFIG.format(state=state, url=server.url, name=target.name, tas=target.tas))
+        config_path.write_text(cli_config(state, server.url, [(target.name, target.tas)]))
         db = state / "mirrord.db"
         log = tmp_path / "mirrord.log"
 

@@ -24,38 +24,19 @@ from mirrord.emulators.base import Served
 from mirrord.jobs.fragalysis_mirror import MANIFEST_NAME, KnownExperiment, read_experiments
 from tests.recordings import archive, exchange
 from tests.replay_fragalysis import RecordedFragalysis
+from tests.test_fragalysis_job import cli_config
 
 TESTTGT = ("TESTTGT", "lb00001-1", "archives/TESTTGT-public-member-recommended.zip")
 PRIVTGT = ("PRIVTGT", "lb00002-1", "archives/PRIVTGT-private-member-recommended.zip")
 
-CONFIG = """\
-[daemon]
-state_dir = "{state}"
-
-[log]
-format = "json"
-
-[web]
-enabled = false
-
-[fragalysis]
-enabled = true
-url = "{url}"
-settle = "0s"
-{token}
-{targets}
-"""
-
-
 def config_text(tmp_path: Path, url: str, targets: list[tuple[str, str, str]], token: str | None) -> str:
-    blocks = "\n".join(f'[[fragalysis.targets]]\nname = "{name}"\ntas = "{tas}"\n' for name, tas, _ in targets)
     token_line = ""
     if token:
         token_file = tmp_path / "fragalysis.token"
         token_file.write_text(token)
         token_file.chmod(0o600)
         token_line = f'token_file = "{token_file}"'
-    return CONFIG.format(state=tmp_path / "state", url=url, token=token_line, targets=blocks)
+    return cli_config(tmp_path / "state", url, [(name, tas) for name, tas, _ in targets], token_line)
 
 
 def mirrored_files(version: Path) -> list[str]:
