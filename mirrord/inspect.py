@@ -375,16 +375,9 @@ async def _run_check(name: str, check: Any, config: Config) -> CheckResult:
 
 
 async def _check_fragalysis(config: Config) -> tuple[bool, str]:
-    from mirrord.jobs.fragalysis import make_client
+    from mirrord.jobs.fragalysis import check
 
-    section = config.fragalysis
-    async with make_client(section, **CHECK_HTTP) as client:
-        me = await client.user()
-        problems = await client.identity_problems(sorted({t.tas for t in section.targets}))
-    who = f"user {me.user}" if me.authenticated else "anonymous"
-    if problems:
-        return False, f"{who}: " + " ".join(problems)
-    return True, f"{who}; {len(section.targets)} configured target(s) visible"
+    return await check(config.fragalysis, **CHECK_HTTP)
 
 
 async def _check_ispyb(config: Config) -> tuple[bool, str]:
