@@ -375,33 +375,15 @@ async def _run_check(name: str, check: Any, config: Config) -> CheckResult:
 
 
 async def _check_fragalysis(config: Config) -> tuple[bool, str]:
-    from mirrord.jobs.fragalysis import make_client
+    from mirrord.jobs.fragalysis import check
 
-    section = config.fragalysis
-    async with make_client(section, **CHECK_HTTP) as client:
-        me = await client.user()
-        problems = await client.identity_problems(sorted({t.tas for t in section.targets}))
-    who = f"user {me.user}" if me.authenticated else "anonymous"
-    if problems:
-        return False, f"{who}: " + " ".join(problems)
-    return True, f"{who}; {len(section.targets)} configured target(s) visible"
+    return await check(config.fragalysis, **CHECK_HTTP)
 
 
 async def _check_ispyb(config: Config) -> tuple[bool, str]:
-    from mirrord.clients.ispyb import IspybClient
+    from mirrord.jobs.ispyb import readiness
 
-    section = config.ispyb
-    async with IspybClient(section.url, plugin=section.plugin, login=section.login,
-                           password=_secret(section.password), token=_secret(section.token), page_size=1,
-                           http=CHECK_HTTP) as client:
-        proposal = section.proposals[0] if section.proposals else None
-        beamline = None if proposal else section.beamlines[0]
-        sessions = client.sessions(proposal=proposal, beamline=beamline)
-        first = await anext(aiter(sessions), None)
-        await sessions.aclose()
-    scope = f"proposal {proposal}" if proposal else f"beamline {beamline}"
-    seen = f"latest session {first.name}" if first is not None else "no sessions visible yet"
-    return True, f"logged in as {section.login} ({section.plugin}); {scope}: {seen}"
+    return await readiness(config.ispyb, **CHECK_HTTP)
 
 
 async def _check_pdis(config: Config) -> tuple[bool, str]:

@@ -11,6 +11,8 @@ import zipfile
 from contextlib import asynccontextmanager
 
 import pytest
+import structlog
+import structlog.testing
 from yarl import URL
 
 from mirrord.clients.errors import AuthError, NotFound, ProtocolError, TransientError
@@ -57,6 +59,47 @@ async def test_user_anonymous_and_authenticated(campaign):
             me = await member.user()
     assert (anon.authenticated, anon.target_access, anon.ping_ok) == (False, [], True)
     assert me.authenticated and me.user == "abc12345" and me.target_access == [campaign.targets[0].tas]
+
+
+async def test_user_without_api_user_reads_the_landing_page_and_says_so_once(campaign):
+    """The 2024-10 backend answers /api/user/ with an HTML 404 (recordings 001, 002): the landing
+    page's DJANGO_CONTEXT names the user (004, 005; NOT_LOGGED_IN anonymously, 003, 006)."""
+    closed = campaign.targets[1]
+    async with served(campaign, version="2024-10") as (emulator, server):
+        emulator.set_open(closed.tas, False)
+        emulator.add_session(TOKEN, "abc12345", [closed.tas], user_id="3")
+        async with make_client(server.url) as anonymous, make_client(server.url, session_token=TOKEN) as member, \
+                make_client(server.url, session_token="expired") as stale:
+            with structlog.testing.capture_logs() as logs:
+                anon, me = await anonymous.user(), await member.user()
+                await member.user()
+            assert await member.identity_problems([closed.tas]) == []
+            assert await anonymous.identity_problems([]) == []
+            problems = await stale.identity_problems([closed.tas])
+    assert (anon.authenticated, anon.user, anon.from_landing_page) == (False, None, True)
+    assert (me.authenticated, me.user, me.user_id) == (True, "abc12345", "3")
+    assert [e["event"] for e in logs].count("fragalysis.no_user_endpoint") == 2  # once per client
+    assert "not accepted" in problems[0] and f"{closed.tas} is not in the projects visible" in problems[1]
+
+
+async def test_task_status_refused_waits_by_reposting_the_identical_payload(campaign):
+    """Anonymous callers may not read task status (recording 073): the build must not fail; the identical
+    POST answers 200 {file_url} once the shared build is done (fact 12, contract step 4)."""
+    target = campaign.targets[0]
+    async with served(campaign, build_seconds=0.1) as (emulator, server):
+        async with make_client(server.url) as client:
+            file_url = await client.build_download(target.name, target.tas, {})
+        task_polls = server.requests.count("GET", "/viewer/task_status/")
+        posts = server.requests.count("POST", "/api/download_structures/")
+    assert file_url.endswith(f"/{target.name}.tar.gz") and emulator.build_count == 1
+    assert task_polls == 1 and posts >= 2
+
+
+def test_build_payload_always_asks_for_what_the_mirror_reads():
+    """metadata.csv comes only with metadata_info (fact 16); the mirror and Design Hub read it and the aligned files."""
+    client = FragalysisClient("http://fragalysis.invalid")
+    payload = client.build_payload("T", "lb1-1", {"metadata_info": False, "all_aligned_structures": False})
+    assert payload["metadata_info"] is True and payload["all_aligned_structures"] is True
 
 
 async def test_identity_problems_bad_token_missing_tas_and_ping(campaign):
@@ -125,7 +168,7 @@ async def test_target_uploads_groups_by_target_and_tas(campaign):
 
 async def test_target_uploads_legacy_rows_are_mapped_through_targets_and_projects(campaign):
     campaign.add_upload(campaign.targets[1].name)
-    async with served(campaign, legacy_rows=True, page_size=2) as (_emulator, server):
+    async with served(campaign, version="2024-10", page_size=2) as (_emulator, server):
         async with make_client(server.url) as client:
             uploads = await client.target_uploads()
         assert server.requests.count("GET", "/api/projects/") >= 1
@@ -230,7 +273,8 @@ async def test_builds_failing_too_often_raise_transient(campaign, protocol):
     async with served(campaign, protocol=protocol) as (emulator, server):
         for _ in range(3):
             emulator.fail_next_build("disk full")
-        async with make_client(server.url, max_rebuilds=2) as client:
+        emulator.add_session(TOKEN, "abc12345", [target.tas])  # a member may watch the build's task
+        async with make_client(server.url, max_rebuilds=2, bearer_token=TOKEN) as client:
             with pytest.raises(TransientError, match="failed 3 times"):
                 await client.build_download(target.name, target.tas, {})
     assert emulator.build_count == 3

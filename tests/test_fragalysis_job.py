@@ -127,6 +127,52 @@ async def test_first_mirror_lays_out_a_version_and_records_experiments(tmp_path,
         assert (emulator.build_count, emulator.download_count) == (builds, downloads) == (1, 1)
 
 
+async def test_first_mirror_on_the_2024_10_backend(tmp_path, campaign, caplog):
+    """The recorded backend version: no /api/user/ (recording 001), rows with `status` LOADING and no
+    target_name (007), experiments without pdb_code (027), short observation codes (040), zip archives
+    whose ligand is `<obs>.sdf` and whose metadata.csv comes only when asked for (fact 16)."""
+    target = campaign.targets[0]
+    async with served(campaign, version="2024-10") as (emulator, server):
+        config = make_config(tmp_path, fragalysis={  # without metadata_info: mirrord asks for it anyway
+            "enabled": True, "url": server.url, "settle": "0s",
+            "targets": [{"name": target.name, "tas": target.tas, "metadata_info": False}]})
+        outcome = await mirror_once(config)
+        assert outcome.exit_code == 0, outcome.failed
+        version = config.mirror_root / target.tas / target.name / "upload_1"
+        assert (version / "metadata.csv").is_file() and (version / "README.pdf").is_file()
+        [upload] = await rows(config, Upload)
+        assert upload.state == "mirrored" and upload.archive_format == "zip"
+        experiments = {e.code: e for e in await rows(config, Experiment)}
+        assert set(experiments) == {e.code for e in target.experiments}
+        for exp in target.experiments:
+            row, obs = experiments[exp.code], exp.code.removeprefix(f"{target.name}-") + "a"
+            assert row.pdb_code is None and row.observations == [obs]
+            assert (row.smiles, row.compound_code) == (exp.ligand.smiles, exp.ligand.compound_code)
+            assert row.ligand_sdf == f"aligned_files/{obs}/{obs}.sdf" and (version / row.ligand_sdf).is_file()
+            assert row.bound_pdb == f"aligned_files/{obs}/{obs}.pdb" and (version / row.bound_pdb).is_file()
+        assert server.requests.count("GET", "/api/user/") >= 1
+
+
+async def test_check_proves_identity_and_watched_targets_on_either_version(tmp_path, campaign):
+    from mirrord.jobs.fragalysis import check
+
+    visible, closed = campaign.targets
+    for version in ("2024-10", "newer"):
+        async with served(campaign, version=version) as (emulator, server):
+            emulator.set_open(closed.tas, False)
+            good = job_config(tmp_path, server.url, [visible]).fragalysis
+            ok, detail = await check(good)
+            assert ok, detail
+            assert ("landing page" in detail) == (version == "2024-10")
+            hidden = job_config(tmp_path, server.url, [visible, closed]).fragalysis
+            ok, detail = await check(hidden)
+            assert not ok and f"Target {closed.name} ({closed.tas}) is not visible" in detail
+            emulator.add_session(TOKEN, "abc12345", [closed.tas])
+            member = job_config(tmp_path, server.url, [visible, closed], token=TOKEN).fragalysis
+            ok, detail = await check(member)
+            assert ok and "user abc12345" in detail, detail
+
+
 async def test_new_upload_waits_for_the_settle_period(tmp_path, campaign):
     target = campaign.targets[0]
     async with served(campaign) as (emulator, server):
@@ -361,7 +407,7 @@ async def test_all_visible_mirrors_every_target_with_default_flags(tmp_path, cam
 
 
 # -- crash safety -----------------------------------------------------------------------------------
-CRASH_CONFIG = """\
+CLI_CONFIG = """\
 [daemon]
 state_dir = "{state}"
 
@@ -376,11 +422,14 @@ enabled = true
 url = "{url}"
 settle = "0s"
 build_poll_interval = "10ms"
-
-[[fragalysis.targets]]
-name = "{name}"
-tas = "{tas}"
+{extra}
 """
+
+
+def cli_config(state: Path, url: str, targets: list[tuple[str, str]], extra: str = "") -> str:
+    """A config file for a `mirrord once` subprocess watching these (name, TAS) targets."""
+    blocks = "".join(f'\n[[fragalysis.targets]]\nname = "{name}"\ntas = "{tas}"\n' for name, tas in targets)
+    return CLI_CONFIG.format(state=state, url=url, extra=extra) + blocks
 
 
 def upload_state(db: Path) -> str | None:
@@ -406,7 +455,7 @@ async def test_sigkill_between_fetch_and_extract_then_restart_finishes_once(tmp_
     async with served(campaign, padding_bytes=48 * 1024**2) as (emulator, server):
         state = tmp_path / "state"
         config_path = tmp_path / "mirrord.toml"
-        config_path.write_text(CRASH_CONFIG.format(state=state, url=server.url, name=target.name, tas=target.tas))
+        config_path.write_text(cli_config(state, server.url, [(target.name, target.tas)]))
         db = state / "mirrord.db"
         log = tmp_path / "mirrord.log"
 

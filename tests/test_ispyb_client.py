@@ -15,13 +15,15 @@ from aiohttp import web
 from mirrord.clients.errors import AuthError, BadRequest, ProtocolError
 from mirrord.clients.http import RetryPolicy
 from mirrord.clients.ispyb import IspybClient
-from mirrord.emulators.ispyb import DEFAULT_USERS
+from mirrord.emulators.campaign import Campaign
+from mirrord.emulators.ispyb import DEFAULT_USERS, SeedData
 from tests.ispyb_openapi import (
     ValidatedIspyb,
     ispyb_emulator,  # noqa: F401 - pytest fixture
     ispyb_emulator_factory,  # noqa: F401 - pytest fixture
 )
 from tests.mockhttp import aioresponses
+from tests.recordings import seed
 
 FAST_RETRY = {"retry": RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01)}
 
@@ -212,20 +214,25 @@ async def test_failed_collections_are_reported_but_not_complete(ispyb_emulator):
     assert not collection.succeeded and not collection.complete and collection.end is not None
 
 
-async def test_events_are_asked_for_by_id_because_names_are_ignored(ispyb_emulator_factory):  # noqa: F811
+async def test_events_are_asked_for_by_id_and_never_by_event_type(ispyb_emulator_factory):  # noqa: F811
+    """A session name that names nothing is ignored upstream (057): every visible event would come
+    back. `eventType` is the group's experimentType (028): `eventType=dc` would find nothing."""
     queries: list = []
     served = await ispyb_emulator_factory(extra_middlewares=[query_log(queries)])
     camp = served.campaign
     async with client_for(served) as client:
         sessions = {s.name: s async for s in client.sessions()}
         events = await client.session_events(sessions["lb32633-67"].session_id)
-        # What a name filter would have given: every visible event, from both sessions.
-        everything = await client._get("events", {"session": "lb32633-67", "limit": 100})
+        collections = await client.group_collections(events[0].group_id)
+        everything = await client._get("events", {"session": "lb32633-99", "limit": 100})
+        nothing = await client._get("events", {"sessionId": sessions["lb32633-67"].session_id, "eventType": "dc"})
     assert everything["total"] == len(camp.collections) == 14
-    assert len(events) == 7
+    assert nothing["total"] == 0
+    assert len(events) == 7 and len(collections) == 1
     assert {e.sample_name for e in events} <= {c.sample for c in camp.collections if c.session == "lb32633-67"}
-    sent = [q for path, q in queries if path.endswith("/events")][:-1]
-    assert sent and all("sessionId" in q and "session" not in q and "proposal" not in q for q in sent)
+    sent = [q for path, q in queries if path.endswith("/events")][:2]
+    assert all("session" not in q and "proposal" not in q and "eventType" not in q for q in sent)
+    assert "sessionId" in sent[0] and "dataCollectionGroupId" in sent[1]
 
 
 # -- samples ----------------------------------------------------------------------------------------------------------
@@ -237,6 +244,23 @@ async def test_sample_acronym_is_cached(ispyb_emulator):  # noqa: F811
     assert first is again
     assert (first.name, first.protein_acronym) == (col.sample, ispyb_emulator.campaign.target_by_tas(col.session).name)
     assert ispyb_emulator.served.requests.count("GET", f"/ispyb/api/v1/samples/{col.sample_id}") == 1
+
+
+async def test_a_proposals_samples_come_a_page_per_request(ispyb_emulator_factory):  # noqa: F811
+    """Fact 22: `GET /samples?proposal=` lists every sample with its acronym, newest first, paged
+    (122-124); a proposal the login cannot see lists nothing (126). Listed samples need no lookup."""
+    served = await ispyb_emulator_factory(Campaign(targets=[], collections=[], unrelated=[]),
+                                          seeded=SeedData.from_seed(seed("ispyb")))
+    async with IspybClient(served.url, login="abcd", page_size=4, http=FAST_RETRY) as client:
+        samples = await client.proposal_samples("lb90001")
+        hidden = await client.proposal_samples("lb90002")
+        x0152 = await client.sample(90101)
+    assert list(samples) == list(range(90111, 90100, -1))
+    assert {s.protein_acronym for s in samples.values()} == {"A71EV2A"}
+    assert hidden == {}
+    assert x0152 is samples[90101] and x0152.name == "A71EV2A-x0152"
+    assert served.served.requests.count("GET", "/ispyb/api/v1/samples") == 3 + 1  # 11 samples by 4, and lb90002
+    assert served.served.requests.count("GET", "/ispyb/api/v1/samples/") == 0
 
 
 # -- odd answers (aioresponses) -------------------------------------------------------------------------------------

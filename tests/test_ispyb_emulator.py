@@ -227,16 +227,20 @@ async def test_event_filters_by_id_status_and_type(api):
     assert ok["total"] == 12 and all("success" in e["Item"]["runStatus"].lower() for e in ok["results"])
     _, failed = await api.get("/events", status="failed")
     assert failed["total"] == 2
-    assert (await api.get("/events", eventType="robot"))[1]["total"] == 0
+    # eventType is the group's experimentType (recordings 028, 038): "dc" names none of them.
+    assert (await api.get("/events", eventType="dc"))[1]["total"] == 0
+    assert (await api.get("/events", eventType="OSC"))[1]["total"] == 14
     _, sample_events = await api.get("/events", blSampleId=camp.collections[1].sample_id)
     assert {e["blSample"] for e in sample_events["results"]} == {camp.collections[1].sample}
 
 
-async def test_event_name_filters_are_ignored_like_the_real_server(api):
+async def test_event_name_filters_apply_when_the_name_exists_and_are_ignored_otherwise(api):
+    """Recordings 056 (a known name filters), 057 and 060 (an unknown one is ignored)."""
     _, everything = await api.get("/events")
     _, by_session_name = await api.get("/events", session="lb32627-66")
     _, by_unknown_name = await api.get("/events", session="zz99999-1", proposal="zz99999")
-    assert by_session_name["total"] == by_unknown_name["total"] == everything["total"] == 14
+    assert by_unknown_name["total"] == everything["total"] == 14
+    assert by_session_name["total"] == 7
 
 
 # -- samples and files ------------------------------------------------------------------------------------------
@@ -247,7 +251,7 @@ async def test_sample_carries_the_target_as_protein_acronym(api):
     assert status == 200
     assert sample["name"] == col.sample and sample["blSampleId"] == col.sample_id
     assert sample["Crystal"]["Protein"]["acronym"] == camp.target_by_tas(col.session).name
-    assert await api.get("/samples/1") == (404, {"detail": "No such sample"})
+    assert await api.get("/samples/1") == (404, {"detail": "Sample not found"})  # recording 106
 
 
 async def test_data_root_gets_the_image_files_of_successful_collections(ispyb_emulator_factory, tmp_path):  # noqa: F811

@@ -5,7 +5,7 @@ holds a dataset for it (`is_pdb_exists`); the deposition keeps both, so the chec
 survives a restart. NULL pdb_exists: the answer was not heard (an adopted upload).
 
 Revision ID: dd5a1c7e9b42
-Revises: 4b8d0e2f6a11
+Revises: ii5e7a0c3b91
 Create Date: 2026-12-07 03:00:00
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 
 revision = 'dd5a1c7e9b42'
-down_revision = '4b8d0e2f6a11'
+down_revision = 'ii5e7a0c3b91'
 branch_labels = None
 depends_on = None
 

@@ -4,6 +4,9 @@ Follows the Fragalysis contract: trailing slashes everywhere, CSRF priming for c
 never following redirects (a redirect to Keycloak means "log in again"), every page of every list,
 both download protocols (synchronous `200 {file_url}` and asynchronous `202 {task_status_url}`),
 and a format sniffed from magic bytes because the server calls every archive `application/zip`.
+Older deployments (the recorded 2024-10 backend) have no `/api/user/`: identity then comes from the
+landing page. Where task status is refused (anonymous callers, non-members), a build is awaited by
+repeating the identical request, which answers `200 {file_url}` once the shared build is done.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ DEFAULT_OPTIONS: dict[str, bool] = {
     "single_sdf_file": False, "metadata_info": False, "trans_matrix_info": False, "static_link": False,
     "use_zip": False,
 }
+# What the mirror reads from every archive (fact 16 of the recordings: `metadata.csv` comes only with
+# `metadata_info`): the aligned files hold the ligand and bound structures Design Hub evidence attaches,
+# `metadata.csv` maps short observation codes (`x0001a`) to experiment and compound codes.
+REQUIRED_OPTIONS: dict[str, bool] = {"all_aligned_structures": True, "metadata_info": True}
+# The landing page's `DJANGO_CONTEXT`: the only "who am I" of backends without /api/user/ (recordings 003-006).
+CONTEXT_FIELD = re.compile(r"\b(username|pk|authenticated):\s*('([^']*)'|\"([^\"]*)\"|[\w.-]+)")
 MAGIC_FORMATS = ((b"\x1f\x8b", "tar.gz"), (b"PK\x03\x04", "zip"))
 
 
@@ -68,6 +77,8 @@ class FragalysisUser:
     authenticated: bool
     ping_ok: bool
     target_access: list[str]
+    # True when read from the landing page (backends without /api/user/): no target access list then.
+    from_landing_page: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,7 @@ class FragalysisClient(UpstreamClient):
         self._session_token = session_token
         self._bearer_token = bearer_token
         self._csrf_primed = False
+        self._user_endpoint_missing = False
         # Sent per request rather than as session defaults, so a shared HttpClient works too and
         # the token never goes to a `next` link on another host.
         self._headers = {"User-Agent": BROWSER_USER_AGENT}
@@ -227,7 +239,11 @@ class FragalysisClient(UpstreamClient):
 
     # -- identity ----------------------------------------------------------------------------------
     async def user(self) -> FragalysisUser:
-        body = await self._get_json("api/user/")
+        """Who the server takes us for: `/api/user/`, or on backends without it the landing page."""
+        try:
+            body = await self._get_json("api/user/")
+        except NotFound:
+            return await self._user_from_landing_page()
         if not isinstance(body, dict):
             raise ProtocolError(SERVICE, "/api/user/ did not answer an object", detail=redact(str(body)[:200]))
         user = body.get("user")
@@ -242,19 +258,40 @@ class FragalysisClient(UpstreamClient):
             target_access=[str(t) for t in access] if isinstance(access, list) else [],
         )
 
-    async def identity_problems(self, expected_tas: list[str]) -> list[str]:
+    async def _user_from_landing_page(self) -> FragalysisUser:
+        """The 2024-10 backend answers /api/user/ with an HTML 404 (recordings 001, 002); its landing
+        page names the user in `DJANGO_CONTEXT` (004, 005; `NOT_LOGGED_IN` when anonymous, 003, 006)."""
+        if not self._user_endpoint_missing:
+            self._user_endpoint_missing = True
+            log.info("fragalysis.no_user_endpoint",
+                     detail="this backend has no /api/user/: identity read from the landing page")
+        response = await self._request("GET", LANDING_PATH)
+        self._csrf_primed = True  # the same page primes the csrftoken cookie
+        found = {m.group(1): m.group(3) if m.group(3) is not None else m.group(4) if m.group(4) is not None
+                 else m.group(2) for m in CONTEXT_FIELD.finditer(response.text)}
+        if "authenticated" not in found:
+            raise ProtocolError(SERVICE, "neither /api/user/ nor a DJANGO_CONTEXT on the landing page",
+                                detail=redact(response.text[:200]))
+        authenticated = found["authenticated"] == "true"
+        pk = found.get("pk")
+        return FragalysisUser(user=found.get("username") if authenticated else None,
+                              user_id=pk if authenticated and pk and pk.isdigit() else None,
+                              authenticated=authenticated, ping_ok=True, target_access=[], from_landing_page=True)
+
+    async def identity_problems(self, expected_tas: list[str], me: FragalysisUser | None = None) -> list[str]:
         """Sentences for a human: a token that silently became anonymous, missing TAS, a sick authenticator."""
-        me = await self.user()
+        me = me or await self.user()
         problems = []
         if self.auth_kind != "anonymous" and not me.authenticated:
             problems.append(f"The configured Fragalysis {self.auth_kind} token is not accepted: the server treats "
                             "us as anonymous (expired or wrong token), so only open projects are visible.")
-        if me.authenticated:
-            visible = set(me.target_access)
+        if me.authenticated and not me.from_landing_page:
+            # Open projects are visible to everyone without being in the user's list.
+            visible = set(me.target_access) | {p.tas for p in await self.projects() if p.open_to_public}
             where = f"user {me.user}'s target access list"
         else:
             visible = {p.tas for p in await self.projects()}
-            where = "the projects visible anonymously"
+            where = f"the projects user {me.user} can see" if me.authenticated else "the projects visible anonymously"
         for tas in expected_tas:
             if tas not in visible:
                 problems.append(f"Target access string {tas} is not in {where}: its targets will not be mirrored.")
@@ -308,6 +345,11 @@ class FragalysisClient(UpstreamClient):
             result.append(ProjectInfo(project_id, str(tas), public if isinstance(public, bool) else None))
         return result
 
+    async def visible_targets(self) -> set[tuple[str, str]]:
+        """(title, TAS) of every target we can see: one we cannot is simply absent (recording 021)."""
+        tas_of = {p.id: p.tas for p in await self.projects()}
+        return {(t.title, tas_of[t.project_id]) for t in await self.targets() if t.project_id in tas_of}
+
     async def experiments(self, target_id: int) -> list[ExperimentInfo]:
         result = []
         for row in await self._all("api/experiments/", {"target": target_id}):
@@ -350,7 +392,7 @@ class FragalysisClient(UpstreamClient):
     # -- download builds ---------------------------------------------------------------------------
     def build_payload(self, target_name: str, tas: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         payload: dict[str, Any] = {"target_name": target_name, "target_access_string": tas, "proteins": "",
-                                   **DEFAULT_OPTIONS, **dict(options or {})}
+                                   **DEFAULT_OPTIONS, **dict(options or {}), **REQUIRED_OPTIONS}
         payload["file_url"] = ""  # a non-empty file_url turns the build request into a lookup
         return payload
 
@@ -359,7 +401,8 @@ class FragalysisClient(UpstreamClient):
         payload = self.build_payload(target_name, tas, options)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.build_timeout
-        rebuilds = throttles = 0
+        rebuilds = throttles = reposts = 0
+        watch_task = True  # False once task_status refused us: then re-POSTing is how we wait
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -398,7 +441,17 @@ class FragalysisClient(UpstreamClient):
             if not isinstance(task_url, str) or not task_url:
                 raise ProtocolError(SERVICE, "build answered 202 without task_status_url",
                                     detail=redact(response.text[:200]))
-            outcome = await self._await_task(task_url, deadline)
+            outcome = await self._await_task(task_url, deadline) if watch_task else None
+            if outcome is None:
+                # Not allowed to watch the task (anonymous, or not a member of its proposal: recordings
+                # 073, 077): builds are shared (fact 12), so the identical POST answers 200 once it is done.
+                if watch_task:
+                    watch_task = False
+                    log.info("fragalysis.task_status_refused", target=target_name, tas=tas,
+                             detail="waiting for the build by repeating the identical request")
+                reposts += 1
+                await asyncio.sleep(min(self._backoff(reposts), max(0.0, deadline - loop.time())))
+                continue
             if outcome.succeeded:
                 file_url = next((m for m in reversed(outcome.messages) if FILE_URL_PATTERN.match(m)), None)
                 if file_url:
@@ -419,12 +472,18 @@ class FragalysisClient(UpstreamClient):
         """Doubling from poll_interval up to max_poll_interval, with equal jitter."""
         return equal_jitter(attempt, self.poll_interval, self.max_poll_interval)
 
-    async def _await_task(self, task_url: str, deadline: float) -> _TaskOutcome:
-        """Poll the task until it finishes. Noise (non-JSON, 404, 408, 5xx) means "not yet"."""
+    async def _await_task(self, task_url: str, deadline: float) -> _TaskOutcome | None:
+        """Poll the task until it finishes; None when the server will not tell us (403).
+        Noise (non-JSON, 404, 408, 5xx) means "not yet"."""
         loop = asyncio.get_running_loop()
         interval = self.poll_interval
         while True:
-            body = await self._poll_once(task_url)
+            try:
+                body = await self._poll_once(task_url)
+            except AuthError as exc:
+                if exc.status != 403:
+                    raise
+                return None
             if isinstance(body, dict):
                 status = str(body.get("status") or "").upper()
                 messages = _messages(body.get("messages"))

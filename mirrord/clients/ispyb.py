@@ -1,5 +1,13 @@
 """ISPyB client: sessions, their data collections (as events) and samples from the py-ispyb REST API.
 
+What the real server does (recorded exchanges in `shared/recordings/ispyb`, numbers in comments):
+`/events` without `dataCollectionGroupId` gives one event per data collection GROUP, with `count`
+collections, `id` its highest collection id and an `endTime` that ignores a running collection
+(029, 033); with it, one event per collection (073). `eventType` filters on the group's
+`experimentType` (`OSC`, `Mesh`): we never send it, and tell a grid scan by its experiment type (031).
+`blSample`/`blSampleId` are the GROUP's sample and may be null (073); a collection's own sample is not
+exposed. What the login cannot see answers `200 total 0`, never an error (018, 051, 126).
+
 Auth is a JWT from `POST /auth/login` with no refresh endpoint: we read its `exp` (unverified; only
 the server can verify it), log in again shortly before it runs out, and on any 401 log in again once
 and retry. Lists page with `skip`/`limit` until `skip >= total`. Parsing is lenient (site forks add
@@ -52,7 +60,7 @@ class GroupEvent:
     count: int
     start: dt.datetime | None
     end: dt.datetime | None
-    sample_name: str | None
+    sample_name: str | None  # the group's sample, null when the group has none (073)
     sample_id: int | None
     session_id: int | None
     # The group's only collection, parsed from the event's `Item`, when `count == 1`: then the event
@@ -70,14 +78,14 @@ class DataCollection:
     number_of_images: int | None
     start: dt.datetime | None
     end: dt.datetime | None
-    sample_name: str | None
+    sample_name: str | None  # the GROUP's sample (the collection's own is not exposed): may be null
     sample_id: int | None
     image_container_sub_path: str | None
     wavelength: float | None
     resolution: float | None
     exposure_time: float | None
     number_of_passes: int | None
-    experiment_type: str | None
+    experiment_type: str | None  # the group's: "OSC" a rotation, "Mesh" a grid scan (031)
     session_id: int | None
 
     @property
@@ -339,9 +347,10 @@ class IspybClient(UpstreamClient):
                 yield session
 
     async def session_events(self, session_id: int) -> list[GroupEvent]:
-        """One entry per data collection group of the session (by id: the name filter is ignored upstream)."""
+        """One entry per data collection group of the session, grid scans included (by id: a name that
+        names no session is ignored upstream, 057). No `eventType`: it names an experiment type (028)."""
         groups: dict[int, GroupEvent] = {}
-        async for rec in self._paged("events", {"sessionId": session_id, "eventType": "dc"}):
+        async for rec in self._paged("events", {"sessionId": session_id}):
             if rec.data.get("type") != "dc":
                 continue
             event = _parse_group_event(rec)
@@ -355,7 +364,7 @@ class IspybClient(UpstreamClient):
     async def group_collections(self, group_id: int) -> list[DataCollection]:
         """Every data collection of one group, newest first."""
         found: dict[int, DataCollection] = {}
-        async for rec in self._paged("events", {"dataCollectionGroupId": group_id, "eventType": "dc"}):
+        async for rec in self._paged("events", {"dataCollectionGroupId": group_id}):
             if rec.data.get("type") != "dc":
                 continue
             col = _parse_collection(rec)
@@ -364,6 +373,19 @@ class IspybClient(UpstreamClient):
                 continue
             found.setdefault(col.collection_id, col)
         return list(found.values())
+
+    async def proposal_samples(self, proposal: str) -> dict[int, Sample]:
+        """Every sample of a proposal with its protein acronym, a page per request (121-124); cached.
+        A proposal the login cannot see lists nothing (126)."""
+        found: dict[int, Sample] = {}
+        async for rec in self._paged("samples", {"proposal": proposal}):
+            sample = _parse_sample(rec)
+            found[sample.sample_id] = sample
+        self._samples.update(found)
+        return found
+
+    def cached_sample(self, sample_id: int) -> Sample | None:
+        return self._samples.get(sample_id)
 
     async def sample(self, sample_id: int) -> Sample:
         """A sample and its protein acronym; cached, as samples do not change once collected."""

@@ -1,22 +1,32 @@
-"""ISPyB emulator: the part of the py-ispyb core REST API mirrord reads, served from the shared Campaign.
+"""ISPyB emulator: the part of the py-ispyb core REST API mirrord reads, as the real server answers it.
 
-Shapes follow the real OpenAPI spec (the tests validate every exchange against it) and the quirks of
-the real server: login answers 201 with an HS256 JWT, lists page with `skip`/`limit` (`limit=0` is a
-422), datetimes are naive, `/events` folds a data collection group into one event unless asked for
-the group, and the `session=`/`proposal=` name filters of `/events` are silently ignored.
+Two sources of data behind one set of handlers: the shared synthetic `Campaign` (demo, benchmarks,
+growth over time: a collection added to the campaign shows up at the next request), or the rows the
+real server held while it was recorded (`IspybEmulator.from_seed`, `shared/recordings/ispyb/seed.json`),
+which the differential conformance test replays every recorded request against.
 
-Everything is derived from the Campaign at request time, so a collection a test adds to the campaign
-directly shows up here as it does in the other emulators.
+What the recordings show and this emulator does (numbers are the recorded exchanges):
+- login answers 201 with an HS256 JWT (002); lists page with `skip`/`limit`, defaults 0/25, `limit=0`
+  a 422 (012, 020); datetimes are naive (fact 21); authentication runs before validation (117);
+- `/events` folds a data collection GROUP into one event (id = MAX(dataCollectionId), count, MIN start,
+  MAX end ignoring running collections, Item = the collection whose id is `id`) unless a
+  `dataCollectionGroupId` is given (029, 033, 073); `eventType` filters on the group's
+  `experimentType` (`OSC`, `Mesh`), never "dc" (028, 040); `blSample`/`blSampleId` are the group's (073);
+  `status=failed` is "runStatus not like %success%", NULL matching neither (046-049);
+- the `session=`/`proposal=` name filters apply when the name exists (even when not visible) and are
+  silently ignored otherwise (056-061);
+- what the login cannot see is `200 total 0` in lists, 404 by id (018, 025, 105).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +36,16 @@ from aiohttp import web
 from mirrord.emulators.base import REQUEST_LOG_KEY, Faults, make_app
 from mirrord.emulators.campaign import EPOCH, Campaign, Collection, Target
 
-DEFAULT_USERS = {"mirrord": "mirrord-password"}
+DEFAULT_USERS: dict[str, str | None] = {"mirrord": "mirrord-password"}
 PLUGINS = ("dummy",)
-PERMISSIONS = ["all_proposals"]  # a staff account: every session is visible to it
+STAFF_PERMISSIONS = ["all_proposals"]  # the campaign's account: every session is visible to it
 FIRST_SESSION_ID = 55_001
 FIRST_PROPOSAL_ID = 4_001
 JWT_ALGORITHM = "HS256"
 DEFAULT_LIMIT = 25
+STATUSES = ("success", "failed", "processed", "processerror")
+SESSION_NAME = r"^(\w|-)+\d+-\d+$"  # the server's regex for `session=` (058)
+NO_SNAPSHOTS = {"1": False, "2": False, "3": False, "4": False, "analysis": False}  # fact 18
 
 LOGIN_KEY = web.RequestKey("login", str)  # who the bearer token says is calling
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -50,10 +63,13 @@ class EmulatedSession:
 
     session_id: int
     proposal_id: int
-    name: str  # "lb32627-66"
+    name: str  # "lb32627-66"; "lb90001-None" for a visit without number, as `/sessions` names it (008)
     beamline: str
     start: dt.datetime
     end: dt.datetime
+    operator: str | None = None
+    scheduled: bool = True
+    comments: str | None = None
 
     @property
     def proposal(self) -> str:
@@ -65,6 +81,110 @@ class EmulatedSession:
         return int(tail) if tail.isdigit() else None
 
 
+@dataclass
+class Row:
+    """One data collection as the API joins it: its group's sample and experiment type, its Item fields."""
+
+    collection_id: int
+    group_id: int
+    session: str  # the visit name, a key of the emulator's sessions
+    run_status: str | None
+    start: dt.datetime
+    end: dt.datetime | None
+    group_sample_id: int | None
+    group_sample: str | None
+    experiment_type: str
+    item: Json  # the Item's own fields, runStatus … objAperture
+    attachments: int = 0
+    grid_info: list[Json] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float | None:
+        return (self.end - self.start).total_seconds() if self.end is not None else None
+
+
+@dataclass
+class SampleRow:
+    sample_id: int
+    name: str
+    proposal: str
+    protein_id: int
+    body: Json  # the answer of `/samples/{id}` without `_metadata`
+
+
+@dataclass
+class SeedData:
+    """The recorded server's rows (`seed.json` `tables`), joined the way the API joins them."""
+
+    sessions: dict[str, EmulatedSession]
+    rows: list[Row]
+    samples: dict[int, SampleRow]
+    people: dict[str, Json]  # login -> {personId, givenName, familyName, permissions, proposals}
+
+    @classmethod
+    def from_seed(cls, seed: Mapping[str, Any]) -> SeedData:
+        t = seed["tables"]
+        proposals = {p["proposalId"]: p["proposalCode"] + p["proposalNumber"] for p in t["Proposal"]}
+        sessions = {}
+        for s in t["BLSession"]:
+            name = f"{proposals[s['proposalId']]}-{s['visit_number']}"  # Python's "None" for NULL (008)
+            sessions[name] = EmulatedSession(
+                s["sessionId"], s["proposalId"], name, s["beamLineName"], _parse(s["startDate"]),
+                _parse(s["endDate"]), operator=s["beamLineOperator"], scheduled=bool(s["scheduled"]),
+                comments=s["comments"])
+        by_id = {s.session_id: s.name for s in sessions.values()}
+        groups = {g["dataCollectionGroupId"]: g for g in t["DataCollectionGroup"]}
+        sample_names = {s["blSampleId"]: s["name"] for s in t["BLSample"]}
+        attachments = Counter(a["dataCollectionId"] for a in t.get("DataCollectionFileAttachment", []))
+        rows = []
+        for c in t["DataCollection"]:
+            group = groups[c["dataCollectionGroupId"]]
+            keys = list(c)
+            item = {k: c[k] for k in keys[keys.index("runStatus"): keys.index("objAperture") + 1]}
+            rows.append(Row(c["dataCollectionId"], group["dataCollectionGroupId"], by_id[group["sessionId"]],
+                            c["runStatus"], _parse(c["startTime"]), _parse(c["endTime"]), group["blSampleId"],
+                            sample_names.get(group["blSampleId"]), group["experimentType"], item, attachments[c["dataCollectionId"]]))
+        return cls(sessions, rows, _seed_samples(t, proposals), _seed_people(t, seed.get("visibility", {})))
+
+
+def _seed_samples(t: Mapping[str, Any], proposals: dict[int, str]) -> dict[int, SampleRow]:
+    crystals = {c["crystalId"]: c for c in t["Crystal"]}
+    proteins = {p["proteinId"]: p for p in t["Protein"]}
+    containers = {c["containerId"]: c for c in t["Container"]}
+    samples = {}
+    for s in t["BLSample"]:
+        crystal = crystals[s["crystalId"]]
+        protein = proteins[crystal["proteinId"]]
+        container = containers[s["containerId"]]
+        cell = {k: v for k, v in crystal.items() if k.startswith("cell_")}
+        body = {
+            "name": s["name"], "comments": s["comments"], "location": int(s["location"]),  # an integer (fact 14)
+            "containerId": s["containerId"],
+            "Crystal": {**cell, "Protein": {"proposalId": str(protein["proposalId"]), "name": protein["name"],
+                                            "acronym": protein["acronym"]},
+                        "crystalId": crystal["crystalId"], "proteinId": protein["proteinId"]},
+            "blSampleId": s["blSampleId"],
+            "Container": {"code": container["code"], "sampleChangerLocation": container["sampleChangerLocation"],
+                          "beamlineLocation": container["beamlineLocation"]},
+        }
+        samples[s["blSampleId"]] = SampleRow(s["blSampleId"], s["name"], proposals[protein["proposalId"]],
+                                             protein["proteinId"], body)
+    return samples
+
+
+def _seed_people(t: Mapping[str, Any], visibility: Mapping[str, Any]) -> dict[str, Json]:
+    proposals = {p["proposalId"]: p["proposalCode"] + p["proposalNumber"] for p in t["Proposal"]}
+    people = {}
+    for person in t["Person"]:
+        pid = person["personId"]
+        sees = {proposals[link["proposalId"]] for link in t["ProposalHasPerson"] if link["personId"] == pid}
+        sees |= {proposals[p["proposalId"]] for p in t["Proposal"] if p["personId"] == pid}
+        people[person["login"]] = {
+            "personId": pid, "givenName": person["givenName"], "familyName": person["familyName"],
+            "permissions": list(visibility.get(person["login"], {}).get("permissions", [])), "proposals": sees}
+    return people
+
+
 class Unauthorized(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -72,11 +192,15 @@ class Unauthorized(Exception):
 
 
 class InvalidRequest(Exception):
-    """A FastAPI-style 422: `errors` are pydantic v1 error objects (`loc`, `msg`, `type`)."""
+    """A FastAPI-style 422: `errors` are pydantic v1 error objects (`loc`, `msg`, `type`, `ctx`)."""
 
     def __init__(self, errors: list[Json]) -> None:
         super().__init__(errors)
         self.errors = errors
+
+
+def _parse(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -107,10 +231,10 @@ def _paging(request: web.Request) -> tuple[int, int]:
     errors = []
     if skip < 0:
         errors.append({"loc": ["query", "skip"], "msg": "ensure this value is greater than or equal to 0",
-                       "type": "value_error.number.not_ge"})
+                       "type": "value_error.number.not_ge", "ctx": {"limit_value": 0}})
     if limit <= 0:
         errors.append({"loc": ["query", "limit"], "msg": "ensure this value is greater than 0",
-                       "type": "value_error.number.not_gt"})
+                       "type": "value_error.number.not_gt", "ctx": {"limit_value": 0}})
     if errors:
         raise InvalidRequest(errors)
     return skip, limit
@@ -123,29 +247,78 @@ def _page(request: web.Request, rows: list[Any], render: Callable[[Any], Json] =
                               "skip": skip, "limit": limit})
 
 
+def _status_param(request: web.Request) -> str | None:
+    status = request.query.get("status")
+    if status is not None and status not in STATUSES:
+        permitted = ", ".join(f"'{s}'" for s in STATUSES)
+        raise InvalidRequest([{"loc": ["query", "status"],
+                               "msg": f"value is not a valid enumeration member; permitted: {permitted}",
+                               "type": "type_error.enum", "ctx": {"enum_values": list(STATUSES)}}])
+    return status
+
+
+def _session_name_param(request: web.Request) -> str | None:
+    name = request.query.get("session")
+    if name is not None and not re.match(SESSION_NAME, name):
+        raise InvalidRequest([{"loc": ["query", "session"], "msg": f'string does not match regex "{SESSION_NAME}"',
+                               "type": "value_error.str.regex", "ctx": {"pattern": SESSION_NAME}}])
+    return name
+
+
+def _status_matches(row: Row, status: str | None) -> bool:
+    """Applied per collection before grouping; a running collection (NULL) matches neither (046-049)."""
+    if status is None:
+        return True
+    if row.run_status is None:
+        return False
+    succeeded = "success" in row.run_status.lower()
+    return succeeded if status == "success" else not succeeded if status == "failed" else False
+
+
+def _newest_first_distinct(values: Iterable[tuple[int, str]]) -> list[str]:
+    """Distinct values in order of descending id: how the server lists experiment types (041, 098)."""
+    return list(dict.fromkeys(value for _, value in sorted(values, reverse=True)))
+
+
 class IspybEmulator:
     """`IspybEmulator(campaign).app` is an aiohttp app serving the ISPyB API under `prefix`."""
 
     def __init__(self, campaign: Campaign, *, data_root: Path | None = None, token_ttl: float = 18000,
-                 prefix: str = "/ispyb/api/v1", users: Mapping[str, str] | None = None,
-                 faults: Faults | None = None, extra_middlewares: Iterable[Any] = ()) -> None:
+                 prefix: str = "/ispyb/api/v1", users: Mapping[str, str | None] | None = None,
+                 faults: Faults | None = None, extra_middlewares: Iterable[Any] = (),
+                 seeded: SeedData | None = None) -> None:
         self.campaign = campaign
+        self.seeded = seeded
         self.data_root = data_root
         self.token_ttl = token_ttl
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
-        self.users = dict(DEFAULT_USERS if users is None else users)
+        # login -> password; None: the dummy plugin takes any password or none (seeded logins, 006).
+        if users is None:
+            users = {login: None for login in seeded.people} if seeded else DEFAULT_USERS
+        self.users = dict(users)
         self.logins = 0  # successful logins, so tests can see re-logins
         self._secret = secrets.token_hex(32)
         # Tokens carry the generation they were issued in; expire_tokens() bumps it.
         self._token_generation = 0
         self._sessions: dict[str, EmulatedSession] = {}
         self._proposal_ids: dict[str, int] = {}
+        self._campaign_samples: dict[int, SampleRow] = {}
+        # How much of the campaign (which only grows) is already indexed: each request reads only what is new.
+        self._indexed = {"targets": 0, "sessions": 0, "samples": 0, "rows": 0}
+        self._by_session: dict[str, list[Collection]] = {}
+        self._usage: tuple[int, tuple[Counter[int], dict[int, list[str]]]] | None = None
         self.app = make_app(faults)
         self.app.middlewares.extend(extra_middlewares)
+        self.app.middlewares.append(self._not_found_middleware)
         self._add_routes()
         self._sessions_by_name()  # the campaign's visits get the first ids, in campaign order
         if data_root is not None:
             campaign.write_all_images(data_root)
+
+    @classmethod
+    def from_seed(cls, seed: Mapping[str, Any], **kwargs: Any) -> IspybEmulator:
+        """The data the real server held while recorded (`seed.json`), seen through logins of its `Person`s."""
+        return cls(Campaign(targets=[], collections=[], unrelated=[]), seeded=SeedData.from_seed(seed), **kwargs)
 
     # -- helpers for tests and the demo -----------------------------------------------------------
     @property
@@ -179,14 +352,27 @@ class IspybEmulator:
             self.campaign.write_images(self.data_root, collection)
         return collection
 
-    def issue_token(self, login: str, *, ttl: float | None = None) -> str:
+    def issue_token(self, login: str, *, ttl: float | None = None, secret: str | None = None) -> str:
+        """A token as the login answers it; `ttl` < 0 gives an expired one, `secret` a foreign signature."""
         now = int(time.time())
         ttl = self.token_ttl if ttl is None else ttl
-        payload = {"login": login, "permissions": PERMISSIONS, "gen": self._token_generation,
-                   "iat": now, "exp": now + int(ttl)}
-        return jwt.encode(payload, self._secret, algorithm=JWT_ALGORITHM)
+        person = self._person(login)
+        payload = {"login": login, "personId": person["personId"], "permissions": person["permissions"],
+                   "gen": self._token_generation, "iat": now, "exp": now + int(ttl)}
+        return jwt.encode(payload, secret or self._secret, algorithm=JWT_ALGORITHM)
 
-    # -- the campaign seen as ISPyB rows -----------------------------------------------------------
+    def _person(self, login: str) -> Json:
+        if self.seeded is not None and login in self.seeded.people:
+            return self.seeded.people[login]
+        index = sorted(self.users).index(login) if login in self.users else 0
+        return {"personId": 1_000 + index, "givenName": login.title(), "familyName": "Mirror",
+                "permissions": STAFF_PERMISSIONS, "proposals": None}
+
+    def _visible(self, request: web.Request) -> set[str] | None:
+        """The proposals the caller may see; None: all of them (the campaign's staff account)."""
+        return self._person(request[LOGIN_KEY])["proposals"]
+
+    # -- the data, from the seed or the campaign ------------------------------------------------------
     def _ensure_session(self, name: str, beamline: str, *, start: dt.datetime | None = None,
                         end: dt.datetime | None = None) -> EmulatedSession:
         if name not in self._sessions:
@@ -199,30 +385,99 @@ class IspybEmulator:
         return self._sessions[name]
 
     def _sessions_by_name(self) -> dict[str, EmulatedSession]:
-        for target in self.campaign.targets:
+        if self.seeded is not None:
+            return self.seeded.sessions
+        for target in self._new("targets", self.campaign.targets):
             self._ensure_session(target.tas, target.beamline)
-        for col in self.campaign.collections:
+        for col in self._new("sessions", self.campaign.collections):
             self._ensure_session(col.session, col.beamline)
         return self._sessions
 
-    def _collections(self, session: str) -> list[Collection]:
-        return [c for c in self.campaign.collections if c.session == session]
+    def _new(self, index: str, items: list[Any]) -> list[Any]:
+        """The items appended since `index` was last brought up to date."""
+        start, self._indexed[index] = self._indexed[index], len(items)
+        return items[start:]
+
+    def _rows(self, *, sessions: set[str] | None = None, group_id: int | None = None,
+              collection_id: int | None = None) -> list[Row]:
+        """Collections narrowed by the cheap filters first; campaign ones are converted only when kept."""
+        source: Iterable[Any] = self.seeded.rows if self.seeded is not None else self.campaign.collections
+        if self.seeded is None and sessions is not None:
+            for col in self._new("rows", self.campaign.collections):
+                self._by_session.setdefault(col.session, []).append(col)
+            source = [c for name in sessions for c in self._by_session.get(name, ())]
+        kept = [c for c in source if (sessions is None or c.session in sessions)
+                and (group_id is None or c.group_id == group_id)
+                and (collection_id is None or c.collection_id == collection_id)]
+        return kept if self.seeded is not None else [self._campaign_row(c) for c in kept]
+
+    def _campaign_row(self, col: Collection) -> Row:
+        # The campaign's groups hold one sample, so the group's sample is the collection's.
+        return Row(col.collection_id, col.group_id, col.session, col.run_status, col.start, col.end, col.sample_id,
+                   col.sample, col.experiment_type, self._campaign_item(col))
+
+    def _samples(self) -> dict[int, SampleRow]:
+        if self.seeded is not None:
+            return self.seeded.samples
+        for col in self._new("samples", self.campaign.collections):
+            if col.sample_id not in self._campaign_samples:
+                self._campaign_samples[col.sample_id] = self._campaign_sample(col)
+        return self._campaign_samples
+
+    def _sample_usage(self) -> tuple[Counter[int], dict[int, list[str]]]:
+        """Per sample: collections reached through their GROUP's sample, and their experiment types (fact 14)."""
+        if self.seeded is None:
+            size = len(self.campaign.collections)
+            if self._usage is None or self._usage[0] != size:  # the campaign only grows
+                counts = Counter(c.sample_id for c in self.campaign.collections)
+                self._usage = size, (counts, {sample_id: ["OSC"] for sample_id in counts})
+            return self._usage[1]
+        rows = self.seeded.rows
+        counts = Counter(r.group_sample_id for r in rows if r.group_sample_id is not None)
+        types: dict[int, list[tuple[int, str]]] = {}
+        for r in rows:
+            if r.group_sample_id is not None:
+                types.setdefault(r.group_sample_id, []).append((r.group_id, r.experiment_type))
+        return counts, {sid: _newest_first_distinct(found) for sid, found in types.items()}
 
     def _target_of(self, col: Collection) -> Target | None:
         found = self.campaign.experiment(col.sample)
         return found[0] if found else self.campaign.target_by_tas(col.session)
 
-    def _acronym(self, col: Collection) -> str:
-        target = self._target_of(col)
-        return target.name if target else col.sample.split("-")[0]
-
-    def _protein_id(self, col: Collection) -> int:
-        target = self._target_of(col)
-        return 9_000 + (target.target_id if target else 0)
-
-    def _resolution(self, col: Collection) -> float:
+    def _campaign_item(self, col: Collection) -> Json:
         found = self.campaign.experiment(col.sample)
-        return found[1].resolution if found else 1.8
+        axis_range = 0.1
+        return {
+            "runStatus": col.run_status, "imageDirectory": col.facility_dir, "fileTemplate": col.file_template,
+            "imageContainerSubPath": "/entry/data/data" if col.style == "h5" else None,
+            "numberOfImages": col.images, "numberOfPasses": 1, "wavelength": 0.97625, "exposureTime": 0.04,
+            "flux": 2.1e12, "xBeam": 212.3, "yBeam": 219.8, "beamSizeAtSampleX": 0.08, "beamSizeAtSampleY": 0.02,
+            "transmission": 20.0, "resolution": found[1].resolution if found else 1.8, "detectorDistance": 298.0,
+            "axisStart": 0.0, "axisEnd": round(col.images * axis_range, 4), "axisRange": axis_range,
+            "rotationAxis": "Omega", "overlap": 0.0, "phiStart": 0.0, "kappaStart": 0.0, "omegaStart": 0.0,
+            "chiStart": 0.0, "xBeamPix": None, "yBeamPix": None, "magnification": None, "binning": 1,
+            "particleDiameter": None, "defocusStepSize": None, "amountAstigmatism": None, "voltage": None,
+            "objAperture": None,
+        }
+
+    def _campaign_sample(self, col: Collection) -> SampleRow:
+        session = self._sessions_by_name()[col.session]
+        target = self._target_of(col)
+        acronym = target.name if target else col.sample.split("-")[0]
+        protein_id = 9_000 + (target.target_id if target else 0)
+        body = {
+            "name": col.sample, "comments": None, "location": 1 + col.sample_id % 16,
+            "containerId": 70_000 + session.session_id,
+            "Crystal": {
+                "cell_a": None, "cell_b": None, "cell_c": None, "cell_alpha": None, "cell_beta": None,
+                "cell_gamma": None,
+                "Protein": {"proposalId": str(session.proposal_id), "name": acronym, "acronym": acronym},
+                "crystalId": col.sample_id + 100_000, "proteinId": protein_id,
+            },
+            "blSampleId": col.sample_id,
+            "Container": {"code": f"puck-{session.name}", "sampleChangerLocation": None, "beamlineLocation": None},
+        }
+        return SampleRow(col.sample_id, col.sample, session.proposal, protein_id, body)
 
     # -- JSON shapes (every field of the spec's schema, nulls where the server has none) ---------------
     def _session_json(self, s: EmulatedSession, collections: int) -> Json:
@@ -231,10 +486,11 @@ class IspybEmulator:
         return {
             "sessionId": s.session_id, "proposalId": s.proposal_id, "session": s.name, "proposal": s.proposal,
             "BeamLineSetup": None, "visit_number": s.visit_number, "startDate": _iso(s.start),
-            "endDate": _iso(s.end), "beamLineName": s.beamline, "beamLineOperator": None, "scheduled": True,
-            "comments": None, "nbReimbDewars": None,
+            "endDate": _iso(s.end), "beamLineName": s.beamline, "beamLineOperator": s.operator,
+            "scheduled": s.scheduled, "comments": s.comments, "nbReimbDewars": None,
             "_metadata": {
-                "datacollections": collections, "uiGroups": ["mx"], "persons": 1,
+                # persons counts Session_has_Person and uiGroups the beamline's groups: none here (fact 13).
+                "datacollections": collections, "uiGroups": [], "persons": 0,
                 "active": s.start <= now <= s.end, "active_soon": s.start - soon <= now <= s.end + soon,
                 "sessionTypes": [],
             },
@@ -247,64 +503,39 @@ class IspybEmulator:
             "proposalCode": code, "proposalNumber": name[len(code):], "proposal": name,
             "title": f"Fragment screening {name}", "state": "Open",
             "_metadata": {"persons": 1, "sessions": len(sessions),
-                          "beamLines": sorted({s.beamline for s in sessions}), "uiGroups": ["mx"]},
+                          "beamLines": sorted({s.beamline for s in sessions}), "uiGroups": []},
             "proposalId": self._proposal_ids[name],
         }
 
     @staticmethod
-    def _collection_json(col: Collection, resolution: float) -> Json:
-        axis_range = 0.1
-        return {
-            "runStatus": col.run_status, "imageDirectory": col.facility_dir, "fileTemplate": col.file_template,
-            "imageContainerSubPath": "/entry/data/data" if col.style == "h5" else None,
-            "numberOfImages": col.images, "numberOfPasses": 1, "wavelength": 0.97625, "exposureTime": 0.04,
-            "flux": 2.1e12, "xBeam": 212.3, "yBeam": 219.8, "beamSizeAtSampleX": 0.08, "beamSizeAtSampleY": 0.02,
-            "transmission": 20.0, "resolution": resolution, "detectorDistance": 298.0, "axisStart": 0.0,
-            "axisEnd": round(col.images * axis_range, 4), "axisRange": axis_range, "rotationAxis": "Omega",
-            "overlap": 0.0, "phiStart": 0.0, "kappaStart": 0.0, "omegaStart": 0.0, "chiStart": 0.0,
-            "xBeamPix": None, "yBeamPix": None, "magnification": None, "binning": None,
-            "particleDiameter": None, "defocusStepSize": None, "amountAstigmatism": None, "voltage": None,
-            "objAperture": None, "dataCollectionId": col.collection_id,
-            "DataCollectionGroup": {"dataCollectionGroupId": col.group_id, "experimentType": col.experiment_type,
-                                    "Workflow": None},
-            "GridInfo": [],
-            "_metadata": {"snapshots": {"1": True, "2": False, "3": False, "4": False}},
-        }
+    def _item_json(row: Row) -> Json:
+        return {**row.item, "dataCollectionId": row.collection_id,
+                "DataCollectionGroup": {"dataCollectionGroupId": row.group_id, "experimentType": row.experiment_type,
+                                        "Workflow": None},
+                "GridInfo": row.grid_info, "_metadata": {"snapshots": dict(NO_SNAPSHOTS)}}
 
-    def _event_json(self, members: list[Collection], sessions: dict[str, EmulatedSession]) -> Json:
-        """One event: a single collection, or a whole group represented by its newest collection."""
-        newest = max(members, key=lambda c: (c.start, c.collection_id))
-        session = sessions[newest.session]
-        start = min(c.start for c in members)
-        ends = [c.end for c in members if c.end is not None]
-        end = max(ends) if ends else None  # SQL MAX(): unfinished collections do not count
+    def _event_json(self, members: list[Row], session: EmulatedSession, *, per_collection: bool,
+                    sum_rounded: bool) -> Json:
+        """One event: one collection, or a whole group shown through its highest collection id (facts 3-5)."""
+        newest = max(members, key=lambda r: r.collection_id)
+        ends = [r.end for r in members if r.end is not None]
+        seconds = [r.seconds for r in members if r.seconds is not None]
+        if not seconds:
+            duration = None
+        elif per_collection or sum_rounded:
+            # Each collection's minutes to 4 decimals (063); with proposalId their sum (054).
+            duration = round(sum(round(s / 60, 4) for s in seconds), 4)
+        else:
+            duration = round(sum(seconds) / 60, 8)  # by session or unfiltered: the summed seconds (029)
         return {
-            "id": newest.collection_id, "type": "dc", "startTime": _iso(start), "endTime": _iso(end),
-            "duration": round((end - start).total_seconds() / 60, 2) if end else None,
-            "count": len(members), "session": session.name, "sessionId": session.session_id,
-            "proposal": session.proposal, "blSample": newest.sample, "blSampleId": newest.sample_id,
-            "attachments": 0, "Item": self._collection_json(newest, self._resolution(newest)),
-        }
-
-    def _sample_json(self, col: Collection) -> Json:
-        session = self._sessions_by_name()[col.session]
-        count = sum(1 for c in self.campaign.collections if c.sample_id == col.sample_id)
-        return {
-            "name": col.sample, "comments": None, "location": 1 + col.sample_id % 16,
-            "containerId": 70_000 + session.session_id,
-            "Crystal": {
-                "cell_a": None, "cell_b": None, "cell_c": None,
-                "cell_alpha": None, "cell_beta": None, "cell_gamma": None,
-                "Protein": {"proposalId": str(session.proposal_id), "name": self._acronym(col),
-                            "acronym": self._acronym(col)},
-                "crystalId": col.sample_id + 100_000, "proteinId": self._protein_id(col),
-            },
-            "blSampleId": col.sample_id,
-            "Container": {"code": f"puck-{session.name}", "sampleChangerLocation": None,
-                          "beamlineLocation": None},
-            "_metadata": {"subsamples": 0, "datacollections": count, "types": ["OSC"], "queued": False,
-                          "strategies": 0, "autoIntegrations": 0, "integratedResolution": None,
-                          "proposal": session.proposal},
+            "id": newest.collection_id, "type": "dc", "startTime": _iso(min(r.start for r in members)),
+            "endTime": _iso(max(ends) if ends else None),  # SQL MAX(): a running collection does not count
+            "duration": duration, "count": len(members),
+            # SQL CONCAT with a NULL visit number is NULL (035), unlike `/sessions` (008).
+            "session": session.name if session.visit_number is not None else None,
+            "sessionId": session.session_id, "proposal": session.proposal,
+            "blSample": newest.group_sample, "blSampleId": newest.group_sample_id,
+            "attachments": sum(r.attachments for r in members), "Item": self._item_json(newest),
         }
 
     # -- auth --------------------------------------------------------------------------------------
@@ -336,6 +567,21 @@ class IspybEmulator:
 
         return endpoint
 
+    @web.middleware
+    async def _not_found_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """FastAPI's answers for unknown routes: a 307 to the path without its trailing slash (119),
+        else `{"detail": "Not Found"}` (118)."""
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            path = request.path
+            if path.endswith("/") and path != "/":
+                match = await self.app.router.resolve(request.clone(rel_url=request.rel_url.with_path(path[:-1])))
+                if match.http_exception is None:
+                    location = request.url.with_path(path[:-1]).with_query(request.query_string)
+                    return web.Response(status=307, headers={"Location": str(location)})
+            return _not_found("Not Found")
+
     # -- routes -------------------------------------------------------------------------------------
     def _add_routes(self) -> None:
         p = self.prefix
@@ -348,6 +594,8 @@ class IspybEmulator:
         r.add_get(f"{p}/sessions", self._endpoint(self.sessions))
         r.add_get(f"{p}/sessions/{{sessionId}}", self._endpoint(self.session))
         r.add_get(f"{p}/events", self._endpoint(self.events))
+        r.add_get(f"{p}/events/types", self._endpoint(self.event_types))
+        r.add_get(f"{p}/samples", self._endpoint(self.samples))
         r.add_get(f"{p}/samples/{{blSampleId}}", self._endpoint(self.sample))
 
     async def login(self, request: web.Request) -> web.Response:
@@ -363,21 +611,23 @@ class IspybEmulator:
             raise Unauthorized("Could not verify")
         if login not in self.users:
             raise Unauthorized("User does not exist in database.")
-        if not credential or not secrets.compare_digest(str(credential), self.users[login]):
+        expected = self.users[login]
+        if expected is not None and (not credential or not secrets.compare_digest(str(credential), expected)):
             raise Unauthorized("Could not verify")
         self.logins += 1
-        return web.json_response({"login": login, "token": self.issue_token(login), "permissions": PERMISSIONS},
-                                 status=201)
+        return web.json_response({"login": login, "token": self.issue_token(login),
+                                  "permissions": self._person(login)["permissions"]}, status=201)
 
     async def auth_config(self, request: web.Request) -> web.Response:
         return web.json_response({"plugins": [{"name": name, "config": {}} for name in PLUGINS]})
 
     async def current_user(self, request: web.Request) -> web.Response:
         login = request[LOGIN_KEY]
+        person = self._person(login)
         return web.json_response({
-            "givenName": login.title(), "familyName": "Mirror", "login": login, "Permissions": PERMISSIONS,
-            "personId": 1_000 + (sorted(self.users).index(login) if login in self.users else 0),
-            "beamLineGroups": [], "beamLines": [],
+            "givenName": person["givenName"], "familyName": person["familyName"], "login": login,
+            "Permissions": person["permissions"], "personId": person["personId"], "beamLineGroups": [],
+            "beamLines": [],
         })
 
     async def proposals(self, request: web.Request) -> web.Response:
@@ -395,70 +645,111 @@ class IspybEmulator:
             return _not_found("No such proposal")
         return web.json_response(self._proposal_json(name, sessions))
 
+    def _visible_sessions(self, request: web.Request) -> list[EmulatedSession]:
+        visible = self._visible(request)
+        return [s for s in self._sessions_by_name().values() if visible is None or s.proposal in visible]
+
+    def _collection_counts(self) -> Counter[str]:
+        source = self.seeded.rows if self.seeded is not None else self.campaign.collections
+        return Counter(c.session for c in source)
+
     async def sessions(self, request: web.Request) -> web.Response:
         _paging(request)  # 422 before any work, like FastAPI
         proposal = request.query.get("proposal")
         beamline = request.query.get("beamLineName")
-        rows = [s for s in self._sessions_by_name().values()
+        rows = [s for s in self._visible_sessions(request)
                 if (proposal is None or s.proposal == proposal) and (beamline is None or s.beamline == beamline)]
         rows.sort(key=lambda s: (s.start, s.session_id), reverse=True)
-        counts = Counter(c.session for c in self.campaign.collections)
+        counts = self._collection_counts()  # collections, not groups (fact 13)
         return _page(request, rows, lambda s: self._session_json(s, counts[s.name]))
 
     async def session(self, request: web.Request) -> web.Response:
         session_id = _int_param(request, "sessionId", where="path")
-        found = next((s for s in self._sessions_by_name().values() if s.session_id == session_id), None)
+        found = next((s for s in self._visible_sessions(request) if s.session_id == session_id), None)
         if found is None:
             return _not_found("Session not found")
-        return web.json_response(self._session_json(found, len(self._collections(found.name))))
+        return web.json_response(self._session_json(found, self._collection_counts()[found.name]))
+
+    def _event_sessions(self, request: web.Request) -> set[str]:
+        """The sessions `/events` may answer from: visible ones, narrowed by the session filters."""
+        name = _session_name_param(request)
+        session_id = _int_param(request, "sessionId")
+        proposal_id = _int_param(request, "proposalId")
+        proposal = request.query.get("proposal")
+        beamline = request.query.get("beamLineName")
+        every = self._sessions_by_name()
+        # A name that names nothing is ignored; one that exists filters, visible or not (056-061).
+        if name not in every:
+            name = None
+        if proposal is not None and not any(s.proposal == proposal for s in every.values()):
+            proposal = None
+        return {s.name for s in self._visible_sessions(request)
+                if (name is None or s.name == name) and (session_id is None or s.session_id == session_id)
+                and (proposal_id is None or s.proposal_id == proposal_id)
+                and (proposal is None or s.proposal == proposal) and (beamline is None or s.beamline == beamline)}
 
     async def events(self, request: web.Request) -> web.Response:
         _paging(request)
         wanted = {name: _int_param(request, name) for name in (
-            "sessionId", "proposalId", "dataCollectionId", "dataCollectionGroupId", "blSampleId", "proteinId")}
-        beamline = request.query.get("beamLineName")
-        status = request.query.get("status")
-        if status is not None and status not in ("success", "failed", "processed", "processerror"):
-            raise InvalidRequest([{"loc": ["query", "status"], "msg": "value is not a valid enumeration member",
-                                   "type": "type_error.enum"}])
-        event_type = request.query.get("eventType")
-        # `session=` and `proposal=` (names) are deliberately not read: the real server ignores them too.
-        sessions = self._sessions_by_name()
-
-        def keep(c: Collection) -> bool:
-            s = sessions[c.session]
-            checks = [
-                (wanted["sessionId"], s.session_id), (wanted["proposalId"], s.proposal_id),
-                (wanted["dataCollectionId"], c.collection_id), (wanted["dataCollectionGroupId"], c.group_id),
-                (wanted["blSampleId"], c.sample_id), (beamline, s.beamline),
-            ]
-            if any(want is not None and want != have for want, have in checks):
-                return False
-            if wanted["proteinId"] is not None and wanted["proteinId"] != self._protein_id(c):
-                return False  # checked last: finding the protein searches the campaign
-            if event_type is not None and event_type != "dc":
-                return False  # only data collections are emulated
-            if status == "success":
-                return "success" in c.run_status.lower()
-            if status == "failed":
-                return "fail" in c.run_status.lower()
-            return status is None  # no processing is emulated
-
-        cols = [c for c in self.campaign.collections if keep(c)]
-        if wanted["dataCollectionGroupId"] is not None or wanted["dataCollectionId"] is not None:
-            units = [[c] for c in cols]
+            "dataCollectionId", "dataCollectionGroupId", "blSampleId", "proteinId")}
+        status = _status_param(request)
+        sessions = self._event_sessions(request)
+        event_type = request.query.get("eventType")  # the group's experimentType (fact 1)
+        group_id = wanted["dataCollectionGroupId"]
+        rows = self._rows(sessions=sessions, group_id=group_id, collection_id=wanted["dataCollectionId"])
+        samples = self._samples() if wanted["proteinId"] is not None else {}
+        rows = [r for r in rows if (event_type is None or r.experiment_type == event_type)
+                and (wanted["blSampleId"] is None or r.group_sample_id == wanted["blSampleId"])
+                and (wanted["proteinId"] is None or (r.group_sample_id in samples
+                                                     and samples[r.group_sample_id].protein_id == wanted["proteinId"]))
+                and _status_matches(r, status)]
+        per_collection = group_id is not None  # a group id lists its collections (fact 6)
+        if per_collection:
+            units = [[r] for r in rows]
         else:
-            groups: dict[int, list[Collection]] = {}
-            for c in cols:
-                groups.setdefault(c.group_id, []).append(c)
+            groups: dict[int, list[Row]] = {}
+            for r in rows:
+                groups.setdefault(r.group_id, []).append(r)
             units = list(groups.values())
         # Newest first, as the server orders by startTime DESC.
-        units.sort(key=lambda m: (min(c.start for c in m), max(c.collection_id for c in m)), reverse=True)
-        return _page(request, units, lambda members: self._event_json(members, sessions))
+        units.sort(key=lambda m: (min(r.start for r in m), max(r.collection_id for r in m)), reverse=True)
+        sum_rounded = request.query.get("proposalId") is not None
+        every = self._sessions_by_name()
+        return _page(request, units, lambda m: self._event_json(m, every[m[0].session], per_collection=per_collection,
+                                                                sum_rounded=sum_rounded))
+
+    async def event_types(self, request: web.Request) -> web.Response:
+        rows = self._rows(sessions=self._event_sessions(request))
+        types = _newest_first_distinct((r.group_id, r.experiment_type) for r in rows)
+        # The server echoes skip 0 and limit = total (041).
+        return web.json_response({"total": len(types), "results": [{"eventTypeName": t, "eventType": t}
+                                                                   for t in types],
+                                  "skip": 0, "limit": len(types)})
+
+    def _sample_json(self, sample: SampleRow, usage: tuple[Counter[int], dict[int, list[str]]]) -> Json:
+        counts, types = usage
+        return {**sample.body, "_metadata": {
+            "subsamples": 0, "datacollections": counts[sample.sample_id], "types": types.get(sample.sample_id),
+            "queued": False, "strategies": 0, "autoIntegrations": 0, "integratedResolution": None,
+            "proposal": sample.proposal}}
+
+    def _visible_samples(self, request: web.Request) -> dict[int, SampleRow]:
+        visible = self._visible(request)
+        return {sid: s for sid, s in self._samples().items() if visible is None or s.proposal in visible}
+
+    async def samples(self, request: web.Request) -> web.Response:
+        _paging(request)
+        proposal = request.query.get("proposal")
+        protein_id = _int_param(request, "proteinId")
+        rows = [s for s in self._visible_samples(request).values()
+                if (proposal is None or s.proposal == proposal) and (protein_id is None or s.protein_id == protein_id)]
+        rows.sort(key=lambda s: s.sample_id, reverse=True)  # newest first (121)
+        usage = self._sample_usage()
+        return _page(request, rows, lambda s: self._sample_json(s, usage))
 
     async def sample(self, request: web.Request) -> web.Response:
         sample_id = _int_param(request, "blSampleId", where="path")
-        col = next((c for c in self.campaign.collections if c.sample_id == sample_id), None)
-        if col is None:
-            return _not_found("No such sample")
-        return web.json_response(self._sample_json(col))
+        found = self._visible_samples(request).get(sample_id)
+        if found is None:
+            return _not_found("Sample not found")
+        return web.json_response(self._sample_json(found, self._sample_usage()))

@@ -85,6 +85,22 @@ def make_client(section: FragalysisSection, **http: object) -> FragalysisClient:
                             build_timeout=section.build_timeout, http=http or None)
 
 
+async def check(section: FragalysisSection, **http: object) -> tuple[bool, str]:
+    """What a run needs, for `mirrord check`: the identity check works on this deployment's version
+    (with or without /api/user/) and every watched target is visible. (ok, one sentence)."""
+    async with make_client(section, **http) as client:
+        me = await client.user()
+        problems = await client.identity_problems(sorted({t.tas for t in section.targets}), me)
+        visible = await client.visible_targets()
+    problems += [f"Target {t.name} ({t.tas}) is not visible: it will not be mirrored."
+                 for t in section.targets if (t.name, t.tas) not in visible]
+    who = f"user {me.user}" if me.authenticated else "anonymous"
+    source = "the landing page (this version has no /api/user/)" if me.from_landing_page else "/api/user/"
+    if problems:
+        return False, f"{who} (identity from {source}): " + " ".join(problems)
+    return True, f"{who} (identity from {source}); {len(section.targets)} watched target(s) visible"
+
+
 @dataclass(frozen=True)
 class UploadItem:
     """A snapshot of one claimed upload and its target, read in one short transaction."""
@@ -179,7 +195,8 @@ class FragalysisJob(Job):
         return sorted({spec.tas for spec in self.section.targets})
 
     async def _check_identity(self, *, force: bool = False) -> None:
-        """Ask /api/user/ who we are, at start and every `identity_check`; remember the answer."""
+        """Ask who we are (/api/user/, or the landing page where it is missing), at start and every
+        `identity_check`; remember the answer."""
         stored = await kv_get(self.store, IDENTITY_KEY)
         # After a login redirect, look again at the next poll rather than after `identity_check`.
         if not force and stored and stored.get("checked_at") and not stored.get("login_needed"):

@@ -35,6 +35,8 @@ TMP_DIR_NAME = ".tmp"
 VERSION_PATTERN = re.compile(r"^upload_(\d+)$")
 TEMP_ENTRY_PATTERN = re.compile(r"^upload-(\d+)\.(archive|extract)$")
 DISCARD_PREFIX = "discard-"  # versions and leftovers being deleted
+# The ligand's SDF: `<obs>_ligand.sdf` on newer backends, `<obs>.sdf` on the 2024-10 one (its archives).
+LIGAND_SDF = ("aligned_files/{o}/{o}_ligand.sdf", "aligned_files/{o}/{o}.sdf")
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ def read_experiments(version_dir: Path, files: Iterable[str],
             code=code, pdb_code=api.pdb_code if api else None, smiles=smiles or None,
             compound_code=row.get("compound code") or None, resolution=api.resolution if api else None,
             observations=tuple(obs_list),
-            ligand_sdf=_first_existing(file_set, obs_list, "aligned_files/{o}/{o}_ligand.sdf"),
+            ligand_sdf=_first_existing(file_set, obs_list, *LIGAND_SDF),
             bound_pdb=_first_existing(file_set, obs_list, "aligned_files/{o}/{o}.pdb")))
     return sorted(records, key=lambda r: r.code)
 
@@ -282,13 +284,15 @@ def _metadata_rows(path: Path) -> Iterable[dict[str, str]]:
 
 
 def _experiment_of(observation: str, known: dict[str, KnownExperiment]) -> str | None:
-    """`A71EV2A-x0152a` belongs to `A71EV2A-x0152`: the longest known code it starts with, or the
-    observation code without its trailing letters."""
+    """`A71EV2A-x0152a` belongs to `A71EV2A-x0152`: the longest known code it starts with. Short
+    codes (`x0152a`, the 2024-10 backend, recording 040) belong to the one known code ending in
+    `-x0152`. Otherwise the observation code without its trailing letters."""
     matches = [code for code in known if observation.startswith(code)]
     if matches:
         return max(matches, key=len)
     stripped = re.sub(r"[a-z]+$", "", observation)
-    return stripped or None
+    short = [code for code in known if code.endswith(f"-{stripped}")]
+    return short[0] if len(short) == 1 else stripped or None
 
 
 def _aligned_observations(files: set[str]) -> set[str]:
@@ -296,8 +300,9 @@ def _aligned_observations(files: set[str]) -> set[str]:
             and parts[0] == "aligned_files"}
 
 
-def _first_existing(files: set[str], observations: list[str], pattern: str) -> str | None:
-    return next((path for obs in observations if (path := pattern.format(o=obs)) in files), None)
+def _first_existing(files: set[str], observations: list[str], *patterns: str) -> str | None:
+    return next((path for obs in observations for pattern in patterns
+                 if (path := pattern.format(o=obs)) in files), None)
 
 
 def _first_smiles(version_dir: Path, files: set[str], observations: list[str]) -> str | None:

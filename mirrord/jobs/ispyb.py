@@ -6,6 +6,19 @@ and link them to the Fragalysis experiment they are a crystal of.
 date moved since the last scan (`Session.scanned_*`), and a group's collections only when the group
 changed or still has unfinished collections, so a quiet poll costs one request per page of sessions
 and writes nothing. Most groups hold one collection, which the session's event describes in full.
+A group is read again while any of its collections has no end time: the group's own `endTime` is
+there as soon as one collection ended (SQL MAX ignores the running one, recording 033).
+
+A scan is recorded as done only when the events hold at least the collections the session counts
+(the count is of collections, not groups: recordings 008 and 029). A shorter scan is logged once
+with both numbers, kept in `Session.short_*` (see `short_sessions`) and the session stays due.
+
+Sample names: ISPyB exposes only the GROUP's sample on an event (`blSample`), never the collection's
+own, and the group's may be null while its collections have one (recording 073; fact 7). A dataset's
+`sample_name`/`sample_id` are therefore the group's as the API gives them, null when it has none: a
+sample is never guessed from file names, so such a dataset is not linked to an experiment. Protein
+acronyms come from the proposal's sample list (`GET /samples?proposal=`, a page per request), with a
+single lookup only for a sample the list does not hold.
 
 `work` checks each dataset on disk:
 
@@ -35,15 +48,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from mirrord.clients.errors import UpstreamError
-from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, IspybSession
+from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, IspybSession, Sample
 from mirrord.config import IspybSection
 from mirrord.jobs.base import Job, JobContext, RunResult, aware
 from mirrord.jobs.datafiles import DirScan, Run, attribution_problem, map_path, scan_dataset, sharing
-from mirrord.store.items import clear_retries, log_event, move
-from mirrord.store.models import Dataset, Experiment, Target, utcnow
+from mirrord.store import Store
+from mirrord.store.items import clear_retries, move
+from mirrord.store.models import Dataset, Event, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
 
 WORKABLE = ("discovered", "waiting", "missing")
@@ -66,6 +80,24 @@ class KnownGroup:
 
 
 @dataclass(frozen=True)
+class Shortfall:
+    """A session whose last full scan saw fewer collections than it counts."""
+
+    session: str
+    seen: int
+    expected: int
+    since: dt.datetime
+
+
+async def short_sessions(store: Store) -> list[Shortfall]:
+    """The sessions currently short, oldest shortfall first (for `/status` and `mirrord status`)."""
+    async with store.read() as session:
+        rows = await session.scalars(select(SessionRow).where(SessionRow.short_since.is_not(None))
+                                     .order_by(SessionRow.short_since, SessionRow.name))
+        return [Shortfall(r.name, r.short_seen or 0, r.short_expected or 0, r.short_since) for r in rows]
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The outcome of one on-disk check: the next state, why, and the columns to record."""
 
@@ -79,6 +111,36 @@ def make_client(section: IspybSection, **http: Any) -> IspybClient:
     token = section.token.get_secret_value() if section.token else None
     return IspybClient(section.url, plugin=section.plugin, login=section.login, password=password, token=token,
                        http=http or None)
+
+
+async def check_proposal(client: IspybClient, proposal: str) -> tuple[bool, str]:
+    """What a run needs of one proposal: it is visible, and the events of its newest session with
+    collections can be read and hold as many collections as the session counts."""
+    sessions = [s async for s in client.sessions(proposal=proposal)]
+    if not sessions:  # the server answers what it will not show with `total 0` (018)
+        return False, f"proposal {proposal}: not visible to this login, or empty"
+    newest = next((s for s in sessions if s.datacollections != 0), None)  # newest first (008)
+    if newest is None:
+        return True, f"proposal {proposal}: {len(sessions)} session(s), no collections yet"
+    seen = sum(event.count for event in await client.session_events(newest.session_id))
+    if newest.datacollections is not None and seen < newest.datacollections:
+        return False, (f"proposal {proposal}: the events of {newest.name} show {seen} of its "
+                       f"{newest.datacollections} collections")
+    return True, f"proposal {proposal}: {len(sessions)} session(s); {newest.name} events show {seen} collection(s)"
+
+
+async def readiness(section: IspybSection, **http: Any) -> tuple[bool, str]:
+    """`mirrord check`: the login works, and every configured proposal passes `check_proposal`."""
+    async with make_client(section, **http) as client:
+        results = [await check_proposal(client, proposal) for proposal in section.proposals]
+        for beamline in section.beamlines:
+            sessions = client.sessions(beamline=beamline)
+            first = await anext(aiter(sessions), None)
+            await sessions.aclose()
+            seen = f"latest session {first.name}" if first is not None else "no sessions visible yet"
+            results.append((True, f"beamline {beamline}: {seen}"))
+    detail = "; ".join(text for _, text in results)
+    return all(ok for ok, _ in results), f"logged in as {section.login} ({section.plugin}); {detail}"
 
 
 def _naive(when: dt.datetime | None) -> dt.datetime | None:
@@ -111,7 +173,7 @@ def _in_window(s: IspybSession, cutoff: dt.datetime) -> bool:
 
 
 def _needs_scan(s: IspybSession, row: SessionRow | None) -> bool:
-    if row is None or s.datacollections is None:  # a fork without the count: always look
+    if row is None or s.datacollections is None or row.short_since is not None:  # no count, or short: look
         return True
     return s.datacollections != row.scanned_collections or aware(s.end) != row.scanned_end
 
@@ -134,6 +196,7 @@ class IspybJob(Job):
         self._limit = asyncio.Semaphore(SCAN_CONCURRENCY)
         self._sample_limit = asyncio.Semaphore(SCAN_CONCURRENCY)
         self._writing = asyncio.Lock()
+        self._sample_lists: dict[str, asyncio.Future[dict[int, Sample]]] = {}
 
     async def start(self) -> None:
         self.client = make_client(self.section)
@@ -152,6 +215,7 @@ class IspybJob(Job):
     async def poll(self, result: RunResult) -> None:
         """Upsert the followed sessions; scan those whose count or end moved. Auth and protocol
         errors propagate: the runner logs the job as failing once."""
+        self._sample_lists = {}  # read again each poll: new samples appear
         remote = await self._followed_sessions()
         result.count("sessions", len(remote))
         rows, groups = await self._known(remote)
@@ -219,9 +283,11 @@ class IspybJob(Job):
             client = self._client()
             collections: list[DataCollection] = []
             to_read: list[int] = []
+            seen = None
             if full:
                 # A session that counts no collections has no events worth a request.
                 events = await client.session_events(s.session_id) if s.datacollections != 0 else []
+                seen = sum(event.count for event in events)  # collections, as the session counts them
                 result.count("sessions_scanned")
                 for event in events:
                     if not _group_needs_read(event, known.get(event.group_id)):
@@ -235,13 +301,15 @@ class IspybJob(Job):
             for group_id in to_read:
                 collections.extend(await client.group_collections(group_id))
                 result.count("groups_read")
-            acronyms = await self._acronyms(collections)
-            # One recording write at a time: waiting writers queue here, not inside the database.
-            async with self._writing:
-                await self._record(s, collections, acronyms, scanned=full, result=result)
+        # Outside the limit: while one scan waits for the proposal's sample list, the others read on.
+        acronyms = await self._acronyms(_proposal(s), collections)
+        # One recording write at a time: waiting writers queue here, not inside the database.
+        async with self._writing:
+            await self._record(s, collections, acronyms, seen=seen, result=result)
 
-    async def _acronyms(self, collections: Iterable[DataCollection]) -> dict[int, str | None]:
-        """Protein acronyms by sample id: from the store when known, else one lookup per sample."""
+    async def _acronyms(self, proposal: str, collections: Iterable[DataCollection]) -> dict[int, str | None]:
+        """Protein acronyms by sample id: from the store when known, else from the proposal's sample
+        list (fetched once per poll), else one lookup per sample the list does not hold."""
         wanted = {c.sample_id for c in collections if c.sample_id is not None}
         if not wanted:
             return {}
@@ -252,6 +320,12 @@ class IspybJob(Job):
                 .group_by(Dataset.sample_id))).all()
         found: dict[int, str | None] = dict(rows)
         client = self._client()
+        for sample_id in wanted - set(found):
+            if (cached := client.cached_sample(sample_id)) is not None:
+                found[sample_id] = cached.protein_acronym
+        if wanted - set(found):
+            listed = await self._proposal_samples(proposal)
+            found.update({sid: listed[sid].protein_acronym for sid in wanted - set(found) if sid in listed})
 
         async def lookup(sample_id: int) -> None:
             async with self._sample_limit:
@@ -262,6 +336,16 @@ class IspybJob(Job):
 
         await asyncio.gather(*(lookup(sid) for sid in wanted - set(found)))
         return found
+
+    async def _proposal_samples(self, proposal: str) -> dict[int, Sample]:
+        """The proposal's sample list, one request per page, shared by the scans of this poll."""
+        if proposal not in self._sample_lists:
+            self._sample_lists[proposal] = asyncio.ensure_future(self._client().proposal_samples(proposal))
+        try:
+            return await asyncio.shield(self._sample_lists[proposal])
+        except UpstreamError as exc:  # single lookups remain
+            self.log.warning("ispyb.sample_list_unreadable", proposal=proposal, error=str(exc))
+            return {}
 
     def _dataset_values(self, s: IspybSession, c: DataCollection, acronym: str | None) -> dict[str, Any]:
         values = {
@@ -277,8 +361,9 @@ class IspybJob(Job):
         return values
 
     async def _record(self, s: IspybSession, collections: list[DataCollection], acronyms: dict[int, str | None],
-                      *, scanned: bool, result: RunResult) -> None:
-        """One short write: new datasets, changed facts, and (after a full scan) what we scanned."""
+                      *, seen: int | None, result: RunResult) -> None:
+        """One short write: new datasets, changed facts, and (after a full scan that `seen` collections)
+        what we scanned, or the shortfall."""
         keys = [(c.group_id, c.collection_id) for c in collections]
         async with self.store.write() as session:
             existing = {}
@@ -286,13 +371,14 @@ class IspybJob(Job):
                 group_ids = {g for g, _ in keys}
                 for row in await session.scalars(select(Dataset).where(Dataset.group_id.in_(group_ids))):
                     existing[(row.group_id, row.collection_id)] = row
-            new_rows: list[Dataset] = []
+            new_rows: list[dict[str, Any]] = []
             for c in collections:
-                values = self._dataset_values(s, c, acronyms.get(c.sample_id) if c.sample_id is not None else None)
+                acronym = acronyms.get(c.sample_id) if c.sample_id is not None else None
+                values = self._dataset_values(s, c, acronym)
                 row = existing.get((c.group_id, c.collection_id))
                 if row is None:
-                    new_rows.append(Dataset(group_id=c.group_id, collection_id=c.collection_id, state="discovered",
-                                            reason="new in ISPyB", **values))
+                    new_rows.append({"group_id": c.group_id, "collection_id": c.collection_id, "state": "discovered",
+                                     "reason": "new in ISPyB", "protein_acronym": acronym, **values})
                     continue
                 changed = _changed(row, values)
                 for key, value in changed.items():
@@ -301,22 +387,45 @@ class IspybJob(Job):
                     result.count("datasets_updated")
                     self._recheck(session, row, sorted(set(changed) & set(DECISIVE)))
             if new_rows:
-                session.add_all(new_rows)
-                await session.flush()  # one round trip for all of them; their ids are for the events
-                for row in new_rows:
-                    self._log_discovered(session, row)
+                await self._insert_discovered(session, new_rows)
                 result.count("datasets_discovered", len(new_rows))
-            if scanned:
-                row = await session.get(SessionRow, s.session_id)
-                values = {"scanned_collections": s.datacollections, "scanned_end": aware(s.end)}
-                if row is not None and _changed(row, values):
-                    for key, value in values.items():
-                        setattr(row, key, value)
-                    row.scanned_at = utcnow()
+            row = await session.get(SessionRow, s.session_id)
+            if seen is not None and row is not None:
+                self._record_scan(row, s, seen)
 
-    def _log_discovered(self, session: Any, row: Dataset) -> None:
-        log_event(session, row, None, "discovered", f"{row.session_name} {row.sample_name or '?'} "
-                  f"collection {row.collection_id}", self.ctx.instance)
+    def _record_scan(self, row: SessionRow, s: IspybSession, seen: int) -> None:
+        """Scanned, unless the events held fewer collections than the session counts: then the
+        session stays due and the shortfall is kept (and said once) until a scan sees them all."""
+        expected = s.datacollections
+        if expected is not None and seen < expected:
+            if (row.short_seen, row.short_expected) != (seen, expected):
+                self.log.warning("ispyb.scan_short", session=s.name, seen=seen, expected=expected)
+                row.short_seen, row.short_expected = seen, expected
+            row.short_since = row.short_since or utcnow()
+            return
+        if row.short_since is not None:
+            self.log.info("ispyb.scan_whole", session=s.name, seen=seen, expected=expected)
+        values = {"scanned_collections": expected, "scanned_end": aware(s.end),
+                  "short_seen": None, "short_expected": None, "short_since": None}
+        if _changed(row, values):
+            for key, value in values.items():
+                setattr(row, key, value)
+            row.scanned_at = utcnow()
+
+    async def _insert_discovered(self, session: Any, new_rows: list[dict[str, Any]]) -> None:
+        """New datasets and their `discovered` events in one statement each: ORM inserts with RETURNING
+        go row by row on SQLite, which made a first poll of thousands of collections slow."""
+        await session.execute(insert(Dataset), new_rows)
+        keys = {(v["group_id"], v["collection_id"]): v for v in new_rows}
+        ids = await session.execute(select(Dataset.id, Dataset.group_id, Dataset.collection_id)
+                                    .where(Dataset.group_id.in_({g for g, _ in keys})))
+        events = [self._log_discovered(dataset_id, keys[(g, c)]) for dataset_id, g, c in ids if (g, c) in keys]
+        await session.execute(insert(Event), events)
+
+    def _log_discovered(self, dataset_id: int, values: dict[str, Any]) -> dict[str, Any]:
+        return {"item_type": "dataset", "item_id": str(dataset_id), "from_state": None, "to_state": "discovered",
+                "reason": f"{values['session_name']} {values['sample_name'] or '?'} collection {values['collection_id']}",
+                "instance": self.ctx.instance}
 
     def _recheck(self, session: Any, row: Dataset, decisive: list[str]) -> None:
         """Upstream facts that decide completeness moved: check the dataset again soon."""

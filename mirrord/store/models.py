@@ -203,6 +203,11 @@ class Session(Timestamps, Base):
     scanned_collections: Mapped[int | None] = mapped_column(default=None)
     scanned_end: Mapped[dt.datetime | None] = mapped_column(default=None)
     scanned_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # The last full scan saw fewer collections in the events than the session counts: it stays due,
+    # and status shows it. All three null when the last scan saw them all.
+    short_seen: Mapped[int | None] = mapped_column(default=None)
+    short_expected: Mapped[int | None] = mapped_column(default=None)
+    short_since: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Dataset(WorkItem, Base):
