@@ -69,7 +69,7 @@ async def test_user_without_api_user_reads_the_landing_page_and_says_so_once(cam
         emulator.set_open(closed.tas, False)
         emulator.add_session(TOKEN, "abc12345", [closed.tas], user_id="3")
         async with make_client(server.url) as anonymous, make_client(server.url, session_token=TOKEN) as member, \
-                make_client(server.url, session_token="expired") as stale:
+                make_client(server.url, session_token="stale-session-id-0000") as stale:
             with structlog.testing.capture_logs() as logs:
                 anon, me = await anonymous.user(), await member.user()
                 await member.user()
