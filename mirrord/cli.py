@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from mirrord.daemon import Mirrord, install_signal_handlers
-        from mirrord.web import WebServer, make_app
+        from mirrord.ui.web import WebServer, make_app
 
         stop = asyncio.Event()
         install_signal_handlers(stop)
@@ -130,8 +130,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def main() -> int:
-        from mirrord.status_page import summary
-        from mirrord.views import print_status
+        from mirrord.ui.summary import summary
+        from mirrord.ui.terminal import print_status
 
         async with _opened_store(config) as store:
             data = await summary(store)
@@ -174,8 +174,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def main() -> int:
-        from mirrord.inspect import InspectError, lineage
-        from mirrord.views import print_lineage
+        from mirrord.ui.actions import InspectError, lineage
+        from mirrord.ui.terminal import print_lineage
 
         try:
             async with _opened_store(config) as store:
@@ -196,7 +196,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def main() -> int:
-        from mirrord.inspect import InspectError, retry
+        from mirrord.ui.actions import InspectError, retry
 
         try:
             async with _opened_store(config) as store:
@@ -214,8 +214,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def main() -> int:
-        from mirrord.inspect import check_upstreams
-        from mirrord.views import print_checks
+        from mirrord.ui.actions import check_upstreams
+        from mirrord.ui.terminal import print_checks
 
         results = await check_upstreams(config)
         print_checks(results)

@@ -19,9 +19,9 @@ from mirrord.daemon import Mirrord, install_signal_handlers
 from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.emulators.campaign import Campaign
 from mirrord.progress import terminal_progress
-from mirrord.status_page import summary
-from mirrord.views import print_status
-from mirrord.web import WebServer, make_app
+from mirrord.ui.summary import summary
+from mirrord.ui.terminal import print_status
+from mirrord.ui.web import WebServer, make_app
 
 
 async def run_demo(*, keep: bool = False, state_dir: str | None = None) -> int:

@@ -12,7 +12,7 @@ from mirrord.config import load_config
 from mirrord.daemon import Mirrord
 from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.emulators.campaign import Campaign
-from mirrord.web import WebServer, make_app
+from mirrord.ui.web import WebServer, make_app
 
 pytestmark = pytest.mark.browser
 

@@ -15,10 +15,10 @@ from mirrord.cli import main
 from mirrord.config import load_config
 from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.emulators.campaign import Campaign
-from mirrord.inspect import RESTART_STATES, check_upstreams
 from mirrord.store import Store, migrate
 from mirrord.store.models import Dataset, Deposition, Event, Upload
-from mirrord.views import print_checks
+from mirrord.ui.actions import RESTART_STATES, check_upstreams
+from mirrord.ui.terminal import print_checks
 from tests.test_web import seed
 
 

@@ -25,9 +25,9 @@ from sqlalchemy import select
 
 from mirrord.config import load_config
 from mirrord.daemon import Mirrord
-from mirrord.inspect import retry
 from mirrord.store import Store
 from mirrord.store.models import Dataset, Deposition, JobRun, Upload
+from mirrord.ui.actions import retry
 from tests.invariants import Pipeline, check_invariants
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from mirrord.store.models import (
     Upload,
     utcnow,
 )
-from mirrord.web import WebServer, make_app
+from mirrord.ui.web import WebServer, make_app
 from tests.conftest import make_config
 from tests.fakejobs import use_job
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -16,7 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from mirrord import metrics
-from mirrord.store.models import utcnow
+from mirrord.clients.errors import UpstreamError
+from mirrord.store.models import Annotation, Experiment, utcnow
+from mirrord.ui import page
+from mirrord.ui.summary import refresh_item_gauges, summary
 
 if TYPE_CHECKING:
     from mirrord.daemon import Mirrord
@@ -45,9 +48,9 @@ def make_app(app_state: Mirrord, *, token: str | None = None) -> web.Application
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
-    from mirrord import status_page
-
-    status_page.add_routes(app)
+    app.router.add_get("/status", status_html)
+    app.router.add_get("/api/status", status_json)
+    app.router.add_post("/designhub/open/{annotation_id:\\d+}", open_in_designhub)
     return app
 
 
@@ -85,10 +88,45 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    from mirrord import status_page
-
-    await status_page.refresh_item_gauges(request.app[MIRRORD_KEY].store)
+    await refresh_item_gauges(request.app[MIRRORD_KEY].store)
     return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- status views --------------------------------------------------------------------------------------
+async def open_in_designhub(request: web.Request) -> web.StreamResponse:
+    """Post the ligand's structure to Design Hub and send the browser to the page it makes.
+
+    Design Hub's link lives five minutes, so it is made on each click and never stored.
+    """
+    from mirrord.jobs.designhub import open_in_designhub_url
+    app_state = request.app[MIRRORD_KEY]
+    if not app_state.config.designhub.enabled:
+        raise web.HTTPNotFound(text="Design Hub is not configured")
+    async with app_state.store.read() as session:
+        annotation = await session.get(Annotation, int(request.match_info["annotation_id"]))
+        experiment = await session.get(Experiment, annotation.experiment_id) if annotation else None
+    if experiment is None or not experiment.smiles:
+        raise web.HTTPNotFound(text="no ligand structure for that item")
+    try:
+        url = await open_in_designhub_url(app_state.config, experiment.smiles)
+    except UpstreamError as exc:
+        raise web.HTTPBadGateway(text=f"Design Hub refused the structure: {exc}") from None
+    raise web.HTTPSeeOther(location=url)
+
+
+async def _summary_for(request: web.Request) -> dict[str, Any]:
+    state = request.app[MIRRORD_KEY]
+    runner = getattr(state, "runner", None)
+    return await summary(state.store, health=runner.health if runner is not None else None,
+                         instance=getattr(state, "instance", None))
+
+
+async def status_json(request: web.Request) -> web.Response:
+    return web.json_response(await _summary_for(request))
+
+
+async def status_html(request: web.Request) -> web.Response:
+    return web.Response(text=page.render_html(await _summary_for(request)), content_type="text/html")
 
 
 class WebServer:

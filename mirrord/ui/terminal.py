@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from mirrord.inspect import CheckResult, Lineage
+    from mirrord.ui.actions import CheckResult, Lineage
 
 _BAD = {"failed", "needs_attention", "failing", "identity", "unmatched"}
 _GOOD = {"published", "mirrored", "attached", "ok"}

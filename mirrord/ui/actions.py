@@ -1,7 +1,7 @@
 """What the operator commands do: `show` (an item's lineage across the four systems and its history),
 `retry` (put a failed or stuck item back to work) and `check` (can we reach and use each upstream?).
 
-The CLI only parses arguments and prints; views.py renders. Everything here returns dataclasses.
+The CLI only parses arguments and prints; terminal.py renders. Everything here returns dataclasses.
 """
 
 from __future__ import annotations
