@@ -104,6 +104,7 @@ class DaemonSection(Section):
     database_url: str = ""  # default: SQLite in state_dir
     instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     shutdown_grace: Duration = 60.0
+    start_timeout: Duration = 30.0  # a job's start (credential and feature checks) fails after this; retried next tick
     lease: Duration = 300.0  # how long a claimed item stays ours without a heartbeat
     max_attempts: int = Field(default=10, ge=1)  # before an item gives up and needs a person
     retry_base: Duration = 60.0  # backoff of failed items: base * 2^attempts, capped

@@ -80,12 +80,8 @@ class Mirrord:
                          notifier=self.notifier)
         for name in config.enabled_jobs():
             self.jobs[name] = job_class(name)(ctx)
+        # Jobs start in their first run (see runner.py), so nothing here waits for an upstream.
         self.runner = JobRunner(ctx, self.jobs)
-        for name, job in self.jobs.items():
-            try:
-                await job.start()
-            except Exception as exc:  # a bad upstream at start must not stop the others; the tick retries
-                log.error("job.start_failed", job=name, error=str(exc))
 
     async def close(self) -> None:
         for job in self.jobs.values():

@@ -1,6 +1,9 @@
-"""Runs one job once: records the run, binds log context, decides who polls, tracks health.
+"""Runs one job once: starts it if it has not started, records the run, binds log context, decides who
+polls, tracks health.
 
-Shared by the daemon's ticks and `mirrord once`, so both take the same code path.
+Shared by the daemon's ticks and `mirrord once`, so both take the same code path. A job starts inside
+its first run, not before the daemon is up: a silent upstream delays that job alone, its failure is
+recorded and shown like any failed run, and the next tick tries again.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ class Health:
     failing_since: dt.datetime | None = None
     last_error: str | None = None
     consecutive_failures: int = 0
+    started: bool = False  # job.start() succeeded
+
+
+class JobStartFailed(Exception):
+    """A job could not start (credentials, an upstream that does not answer); retried next tick."""
 
 
 @dataclass
@@ -60,6 +68,7 @@ class JobRunner:
         with structlog.contextvars.bound_contextvars(job=name, run_id=run_id):
             polled = False
             try:
+                await self._start(name, job)
                 polled = force_poll or await claim_tick(store, name, self.slot(name), self.ctx.instance)
                 if polled:
                     metrics.job_polls.labels(name).inc()
@@ -68,6 +77,9 @@ class JobRunner:
             except asyncio.CancelledError:
                 outcome, error = "interrupted", "cancelled at shutdown"
                 raise
+            except JobStartFailed as exc:
+                outcome, error = "failed", str(exc)
+                self._failed(name, error, exc)
             except Exception as exc:  # a job failing must never take the daemon down
                 outcome, error = "failed", f"{type(exc).__name__}: {exc}"
                 self._failed(name, error, exc)
@@ -80,6 +92,20 @@ class JobRunner:
                 for key, value in result.counters.items():
                     metrics.job_counters.labels(name, key).inc(value)
         return result
+
+    async def _start(self, name: str, job: Job) -> None:
+        """Start the job once, within `daemon.start_timeout`: a start that hangs fails like any run."""
+        if self.health[name].started:
+            return
+        timeout = self.ctx.config.daemon.start_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await job.start()
+        except TimeoutError:
+            raise JobStartFailed(f"start did not finish within {timeout:g} s (upstream not answering?)") from None
+        except Exception as exc:
+            raise JobStartFailed(f"start failed: {type(exc).__name__}: {exc}") from exc
+        self.health[name].started = True
 
     async def _finish(self, run_id: str, outcome: str, error: str | None, result: RunResult,
                       polled: bool) -> None:

@@ -336,13 +336,13 @@ async def test_rejected_or_missing_key_fails_the_run_clearly(tmp_path, served, a
     config = config_for(tmp_path, served.url, api_key=api_key)
     outcome = await run(config)
     assert outcome.exit_code == 1  # no item failed, but the job itself did not do its work
-    assert [line for line in outcome.failed if line.startswith("job designhub: AuthError")]
+    assert [line for line in outcome.failed if line.startswith("job designhub: start failed: AuthError")]
     ((run_outcome, error),) = await query(config, select(JobRun.outcome, JobRun.error))
     assert run_outcome == "failed" and "AuthError" in error and message in error
     if api_key:
         assert api_key not in error
-    # One credential check at start and one per run: no retry storm, nothing else asked.
-    assert served.requests.count("GET", "/api/user") == 2
+    # One credential check, in the start that the run begins with: no retry storm, nothing else asked.
+    assert served.requests.count("GET", "/api/user") == 1
     assert served.requests.count("GET", "/api/compounds") == 0
 
 

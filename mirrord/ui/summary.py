@@ -185,9 +185,14 @@ async def _identity_problems(session: AsyncSession) -> list[dict[str, Any]]:
 
 
 def _jobs_from_health(health: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"job": name, "last_success": _iso(h.last_success), "failing_since": _iso(h.failing_since),
-             "error": _text(h.last_error), "consecutive_failures": h.consecutive_failures}
+    return [{"job": name, "state": _job_state(h.failing_since, h.started), "last_success": _iso(h.last_success),
+             "failing_since": _iso(h.failing_since), "error": _text(h.last_error),
+             "consecutive_failures": h.consecutive_failures}
             for name, h in health.items()]
+
+
+def _job_state(failing_since: Any, started: bool = True) -> str:
+    return "failing" if failing_since else "ok" if started else "starting"
 
 
 async def _jobs_from_runs(session: AsyncSession) -> list[dict[str, Any]]:
@@ -198,7 +203,7 @@ async def _jobs_from_runs(session: AsyncSession) -> list[dict[str, Any]]:
     jobs = []
     for run in (await session.scalars(select(JobRun).where(JobRun.id.in_(latest_ids)).order_by(JobRun.job))).all():
         failing = run.outcome == "failed"
-        jobs.append({"job": run.job, "last_success": _iso(last_ok.get(run.job)),
+        jobs.append({"job": run.job, "state": _job_state(failing), "last_success": _iso(last_ok.get(run.job)),
                      "failing_since": _iso(run.started_at) if failing else None,
                      "error": _text(run.error) if failing else "", "consecutive_failures": None})
     return jobs

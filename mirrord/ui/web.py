@@ -60,7 +60,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readiness(app_state: Mirrord, uptime: float) -> list[str]:
-    """Reasons the daemon is not ready; empty when it is."""
+    """Reasons the daemon is not ready; empty when it is. Each names the job and says why."""
     problems = []
     try:
         async with app_state.store.read() as session:
@@ -71,12 +71,16 @@ async def readiness(app_state: Mirrord, uptime: float) -> list[str]:
     for name, health in app_state.runner.health.items():
         section = app_state.config.jobs()[name]
         window = 3 * (section.interval if not section.cron else 3600)
-        if health.last_success is None:
+        if health.failing_since is not None:
+            problems.append(f"{name}: failing since {health.failing_since.isoformat(timespec='seconds')}: "
+                            f"{health.last_error}")
+        elif not health.started:
+            problems.append(f"{name}: starting")
+        elif health.last_success is None:
             if uptime > window:
-                problems.append(f"{name}: no successful run since start ({health.last_error or 'never ran'})")
+                problems.append(f"{name}: no successful run since start")
         elif (now - health.last_success).total_seconds() > window:
-            problems.append(f"{name}: last success {health.last_success.isoformat()} "
-                            f"({health.last_error or 'no run since'})")
+            problems.append(f"{name}: last success {health.last_success.isoformat()} (no run since)")
     return problems
 
 
