@@ -291,15 +291,13 @@ SECRETS = [("web", "token"), ("fragalysis", "token"), ("fragalysis", "bearer_tok
            ("ispyb", "token"), ("pdis", "password"), ("designhub", "api_key"), ("designhub", "bearer_token")]
 
 
+ENV_FORMS = "lists and tables are JSON (MIRRORD_ISPYB__PROPOSALS='[\"lb32627\"]'), other values plain text"
+
+
 def _coerce_env(value: str) -> Any:
-    """Environment values are strings; lists and tables are given as JSON."""
+    """Environment values are strings; lists and tables are given as JSON (ValueError if it is not)."""
     stripped = value.strip()
-    if stripped[:1] in "[{":
-        try:
-            return json.loads(stripped)
-        except ValueError:
-            return value
-    return value
+    return json.loads(stripped) if stripped[:1] in "[{" else value
 
 
 def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -321,7 +319,10 @@ def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list
             problems.append(f"{name}: not a setting (expected MIRRORD_<SECTION>__<KEY>, sections: "
                             f"{', '.join(sorted(sections))})")
             continue
-        overrides.setdefault(section, {})[field] = _coerce_env(value)
+        try:
+            overrides.setdefault(section, {})[field] = _coerce_env(value)
+        except ValueError as exc:
+            problems.append(f"{name}: not valid JSON ({exc}); {ENV_FORMS}")
     return overrides, problems
 
 
@@ -349,11 +350,17 @@ def _read_secret_files(data: dict[str, dict[str, Any]], env_keys: set[tuple[str,
     return problems
 
 
-def _format_error(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+def _format_error(err: dict[str, Any], env_keys: set[tuple[str, str]]) -> str:
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    if len(parts) >= 2 and (parts[0], parts[1]) in env_keys:
+        # Name what the user typed: the variable, and the form it takes.
+        variable = f"{ENV_PREFIX}{parts[0].upper()}__{parts[1].upper()}"
+        hint = f"; {ENV_FORMS}" if err["type"] in ("list_type", "dict_type") else ""
+        return f"{variable} ({loc}): {msg}{hint}"
     return f"{loc or 'config'}: {msg}"
 
 
@@ -396,7 +403,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems += [_format_error(e) for e in exc.errors()]
+        problems += [_format_error(e, env_keys) for e in exc.errors()]
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)

@@ -431,7 +431,8 @@ async def _check_designhub(config: Config) -> tuple[bool, str]:
     async with make_client(section, **CHECK_HTTP) as client:
         user = await client.user()
         features = await client.probe()
-    if not features.attach:
-        return False, f"user {user.display_name}: cannot attach evidence to compounds. {features.summary()}"
+    if not features.export:
+        return False, f"user {user.display_name}: cannot read the compound list. {features.summary()}"
+    # Attach, data and upload are write endpoints: learnt on first use, never by writing here.
     note = f"; {features.summary()}" if features.missing else ""
     return True, f"user {user.display_name}{note}"
