@@ -119,7 +119,16 @@ class DaemonSection(Section):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'mirrord.db'}"
+        return self.database_url or f"sqlite+aiosqlite:///{self.sqlite_path}"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None on PostgreSQL."""
+        if not self.database_url:
+            return self.state_dir / "mirrord.db"
+        if self.database_url.startswith("sqlite+aiosqlite:///"):
+            return Path(self.database_url.removeprefix("sqlite+aiosqlite:///").partition("?")[0])
+        return None
 
 
 class LogSection(Section):
@@ -284,6 +293,30 @@ class Config(Section):
     @property
     def pdis_token_cache(self) -> Path:
         return self.pdis.token_cache or self.daemon.state_dir / "pdis.token"
+
+
+def missing_credentials(config: Config) -> list[str]:
+    """Credentials an enabled job cannot work without (checked by `mirrord check-config`)."""
+    problems = []
+    ispyb, pdis, designhub = config.ispyb, config.pdis, config.designhub
+    if ispyb.enabled and not ispyb.token and not (ispyb.login and ispyb.password):
+        problems.append("ispyb: no credentials: set ispyb.login and ispyb.password_file "
+                        "(or MIRRORD_ISPYB__PASSWORD), or ispyb.token_file")
+    if pdis.enabled and not (pdis.username and pdis.password):
+        problems.append("pdis: no credentials: set pdis.username and pdis.password_file (or MIRRORD_PDIS__PASSWORD)")
+    if designhub.enabled and not (designhub.api_key or designhub.bearer_token):
+        problems.append("designhub: no credentials: set designhub.api_key_file (or MIRRORD_DESIGNHUB__API_KEY) "
+                        "or designhub.bearer_token_file")
+    return problems
+
+
+def link_warnings(config: Config) -> list[str]:
+    """Settings that work, but not as a user would expect."""
+    warnings = []
+    if config.designhub.enabled and not config.fragalysis.url.startswith("https://"):
+        warnings.append(f"designhub: evidence links point at fragalysis.url ({config.fragalysis.url}); Design Hub "
+                        "takes https:// links only, so the link is written into the comment text instead")
+    return warnings
 
 
 # (section, secret key) pairs: each may come from `<key>_file` or MIRRORD_<SECTION>__<KEY>, never inline.

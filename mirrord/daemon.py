@@ -148,17 +148,19 @@ class Mirrord:
         return soonest
 
     async def problem_items(self) -> tuple[list[str], list[str]]:
-        """Items that failed (gave up, or erred and wait for a retry) and items that need a person."""
+        """Items that failed (gave up, or erred and wait for a retry) and items that need a person,
+        each with its id (for `mirrord show` and `retry`) and its reason."""
+        from mirrord.ui.summary import why
+
         failed, attention = [], []
         async with self.store.read() as session:
             for kind, model in ITEM_MODELS.items():
-                rows = (await session.execute(
-                    select(model.id, model.state, model.last_error)
-                    .where((model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None)))
-                )).all()
-                for item_id, state, error in rows:
-                    line = f"{kind} {item_id} [{state}]: {error or ''}".rstrip(": ")
-                    (attention if state == "needs_attention" else failed).append(line)
+                items = (await session.scalars(
+                    select(model).where((model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None)))
+                    .order_by(model.id))).all()
+                for item in items:
+                    line = f"{kind} {item.id} [{item.state}]: {why(kind, item) or 'no reason recorded'}"
+                    (attention if item.state == "needs_attention" else failed).append(line)
         return failed, attention
 
     # -- daemon ---------------------------------------------------------------------------------------

@@ -310,15 +310,18 @@ class Retried:
     to_state: str
 
 
-async def retry(store: Store, kind: str, item_id: int, *, instance: str = "operator") -> Retried:
-    """Re-queue a failed or needs-attention item where it failed, with a fresh retry budget."""
+async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "operator") -> Retried:
+    """Re-queue a failed or needs-attention item where it failed, with a fresh retry budget.
+
+    `ref` names the item as `show` takes it: an id or a name.
+    """
     model = ITEM_MODELS.get(kind)
     if model is None:
         raise InspectError(f"unknown kind {kind!r}; one of: {', '.join(ITEM_MODELS)}")
     async with store.write() as session:
-        item = await session.get(model, item_id, with_for_update=True)
-        if item is None:
-            raise InspectError(f"no {kind} {item_id}")
+        found = await resolve(session, kind, str(ref))
+        item = await session.get(model, found.id, with_for_update=True)
+        item_id = item.id
         if item.state not in FAILED_STATES:
             raise InspectError(f"{kind} {item_id} is {item.state}, not failed or needs_attention: nothing to retry")
         before = item.state

@@ -78,6 +78,12 @@ async def summary(store: Store, *, health: Mapping[str, Any] | None = None, inst
         }
 
 
+def empty_summary(note: str) -> dict[str, Any]:
+    """The shape of `summary` when there is no store to read yet; `note` says why."""
+    return {"generated_at": utcnow().isoformat(), "instance": None, "note": note, "items": {}, "targets": [],
+            "depositions": [], "datasets": [], "attention": [], "jobs": [], "runs": [], "events": []}
+
+
 async def _counts(session: AsyncSession) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for kind, model in ITEM_MODELS.items():
@@ -118,7 +124,7 @@ async def _datasets(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
     return result
 
 
-def _why(kind: str, item: Any) -> str:
+def why(kind: str, item: Any) -> str:
     """The most specific explanation an item carries."""
     if kind == "deposition" and item.pdis_status and item.state == "needs_attention":
         details = f": {item.status_details}" if item.status_details else ""
@@ -157,7 +163,7 @@ async def _attention_items(session: AsyncSession, limit: int) -> list[dict[str, 
             .order_by(desc(model.updated_at)).limit(limit))).all())
         labels = await _labels(session, kind, items)
         found += [{"kind": kind, "id": item.id, "label": labels.get(item.id, ""), "state": item.state,
-                   "reason": _why(kind, item), "since": _iso(item.updated_at)} for item in items]
+                   "reason": why(kind, item), "since": _iso(item.updated_at)} for item in items]
     return found
 
 

@@ -49,6 +49,9 @@ def _t(iso: str | None) -> str:
 
 def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
+    if data.get("note"):
+        console.print(escape(data["note"]))
+        return
     if data.get("instance"):
         console.print(f"instance {escape(data['instance'])}")
     console.print(_table("Targets", ("target", "TAS", "latest upload", "mirrored", "mirrored at (UTC)"),
