@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Read the configuration as `run` would and list every problem: a missing file, bad values, "
             "credentials an enabled job needs. Contacts no upstream (that is `mirrord check`).")
     db = command("db", "database schema", "Show or migrate the database schema.")
-    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION", help="what to do")
     db_sub.add_parser("upgrade", help="migrate the schema to the newest revision",
                       description="Migrate the schema to the newest revision (creates the database if needed).")
     db_sub.add_parser("current", help="show the schema revision", description="Show the schema revision.")

@@ -77,9 +77,9 @@ class JobRunner:
             except asyncio.CancelledError:
                 outcome, error = "interrupted", "cancelled at shutdown"
                 raise
-            except JobStartFailed as exc:
+            except JobStartFailed as exc:  # the reason says it all: no traceback
                 outcome, error = "failed", str(exc)
-                self._failed(name, error, exc)
+                self._failed(name, error, None)
             except Exception as exc:  # a job failing must never take the daemon down
                 outcome, error = "failed", f"{type(exc).__name__}: {exc}"
                 self._failed(name, error, exc)
@@ -114,7 +114,7 @@ class JobRunner:
                 finished_at=utcnow(), outcome=outcome, error=error, polled=polled,
                 counters=dict(result.counters)))
 
-    def _failed(self, name: str, error: str, exc: BaseException) -> None:
+    def _failed(self, name: str, error: str, exc: BaseException | None) -> None:
         health = self.health[name]
         health.consecutive_failures += 1
         health.last_error = error
