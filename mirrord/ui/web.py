@@ -1,21 +1,25 @@
-"""Read-only HTTP views of a running daemon: /healthz, /readyz, /metrics, /status, /api/status.
+"""HTTP views of a running daemon: /healthz, /readyz, /metrics, /status, /api/status, /item/<kind>/<ref>.
 
-Served on loopback unless configured otherwise. An optional bearer token protects all but /healthz.
+Served on loopback unless configured otherwise. An optional token protects all but /healthz and /login:
+scripts and probes send it as `Authorization: Bearer`; a browser signs in once at /login, which sets an
+HttpOnly, SameSite=Strict cookie holding an HMAC of the token (never the token itself).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from mirrord import metrics
+from mirrord import __version__, metrics
 from mirrord.clients.errors import UpstreamError
 from mirrord.store.models import Annotation, Experiment, utcnow
 from mirrord.ui import page
@@ -30,14 +34,64 @@ STARTED_KEY = web.AppKey("started", float)
 TOKEN_KEY = web.AppKey("token", str)
 
 
+SESSION_COOKIE = "mirrord_session"
+OPEN_PATHS = {"/healthz", "/login"}
+
+
+def session_value(token: str) -> str:
+    """The cookie a signed-in browser holds: derived from the token, so a new token signs everyone out."""
+    return hmac.new(token.encode(), b"mirrord status page session", hashlib.sha256).hexdigest()
+
+
+def _authorised(request: web.Request, token: str) -> bool:
+    bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    return (hmac.compare_digest(bearer.encode(), token.encode())
+            or hmac.compare_digest(cookie.encode(), session_value(token).encode()))
+
+
 @web.middleware
 async def _auth(request: web.Request, handler):
     token = request.app[TOKEN_KEY]
-    if token and request.path != "/healthz":
-        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(supplied.encode(), token.encode()):
-            raise web.HTTPUnauthorized(text='{"error": "bearer token required"}', content_type="application/json")
+    if token and request.path not in OPEN_PATHS and not _authorised(request, token):
+        if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
+            raise web.HTTPSeeOther(location=f"/login?{urlencode({'next': request.path_qs})}")
+        raise web.HTTPUnauthorized(text='{"error": "token required: Authorization: Bearer <token>"}',
+                                   content_type="application/json")
     return await handler(request)
+
+
+async def home(request: web.Request) -> web.Response:
+    raise web.HTTPSeeOther(location="/status")
+
+
+async def login_form(request: web.Request) -> web.Response:
+    return web.Response(text=page.render_login(_next(request.query.get("next"))), content_type="text/html")
+
+
+async def login(request: web.Request) -> web.Response:
+    form = await request.post()
+    token, target = request.app[TOKEN_KEY], _next(str(form.get("next", "")))
+    if not token:
+        raise web.HTTPSeeOther(location=target)
+    if not hmac.compare_digest(str(form.get("token", "")).encode(), token.encode()):
+        log.warning("web.login_refused", peer=request.remote)
+        return web.Response(text=page.render_login(target, refused=True), content_type="text/html", status=401)
+    response = web.HTTPSeeOther(location=target)
+    response.set_cookie(SESSION_COOKIE, session_value(token), httponly=True, samesite="Strict", path="/",
+                        secure=request.secure, max_age=30 * 86400)
+    raise response
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = web.HTTPSeeOther(location="/login")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
+
+
+def _next(value: str | None) -> str:
+    """Where to go after signing in: a path on this server only (never another site)."""
+    return value if value and value.startswith("/") and not value.startswith("//") else "/status"
 
 
 def make_app(app_state: Mirrord, *, token: str | None = None) -> web.Application:
@@ -48,6 +102,11 @@ def make_app(app_state: Mirrord, *, token: str | None = None) -> web.Application
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/", home)
+    app.router.add_get("/login", login_form)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/item/{kind}/{ref}", item_html)
     app.router.add_get("/status", status_html)
     app.router.add_get("/api/status", status_json)
     app.router.add_post("/designhub/open/{annotation_id:\\d+}", open_in_designhub)
@@ -130,7 +189,24 @@ async def status_json(request: web.Request) -> web.Response:
 
 
 async def status_html(request: web.Request) -> web.Response:
-    return web.Response(text=page.render_html(await _summary_for(request)), content_type="text/html")
+    app_state = request.app[MIRRORD_KEY]
+    about = page.About(version=__version__, uptime=time.monotonic() - request.app[STARTED_KEY],
+                       upstreams={name: section.url for name, section in app_state.config.jobs().items()
+                                  if section.enabled},
+                       signed_in=bool(request.app[TOKEN_KEY]) and SESSION_COOKIE in request.cookies)
+    return web.Response(text=page.render_html(await _summary_for(request), about), content_type="text/html")
+
+
+async def item_html(request: web.Request) -> web.Response:
+    """One item's lineage and history, as `mirrord show` prints it, with its full error text."""
+    from mirrord.ui.actions import InspectError, lineage
+
+    kind, ref = request.match_info["kind"], request.match_info["ref"]
+    try:
+        found = await lineage(request.app[MIRRORD_KEY].store, kind, ref)
+    except InspectError as exc:
+        raise web.HTTPNotFound(text=str(exc)) from None
+    return web.Response(text=page.render_lineage(found), content_type="text/html")
 
 
 class WebServer:
