@@ -49,6 +49,9 @@ class JobRunner:
     def __post_init__(self) -> None:
         for name in self.jobs:
             self.health.setdefault(name, Health())
+            section = self.ctx.config.jobs()[name]
+            metrics.job_interval.labels(name).set(3600 if section.cron else section.interval)
+            metrics.job_failing.labels(name).set(0)
 
     def slot(self, name: str) -> int:
         """The schedule slot this tick belongs to; replicas agree on it without talking."""
@@ -116,6 +119,7 @@ class JobRunner:
 
     def _failed(self, name: str, error: str, exc: BaseException | None) -> None:
         health = self.health[name]
+        metrics.job_failing.labels(name).set(1)
         health.consecutive_failures += 1
         health.last_error = error
         if health.failing_since is None:
@@ -135,4 +139,5 @@ class JobRunner:
         health.consecutive_failures = 0
         health.last_error = None
         health.last_success = utcnow()
+        metrics.job_failing.labels(name).set(0)
         metrics.job_last_success.labels(name).set(health.last_success.timestamp())
