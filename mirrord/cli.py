@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from mirrord import __version__
-
 if TYPE_CHECKING:
     from mirrord.config import Config
     from mirrord.store import Store
@@ -28,13 +26,29 @@ class NothingRecorded(Exception):
     """A reading command found no state: mirrord has not run with this configuration yet."""
 
 
-def _load(args: argparse.Namespace) -> Config:
-    import structlog
+class _Version(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
 
-    from mirrord import logsetup
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from mirrord import __version__
+
+        parser.exit(message=f"mirrord {__version__}\n")
+
+
+def _load(args: argparse.Namespace, *, logs: bool = True) -> Config:
+    """The configuration; with `logs`, logging set up for a command that logs (reading commands do not)."""
     from mirrord.config import load_config
 
     config = load_config(args.config)
+    if not logs:
+        for warning in config.warnings:
+            print(f"mirrord: warning: {warning}", file=sys.stderr)
+        return config
+    import structlog
+
+    from mirrord import logsetup
+
     logsetup.configure(args.log_level or config.log.level, args.log_format or config.log.format)
     for warning in config.warnings:
         structlog.get_logger("mirrord.cli").warning("config.warning", problem=warning)
@@ -192,7 +206,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, logs=False)
 
     async def main() -> int:
         from mirrord.ui.summary import empty_summary, summary
@@ -214,7 +228,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, logs=False)
 
     async def main() -> int:
         from mirrord.jobs.deposit_policy import plan
@@ -244,7 +258,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, logs=False)
 
     async def main() -> int:
         from mirrord.ui.actions import InspectError, lineage
@@ -350,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirrord", parents=[_global_options(True)],
                                      description="Keeps fragment-screening data moving between Fragalysis, "
                                      "ISPyB, PDIS and Design Hub.")
-    parser.add_argument("--version", action="version", version=f"mirrord {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = [_global_options(False)]
 

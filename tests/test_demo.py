@@ -123,3 +123,12 @@ def test_compose_runs_mirrord_as_a_sidecar_with_read_only_raw_data(tmp_path: Pat
     empty.write_text("")
     config = load_config(empty, env=env)
     assert set(config.enabled_jobs()) == {"fragalysis", "ispyb", "pdis", "designhub"}
+
+
+def test_the_wheel_lists_every_package() -> None:
+    """`pip install .` (not -e) ships only the listed packages: a new one left out breaks the installed command."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mirrord").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"

@@ -12,7 +12,6 @@ from typing import Any
 from sqlalchemy import desc, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mirrord import metrics
 from mirrord.redact import redact
 from mirrord.store import Store
 from mirrord.store.keyvalue import IDENTITY_KEY
@@ -234,6 +233,8 @@ async def _events(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
 
 
 async def refresh_item_gauges(store: Store) -> None:
+    from mirrord import metrics  # here, not at the top: `mirrord status` has no use for prometheus_client
+
     async with store.read() as session:
         counts = await _counts(session)
         oldest = {}
