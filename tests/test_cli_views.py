@@ -84,6 +84,7 @@ def test_status_table_names_what_needs_attention(seeded: Path, capsys: pytest.Ca
     assert main(["-c", str(seeded), "status"]) == 0
     out = capsys.readouterr().out
     assert "Needs attention" in out and "header_not_readable" in out and "A71EV2A" in out
+    assert "deposition 2" in out and "upload 2" in out  # ids, as `show` and `retry` take them
 
 
 def test_show_deposition_lineage_and_history(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -65,9 +65,10 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                              [(d["id"], _s(d["state"]), d["pdb_code"], d["sample"], d["pdis_status"],
                                d["status_details"] or d["error"]) for d in data["depositions"][:50]]))
     if data["attention"]:
-        console.print(_table("Needs attention", ("what", "item", "state", "why", "since"),
-                             [(a["kind"], a.get("label") or a["id"], _s(a["state"]), a["reason"], _t(a["since"]))
-                              for a in data["attention"]], title_style="bold red"))
+        # "kind id" is what `mirrord show` and `mirrord retry` take.
+        console.print(_table("Needs attention", ("item", "what", "state", "why", "since"),
+                             [(f"{a['kind']} {a['id']}", a.get("label") or "", _s(a["state"]), a["reason"],
+                               _t(a["since"])) for a in data["attention"]], title_style="bold red"))
     else:
         console.print("[green]Nothing needs attention.[/green]")
     failing = [j for j in data.get("jobs", []) if j["failing_since"]]
