@@ -210,14 +210,26 @@ def test_reading_commands_on_a_fresh_state_create_nothing(tmp_path: Path, capsys
 
 
 def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    async def downgrade() -> None:
-        store = Store(load_config(seeded, env={}).daemon.resolved_database_url)
-        try:
-            await migrate.downgrade(store, "base")
-        finally:
-            await store.close()
+    """One migration behind: say what to run (a running daemon may own the database, so no migration here)."""
+    from alembic.script import ScriptDirectory
 
-    asyncio.run(downgrade())
+    previous = ScriptDirectory.from_config(migrate._alembic_config()).get_revision(migrate.head_revision()).down_revision
+
+    def downgrade(revision: str) -> None:
+        async def run() -> None:
+            store = Store(load_config(seeded, env={}).daemon.resolved_database_url)
+            try:
+                await migrate.downgrade(store, revision)
+            finally:
+                await store.close()
+
+        asyncio.run(run())
+
+    downgrade(previous)
+    for command in (["status"], ["plan"], ["show", "dataset", "1"]):
+        assert main([*command, "-c", str(seeded)]) == 1, command
+        assert "run `mirrord db upgrade`" in capsys.readouterr().err
+    downgrade("base")  # no tables at all: nothing recorded
     assert main(["status", "-c", str(seeded)]) == 0
     assert "nothing recorded yet" in capsys.readouterr().out
 
