@@ -144,18 +144,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        async with Mirrord(config, migrate_schema=not args.no_migrate) as app:
-            server = None
+        app, server = Mirrord(config, migrate_schema=not args.no_migrate), None
+        try:
+            if not await app.open_unless(stop):
+                return EXIT_OK
             if config.web.enabled:
                 token = config.web.token.get_secret_value() if config.web.token else None
                 server = WebServer(make_app(app, token=token), config.web.listen, config.web.port)
                 url = await server.start()
                 structlog.get_logger("mirrord.cli").info("web.listening", url=url)
-            try:
-                await app.run_forever(stop)
-            finally:
-                if server is not None:
-                    await server.stop()
+            await app.run_forever(stop)
+        finally:
+            if server is not None:
+                await server.stop()
+            await app.close()
         return EXIT_OK
 
     return _run_async(main())

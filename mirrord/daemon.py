@@ -83,6 +83,25 @@ class Mirrord:
         # Jobs start in their first run (see runner.py), so nothing here waits for an upstream.
         self.runner = JobRunner(ctx, self.jobs)
 
+    async def open_unless(self, stop: asyncio.Event) -> bool:
+        """`open`, abandoned when `stop` is set first (SIGTERM while a database is slow to answer).
+
+        True when open; False when stopped first (then `close` still runs, as after any open).
+        """
+        opening = asyncio.ensure_future(self.open())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if opening.done():
+            opening.result()  # its error, if any
+            return True
+        opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
+        log.info("daemon.stopped", before="ready")
+        return False
+
     async def close(self) -> None:
         for job in self.jobs.values():
             with contextlib.suppress(Exception):

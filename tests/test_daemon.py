@@ -359,3 +359,22 @@ def _answers(url: str) -> bool:
         return http_get(url)[0] == 200
     except OSError:
         return False
+
+
+async def test_sigterm_while_opening_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that is slow to answer (a migration lock held by another replica) must not hold SIGTERM."""
+    import asyncio
+
+    from mirrord.daemon import Mirrord
+    from tests.conftest import make_config
+
+    async def slow_open(self) -> None:  # noqa: ANN001
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(Mirrord, "open", slow_open)
+    app, stop = Mirrord(make_config(tmp_path)), asyncio.Event()
+    asyncio.get_running_loop().call_later(0.2, stop.set)
+    started = time.monotonic()
+    assert await app.open_unless(stop) is False
+    assert time.monotonic() - started < 5
+    await app.close()
