@@ -131,10 +131,14 @@ class Mirrord:
         """Run every job until a pass makes no progress and nothing is due within `horizon` seconds."""
         assert self.runner is not None and self.store is not None
         passes = 0
+        # All starts at once: a silent upstream costs one start_timeout, not one per job.
+        await asyncio.gather(*(self.runner.prestart(name) for name in self.jobs))
         while passes < max_passes:
             passes += 1
             before = await self._event_count()
             for name in self.jobs:
+                if passes > 1 and not self.runner.health[name].started:
+                    continue  # its start failed in the first pass; the next `once` tries again
                 await self.runner.run(name, force_poll=True)
             if await self._event_count() != before:
                 continue

@@ -45,6 +45,7 @@ class JobRunner:
     ctx: JobContext
     jobs: dict[str, Job]
     health: dict[str, Health] = field(default_factory=dict)
+    _early_failures: dict[str, JobStartFailed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.jobs:
@@ -96,10 +97,19 @@ class JobRunner:
                     metrics.job_counters.labels(name, key).inc(value)
         return result
 
+    async def prestart(self, name: str) -> None:
+        """Start ahead of the first run, so several jobs can start at once (`once`); that run reports a failure."""
+        try:
+            await self._start(name, self.jobs[name])
+        except JobStartFailed as exc:
+            self._early_failures[name] = exc
+
     async def _start(self, name: str, job: Job) -> None:
         """Start the job once, within `daemon.start_timeout`: a start that hangs fails like any run."""
         if self.health[name].started:
             return
+        if name in self._early_failures:
+            raise self._early_failures.pop(name)
         timeout = self.ctx.config.daemon.start_timeout
         try:
             async with asyncio.timeout(timeout):

@@ -378,3 +378,21 @@ async def test_sigterm_while_opening_stops_at_once(tmp_path: Path, monkeypatch: 
     assert await app.open_unless(stop) is False
     assert time.monotonic() - started < 5
     await app.close()
+
+
+def test_once_with_silent_upstreams_waits_one_start_timeout_and_names_them(tmp_path: Path) -> None:
+    """Starts run side by side: two silent upstreams cost one start_timeout (5 s), not two, and are reported."""
+    silent = SilentServer()
+    config = real_config(tmp_path, free_port(), {"fragalysis": {"url": silent.url},
+                                                 "designhub": {"url": silent.url}}, start_timeout="5s")
+    started = time.monotonic()
+    proc = mirrord(config, "once", MIRRORD_DESIGNHUB__API_KEY="k")
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        silent.close()
+    assert time.monotonic() - started < 10, "the starts ran one after the other"
+    assert proc.returncode == 1, err[-2000:]
+    for job in ("fragalysis", "designhub"):
+        assert f"failed: job {job}: start did not finish within 5 s" in out, out
