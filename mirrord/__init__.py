@@ -1,8 +1,15 @@
 """mirrord: keeps fragment-screening data moving between Fragalysis, ISPyB, PDIS and Design Hub."""
 
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("mirrord")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+def __getattr__(name: str) -> str:
+    # Looked up on first use: importlib.metadata costs a noticeable part of a quick command's start.
+    if name != "__version__":
+        raise AttributeError(f"module 'mirrord' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("mirrord")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        found = "0.0.0+source"
+    globals()["__version__"] = found
+    return found

@@ -1,6 +1,7 @@
 """The `mirrord` command. Parses arguments, loads config, hands over to the daemon or a view.
 
-Exit codes: 0 done, 1 something failed (listed), 2 configuration error.
+Exit codes: 0 done, 1 something failed (listed), 2 configuration error, 3 (`once`) done, but items need a person.
+Each command imports what it needs when it runs: `mirrord --help` loads no database, web or job code.
 """
 
 from __future__ import annotations
@@ -8,25 +9,49 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
+if TYPE_CHECKING:
+    from mirrord.config import Config
+    from mirrord.store import Store
 
-from mirrord import __version__, logsetup
-from mirrord.config import Config, ConfigError, load_config
-
-log = structlog.get_logger("mirrord.cli")
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ATTENTION = 0, 1, 2, 3
 
 
-def _load(args: argparse.Namespace) -> Config:
+class NothingRecorded(Exception):
+    """A reading command found no state: mirrord has not run with this configuration yet."""
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from mirrord import __version__
+
+        parser.exit(message=f"mirrord {__version__}\n")
+
+
+def _load(args: argparse.Namespace, *, logs: bool = True) -> Config:
+    """The configuration; with `logs`, logging set up for a command that logs (reading commands do not)."""
+    from mirrord.config import load_config
+
     config = load_config(args.config)
+    if not logs:
+        for warning in config.warnings:
+            print(f"mirrord: warning: {warning}", file=sys.stderr)
+        return config
+    import structlog
+
+    from mirrord import logsetup
+
     logsetup.configure(args.log_level or config.log.level, args.log_format or config.log.format)
     for warning in config.warnings:
-        log.warning("config.warning", problem=warning)
+        structlog.get_logger("mirrord.cli").warning("config.warning", problem=warning)
     return config
 
 
@@ -35,8 +60,8 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 
 @asynccontextmanager
-async def _opened_store(config: Config) -> AsyncIterator[Any]:
-    """The store, for commands that read or touch it without running the daemon."""
+async def _opened_store(config: Config) -> AsyncIterator[Store]:
+    """The store, for `db` commands (which may create it)."""
     from mirrord.store import Store
 
     store = Store(config.daemon.resolved_database_url)
@@ -46,15 +71,65 @@ async def _opened_store(config: Config) -> AsyncIterator[Any]:
         await store.close()
 
 
+@asynccontextmanager
+async def _recorded_store(config: Config) -> AsyncIterator[Store]:
+    """The store of a state mirrord has written, for commands that read it (or re-queue one item).
+
+    Creates nothing: no database file, no state directory. The schema is looked at only when a query
+    fails (that keeps `status` quick): no tables means nothing recorded yet; an older schema is not
+    migrated behind a running daemon's back, the error says to run `mirrord db upgrade`.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    from mirrord.store import Store
+
+    database = config.daemon.sqlite_path
+    if database is not None and not database.exists():
+        raise NothingRecorded(f"nothing recorded yet: no database at {database} "
+                              "(`mirrord once` or `mirrord run` creates it)")
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        yield store
+    except DBAPIError:
+        await _explain_schema(store)
+        raise
+    finally:
+        await store.close()
+
+
+async def _explain_schema(store: Store) -> None:
+    """Raise the operator's explanation when a failed query is down to the schema."""
+    from mirrord.store import migrate
+
+    if await migrate.current_revision(store) is None:
+        raise NothingRecorded(f"nothing recorded yet: {store.describe()} has no mirrord tables "
+                              "(`mirrord db upgrade`, `mirrord once` or `mirrord run` creates them)")
+    await migrate.check_schema(store)
+
+
 # -- commands -------------------------------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    for warning in config.warnings:
+    from mirrord.config import link_warnings, load_config, missing_credentials, resolve_path
+
+    path, named = resolve_path(args.config, dict(os.environ))
+    config = load_config(args.config)  # a named file that is missing is a ConfigError already
+    problems = []
+    from_env = any("__" in name for name in os.environ if name.startswith("MIRRORD_"))
+    if not path.exists() and not from_env:
+        problems.append(f"no configuration file at {path} and no MIRRORD_<SECTION>__<KEY> variables "
+                        "(give --config FILE or set MIRRORD_CONFIG)")
+    problems += missing_credentials(config)
+    for warning in [*config.warnings, *link_warnings(config)]:
         print(f"warning: {warning}")
     enabled = config.enabled_jobs()
-    print(f"configuration OK; jobs enabled: {', '.join(enabled) if enabled else 'none'}")
     if not enabled:
-        print("warning: no job is enabled, mirrord would do nothing")
+        problems.append("no job is enabled: mirrord would do nothing (set <job>.enabled = true)")
+    if problems:
+        print(f"configuration problems ({path}):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"configuration OK ({path}); jobs enabled: {', '.join(enabled)}")
     return EXIT_OK
 
 
@@ -62,23 +137,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def main() -> int:
+        import structlog
+
         from mirrord.daemon import Mirrord, install_signal_handlers
-        from mirrord.web import WebServer, make_app
+        from mirrord.ui.web import WebServer, make_app
 
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        async with Mirrord(config, migrate_schema=not args.no_migrate) as app:
-            server = None
+        app, server = Mirrord(config, migrate_schema=not args.no_migrate), None
+        try:
+            if not await app.open_unless(stop):
+                return EXIT_OK
             if config.web.enabled:
                 token = config.web.token.get_secret_value() if config.web.token else None
                 server = WebServer(make_app(app, token=token), config.web.listen, config.web.port)
                 url = await server.start()
-                log.info("web.listening", url=url)
-            try:
-                await app.run_forever(stop)
-            finally:
-                if server is not None:
-                    await server.stop()
+                structlog.get_logger("mirrord.cli").info("web.listening", url=url)
+            await app.run_forever(stop)
+        finally:
+            if server is not None:
+                await server.stop()
+            await app.close()
         return EXIT_OK
 
     return _run_async(main())
@@ -100,7 +179,9 @@ def cmd_once(args: argparse.Namespace) -> int:
             print(f"failed: {line}")
         print(f"mirrord once: {outcome.passes} pass(es); {len(outcome.failed)} failed, "
               f"{len(outcome.attention)} need attention")
-        return outcome.exit_code
+        if outcome.failed:
+            return EXIT_FAILED
+        return EXIT_ATTENTION if outcome.attention else EXIT_OK
 
     return _run_async(main())
 
@@ -127,17 +208,21 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, logs=False)
 
     async def main() -> int:
-        from mirrord.status_page import summary
-        from mirrord.views import print_status
+        from mirrord.ui.summary import empty_summary, summary
 
-        async with _opened_store(config) as store:
-            data = await summary(store)
+        try:
+            async with _recorded_store(config) as store:
+                data = await summary(store)
+        except NothingRecorded as exc:
+            data = empty_summary(str(exc))
         if args.json:
             print(json.dumps(data, indent=2, default=str))
         else:
+            from mirrord.ui.terminal import print_status
+
             print_status(data)
         return EXIT_OK
 
@@ -145,13 +230,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, logs=False)
 
     async def main() -> int:
         from mirrord.jobs.deposit_policy import plan
 
-        async with _opened_store(config) as store, store.read() as session:
-            entries = await plan(session, config.pdis)
+        try:
+            async with _recorded_store(config) as store, store.read() as session:
+                entries = await plan(session, config.pdis)
+        except NothingRecorded as exc:
+            print("[]" if args.json else f"mirrord plan: {exc}")
+            return EXIT_OK
         if args.json:
             print(json.dumps([{"dataset": e.facts.dataset_id, "sample": e.facts.sample_name,
                                "proposal": e.facts.proposal, "beamline": e.facts.beamline,
@@ -171,16 +260,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, logs=False)
 
     async def main() -> int:
-        from mirrord.inspect import InspectError, lineage
-        from mirrord.views import print_lineage
+        from mirrord.ui.actions import InspectError, lineage
+        from mirrord.ui.terminal import print_lineage
 
         try:
-            async with _opened_store(config) as store:
+            async with _recorded_store(config) as store:
                 found = await lineage(store, args.kind, args.ref)
-        except InspectError as exc:
+        except (InspectError, NothingRecorded) as exc:
             print(f"mirrord show: {exc}", file=sys.stderr)
             return EXIT_FAILED
         if args.json:
@@ -196,12 +285,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def main() -> int:
-        from mirrord.inspect import InspectError, retry
+        from mirrord.ui.actions import InspectError, retry
 
         try:
-            async with _opened_store(config) as store:
-                done = await retry(store, args.kind, args.id, instance=f"operator@{config.daemon.instance_id}")
-        except InspectError as exc:
+            async with _recorded_store(config) as store:
+                done = await retry(store, args.kind, args.ref, instance=f"operator@{config.daemon.instance_id}")
+        except (InspectError, NothingRecorded) as exc:
             print(f"mirrord retry: {exc}", file=sys.stderr)
             return EXIT_FAILED
         print(f"{done.kind} {done.id}: {done.from_state} -> {done.to_state}; the next run picks it up")
@@ -214,8 +303,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def main() -> int:
-        from mirrord.inspect import check_upstreams
-        from mirrord.views import print_checks
+        from mirrord.ui.actions import check_upstreams
+        from mirrord.ui.terminal import print_checks
 
         results = await check_upstreams(config)
         print_checks(results)
@@ -225,6 +314,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from mirrord import logsetup
     from mirrord.demo import run_demo
 
     logsetup.configure(args.log_level or "warning", args.log_format or "auto")
@@ -232,6 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
+    from mirrord import logsetup
     from mirrord.demo import run_emulators
 
     logsetup.configure(args.log_level or "info", args.log_format or "auto")
@@ -244,47 +335,95 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo, "emulate": cmd_emulate, "plan": cmd_plan,
 }
 
+ONCE_EXIT_CODES = """\
+exit codes:
+  0  done: nothing failed and nothing needs a person
+  1  an item or a job failed (each is listed with its error)
+  2  configuration error
+  3  done, but items need a person (each is listed with its reason; `mirrord show` and `mirrord retry`)"""
+ITEM_REF = ("an id (as `status` shows it) or a name: target name (or TAS/name), <target>/<upload index>, "
+            "sample name, PDB code or PDIS token, evidence key or experiment code")
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name (`mirrord status --config X`).
+
+    On the subcommands they default to SUPPRESS, so a value given before the name is not reset.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    default = None if defaults else argparse.SUPPRESS
+    options.add_argument("-c", "--config", default=default, metavar="FILE",
+                         help="TOML config file (default: $MIRRORD_CONFIG, then /etc/mirrord/mirrord.toml; "
+                              "environment MIRRORD_<SECTION>__<KEY> overrides any key)")
+    options.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"],
+                         help="log level (default: [log] level, info)")
+    options.add_argument("--log-format", default=default, choices=["auto", "console", "json", "journald"],
+                         help="log format (default: [log] format; auto: console on a terminal, JSON otherwise)")
+    return options
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirrord", description="Keeps fragment-screening data moving between "
-                                     "Fragalysis, ISPyB, PDIS and Design Hub.")
-    parser.add_argument("--version", action="version", version=f"mirrord {__version__}")
-    parser.add_argument("-c", "--config", help="TOML config file (default: $MIRRORD_CONFIG, then "
-                        "/etc/mirrord/mirrord.toml; environment MIRRORD_<SECTION>__<KEY> overrides any key)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["auto", "console", "json", "journald"])
+    parser = argparse.ArgumentParser(prog="mirrord", parents=[_global_options(True)],
+                                     description="Keeps fragment-screening data moving between Fragalysis, "
+                                     "ISPyB, PDIS and Design Hub.")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_global_options(False)]
 
-    run = sub.add_parser("run", help="run as a daemon: poll on schedules until SIGTERM")
+    def command(name: str, summary: str, description: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, parents=common, **kwargs)
+
+    run = command("run", "run as a daemon: poll on schedules until SIGTERM",
+                  "Run as a daemon: serve /healthz, /readyz, /metrics and /status, tell systemd READY=1, then "
+                  "run each enabled job on its schedule until SIGTERM or SIGINT (running steps get "
+                  "daemon.shutdown_grace to finish).")
     run.add_argument("--no-migrate", action="store_true",
                      help="do not migrate the schema; refuse to start unless it is current (replicas)")
-    once = sub.add_parser("once", help="do all work that can progress now, then exit (0 done, 1 items or jobs failed)")
+    once = command("once", "do all work that can progress now, then exit",
+                   "Run every enabled job until a pass makes no progress, print what failed and what needs a "
+                   "person, then exit.", epilog=ONCE_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     once.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                       help="also wait for retries and status checks due within this many seconds")
-    sub.add_parser("check-config", help="validate the configuration; print every problem (exit 2)")
-    db = sub.add_parser("db", help="database schema")
-    db_sub = db.add_subparsers(dest="db_command", required=True)
-    db_sub.add_parser("upgrade", help="migrate the schema to the newest revision")
-    db_sub.add_parser("current", help="show the schema revision")
-    rev = db_sub.add_parser("revision", help="(developers) autogenerate a migration from the models")
-    rev.add_argument("-m", "--message", required=True)
-    status = sub.add_parser("status", help="what mirrord did and what needs a person")
-    status.add_argument("--json", action="store_true")
-    show = sub.add_parser("show", help="one item's lineage across the four systems and its event history")
-    show.add_argument("kind", choices=["target", "upload", "dataset", "deposition", "annotation"])
-    show.add_argument("ref", help="an id, or a name: target name (or TAS/name), <target>/<upload index>, "
-                      "sample name, PDB code or PDIS token, evidence key or experiment code")
-    show.add_argument("--json", action="store_true")
-    retry = sub.add_parser("retry", help="re-queue a failed or needs-attention item where it failed")
-    retry.add_argument("kind", choices=["upload", "dataset", "deposition", "annotation"])
-    retry.add_argument("id", type=int)
-    sub.add_parser("check", help="can each enabled upstream be reached with our credentials? (exit 1 if not)")
-    plan = sub.add_parser("plan", help="what the PDIS job would deposit, and why not (from the store; no upload)")
-    plan.add_argument("--json", action="store_true")
-    demo = sub.add_parser("demo", help="run the whole pipeline against built-in emulators (no setup needed)")
-    demo.add_argument("--keep", action="store_true", help="keep emulators and status page running afterwards")
-    demo.add_argument("--state-dir", help="where to keep the demo's state (default: a temporary directory)")
-    emulate = sub.add_parser("emulate", help="serve the four emulators on loopback for trying a real config")
+    command("check-config", "validate the configuration (exit 2 on any problem)",
+            "Read the configuration as `run` would and list every problem: a missing file, bad values, "
+            "credentials an enabled job needs. Contacts no upstream (that is `mirrord check`).")
+    db = command("db", "database schema", "Show or migrate the database schema.")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION", help="what to do")
+    db_sub.add_parser("upgrade", help="migrate the schema to the newest revision",
+                      description="Migrate the schema to the newest revision (creates the database if needed).")
+    db_sub.add_parser("current", help="show the schema revision", description="Show the schema revision.")
+    rev = db_sub.add_parser("revision", help="(developers) autogenerate a migration from the models",
+                            description="(developers) Autogenerate a migration from the models.")
+    rev.add_argument("-m", "--message", required=True, help="the migration's one-line description")
+    status = command("status", "what mirrord did and what needs a person",
+                     "Print targets, items by state, what needs a person (with ids for `show` and `retry`), "
+                     "jobs and recent runs, from the store. Creates nothing.")
+    status.add_argument("--json", action="store_true", help="print the same data as /api/status, as JSON")
+    show = command("show", "one item's lineage across the four systems and its event history",
+                   "Print one item's lineage across Fragalysis, ISPyB, PDIS and Design Hub, and its event history.")
+    show.add_argument("kind", choices=["target", "upload", "dataset", "deposition", "annotation"],
+                      help="what kind of item")
+    show.add_argument("ref", help=ITEM_REF)
+    show.add_argument("--json", action="store_true", help="print as JSON")
+    retry = command("retry", "re-queue a failed or needs-attention item where it failed",
+                    "Put a failed or needs-attention item back to work where it failed, with a fresh retry "
+                    "budget; the next run (of a daemon or `once`) picks it up.")
+    retry.add_argument("kind", choices=["upload", "dataset", "deposition", "annotation"], help="what kind of item")
+    retry.add_argument("ref", help=ITEM_REF)
+    command("check", "can each enabled upstream be reached with our credentials? (exit 1 if not)",
+            "Contact each enabled upstream with the configured credentials, read-only, and say what works.")
+    plan = command("plan", "what the PDIS job would deposit, and why not (from the store; no upload)",
+                   "List each dataset with what the PDIS policy decides for it and why. Uploads nothing.")
+    plan.add_argument("--json", action="store_true", help="print as JSON")
+    demo = command("demo", "run the whole pipeline against built-in emulators (no setup needed)",
+                   "Run the whole pipeline once against built-in emulators of the four upstreams, in a "
+                   "temporary directory, and print the result.")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the emulators and the status page running afterwards, until Ctrl-C")
+    demo.add_argument("--state-dir", help="where to keep the demo's state (default: a temporary directory, removed)")
+    emulate = command("emulate", "serve the four emulators on loopback for trying a real config",
+                      "Serve emulators of Fragalysis, ISPyB, PDIS and Design Hub on loopback, and print a config "
+                      "that points at them.")
     emulate.add_argument("--data-dir", help="where the emulated raw data is written (default: temporary)")
     emulate.add_argument("--port", type=int, default=0, help="first port (default: free ports)")
     emulate.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests that fail")
@@ -296,28 +435,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as exc:
-        print(f"mirrord: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    except BrokenPipeError:
+        # The reader went away (`mirrord plan | head -1`): stop quietly, and keep Python's exit flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from mirrord.lock import AlreadyRunning
-        from mirrord.store.migrate import SchemaError
+        return _known_error(exc)
 
-        if isinstance(exc, AlreadyRunning | SchemaError):
-            print(f"mirrord: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        from sqlalchemy.exc import DBAPIError
 
-        if isinstance(exc, DBAPIError):
-            # An unusable database (read-only, full, unreachable) is an operator's problem, not a bug:
-            # one line naming the driver's complaint, without the statement, its parameters or a traceback.
-            from mirrord.redact import redact
+def _known_error(exc: Exception) -> int:
+    """One line for the operator's problems; a traceback only for mirrord's own bugs."""
+    from mirrord.config import ConfigError
 
-            print(f"mirrord: database error: {redact(str(exc.orig))}", file=sys.stderr)
-            return EXIT_FAILED
-        raise
+    if isinstance(exc, ConfigError):
+        print(f"mirrord: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from mirrord.lock import AlreadyRunning
+    from mirrord.store.migrate import SchemaError
+
+    if isinstance(exc, AlreadyRunning | SchemaError):
+        print(f"mirrord: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        # An unusable database (read-only, full, unreachable) is an operator's problem, not a bug:
+        # one line naming the driver's complaint, without the statement, its parameters or a traceback.
+        from mirrord.redact import redact
+
+        print(f"mirrord: database error: {redact(str(exc.orig))}", file=sys.stderr)
+        return EXIT_FAILED
+    raise exc
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ class DaemonSection(Section):
     database_url: str = ""  # default: SQLite in state_dir
     instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     shutdown_grace: Duration = 60.0
+    start_timeout: Duration = 30.0  # a job's start (credential and feature checks) fails after this; retried next tick
     lease: Duration = 300.0  # how long a claimed item stays ours without a heartbeat
     max_attempts: int = Field(default=10, ge=1)  # before an item gives up and needs a person
     retry_base: Duration = 60.0  # backoff of failed items: base * 2^attempts, capped
@@ -119,7 +120,16 @@ class DaemonSection(Section):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'mirrord.db'}"
+        return self.database_url or f"sqlite+aiosqlite:///{self.sqlite_path}"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None on PostgreSQL."""
+        if not self.database_url:
+            return self.state_dir / "mirrord.db"
+        if self.database_url.startswith("sqlite+aiosqlite:///"):
+            return Path(self.database_url.removeprefix("sqlite+aiosqlite:///").partition("?")[0])
+        return None
 
 
 class LogSection(Section):
@@ -315,20 +325,42 @@ class Config(Section):
         return self.pdis.token_cache or self.daemon.state_dir / "pdis.token"
 
 
+def missing_credentials(config: Config) -> list[str]:
+    """Credentials an enabled job cannot work without (checked by `mirrord check-config`)."""
+    problems = []
+    ispyb, pdis, designhub = config.ispyb, config.pdis, config.designhub
+    if ispyb.enabled and not ispyb.token and not (ispyb.login and ispyb.password):
+        problems.append("ispyb: no credentials: set ispyb.login and ispyb.password_file "
+                        "(or MIRRORD_ISPYB__PASSWORD), or ispyb.token_file")
+    if pdis.enabled and not (pdis.username and pdis.password):
+        problems.append("pdis: no credentials: set pdis.username and pdis.password_file (or MIRRORD_PDIS__PASSWORD)")
+    if designhub.enabled and not (designhub.api_key or designhub.bearer_token):
+        problems.append("designhub: no credentials: set designhub.api_key_file (or MIRRORD_DESIGNHUB__API_KEY) "
+                        "or designhub.bearer_token_file")
+    return problems
+
+
+def link_warnings(config: Config) -> list[str]:
+    """Settings that work, but not as a user would expect."""
+    warnings = []
+    if config.designhub.enabled and not config.fragalysis.url.startswith("https://"):
+        warnings.append(f"designhub: evidence links point at fragalysis.url ({config.fragalysis.url}); Design Hub "
+                        "takes https:// links only, so the link is written into the comment text instead")
+    return warnings
+
+
 # (section, secret key) pairs: each may come from `<key>_file` or MIRRORD_<SECTION>__<KEY>, never inline.
 SECRETS = [("web", "token"), ("fragalysis", "token"), ("fragalysis", "bearer_token"), ("ispyb", "password"),
            ("ispyb", "token"), ("pdis", "password"), ("designhub", "api_key"), ("designhub", "bearer_token")]
 
 
+ENV_FORMS = "lists and tables are JSON (MIRRORD_ISPYB__PROPOSALS='[\"lb32627\"]'), other values plain text"
+
+
 def _coerce_env(value: str) -> Any:
-    """Environment values are strings; lists and tables are given as JSON."""
+    """Environment values are strings; lists and tables are given as JSON (ValueError if it is not)."""
     stripped = value.strip()
-    if stripped[:1] in "[{":
-        try:
-            return json.loads(stripped)
-        except ValueError:
-            return value
-    return value
+    return json.loads(stripped) if stripped[:1] in "[{" else value
 
 
 def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -350,7 +382,10 @@ def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list
             problems.append(f"{name}: not a setting (expected MIRRORD_<SECTION>__<KEY>, sections: "
                             f"{', '.join(sorted(sections))})")
             continue
-        overrides.setdefault(section, {})[field] = _coerce_env(value)
+        try:
+            overrides.setdefault(section, {})[field] = _coerce_env(value)
+        except ValueError as exc:
+            problems.append(f"{name}: not valid JSON ({exc}); {ENV_FORMS}")
     return overrides, problems
 
 
@@ -378,11 +413,17 @@ def _read_secret_files(data: dict[str, dict[str, Any]], env_keys: set[tuple[str,
     return problems
 
 
-def _format_error(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+def _format_error(err: dict[str, Any], env_keys: set[tuple[str, str]]) -> str:
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    if len(parts) >= 2 and (parts[0], parts[1]) in env_keys:
+        # Name what the user typed: the variable, and the form it takes.
+        variable = f"{ENV_PREFIX}{parts[0].upper()}__{parts[1].upper()}"
+        hint = f"; {ENV_FORMS}" if err["type"] in ("list_type", "dict_type") else ""
+        return f"{variable} ({loc}): {msg}{hint}"
     return f"{loc or 'config'}: {msg}"
 
 
@@ -425,7 +466,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems += [_format_error(e) for e in exc.errors()]
+        problems += [_format_error(e, env_keys) for e in exc.errors()]
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)

@@ -80,12 +80,27 @@ class Mirrord:
                          notifier=self.notifier)
         for name in config.enabled_jobs():
             self.jobs[name] = job_class(name)(ctx)
+        # Jobs start in their first run (see runner.py), so nothing here waits for an upstream.
         self.runner = JobRunner(ctx, self.jobs)
-        for name, job in self.jobs.items():
-            try:
-                await job.start()
-            except Exception as exc:  # a bad upstream at start must not stop the others; the tick retries
-                log.error("job.start_failed", job=name, error=str(exc))
+
+    async def open_unless(self, stop: asyncio.Event) -> bool:
+        """`open`, abandoned when `stop` is set first (SIGTERM while a database is slow to answer).
+
+        True when open; False when stopped first (then `close` still runs, as after any open).
+        """
+        opening = asyncio.ensure_future(self.open())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if opening.done():
+            opening.result()  # its error, if any
+            return True
+        opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
+        log.info("daemon.stopped", before="ready")
+        return False
 
     async def close(self) -> None:
         for job in self.jobs.values():
@@ -116,10 +131,14 @@ class Mirrord:
         """Run every job until a pass makes no progress and nothing is due within `horizon` seconds."""
         assert self.runner is not None and self.store is not None
         passes = 0
+        # All starts at once: a silent upstream costs one start_timeout, not one per job.
+        await asyncio.gather(*(self.runner.prestart(name) for name in self.jobs))
         while passes < max_passes:
             passes += 1
             before = await self._event_count()
             for name in self.jobs:
+                if passes > 1 and not self.runner.health[name].started:
+                    continue  # its start failed in the first pass; the next `once` tries again
                 await self.runner.run(name, force_poll=True)
             if await self._event_count() != before:
                 continue
@@ -152,17 +171,19 @@ class Mirrord:
         return soonest
 
     async def problem_items(self) -> tuple[list[str], list[str]]:
-        """Items that failed (gave up, or erred and wait for a retry) and items that need a person."""
+        """Items that failed (gave up, or erred and wait for a retry) and items that need a person,
+        each with its id (for `mirrord show` and `retry`) and its reason."""
+        from mirrord.ui.summary import why
+
         failed, attention = [], []
         async with self.store.read() as session:
             for kind, model in ITEM_MODELS.items():
-                rows = (await session.execute(
-                    select(model.id, model.state, model.last_error)
-                    .where((model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None)))
-                )).all()
-                for item_id, state, error in rows:
-                    line = f"{kind} {item_id} [{state}]: {error or ''}".rstrip(": ")
-                    (attention if state == "needs_attention" else failed).append(line)
+                items = (await session.scalars(
+                    select(model).where((model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None)))
+                    .order_by(model.id))).all()
+                for item in items:
+                    line = f"{kind} {item.id} [{item.state}]: {why(kind, item) or 'no reason recorded'}"
+                    (attention if item.state == "needs_attention" else failed).append(line)
         return failed, attention
 
     # -- daemon ---------------------------------------------------------------------------------------

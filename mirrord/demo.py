@@ -19,14 +19,21 @@ from mirrord.daemon import Mirrord, install_signal_handlers
 from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.emulators.campaign import Campaign
 from mirrord.progress import terminal_progress
-from mirrord.status_page import summary
-from mirrord.views import print_status
-from mirrord.web import WebServer, make_app
+from mirrord.ui.summary import summary
+from mirrord.ui.terminal import print_status
+from mirrord.ui.web import WebServer, make_app
 
 
 async def run_demo(*, keep: bool = False, state_dir: str | None = None) -> int:
+    """The demo in `state_dir`, or in a temporary directory removed afterwards."""
+    if state_dir:
+        return await _demo(Path(state_dir), keep=keep, kept=True)
+    with tempfile.TemporaryDirectory(prefix="mirrord-demo-") as scratch:
+        return await _demo(Path(scratch), keep=keep, kept=False)
+
+
+async def _demo(root: Path, *, keep: bool, kept: bool) -> int:
     console = Console(stderr=False)
-    root = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="mirrord-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     campaign = Campaign.demo(with_problem=True)
     started = time.monotonic()
@@ -53,14 +60,18 @@ async def run_demo(*, keep: bool = False, state_dir: str | None = None) -> int:
                                   f"{counts['datasets']} datasets, published {counts['published']} deposition(s), "
                                   f"attached evidence to {counts['attached']} compound(s), "
                                   f"{len(outcome.attention)} item(s) need attention; {elapsed:.1f}s.")
-                    console.print(f"status page: {url}/status   (state in {root})")
+                    if kept:
+                        console.print(f"state in {root}")
                     if keep:
-                        console.print("--keep: emulators and status page stay up; Ctrl-C to stop.")
+                        console.print(f"status page: {url}/status\n"
+                                      "--keep: emulators and status page stay up; Ctrl-C to stop.")
                         stop = asyncio.Event()
                         install_signal_handlers(stop)
                         await app.run_forever(stop)
                 finally:
                     await server.stop()
+    if not keep:
+        console.print("`mirrord demo --keep` keeps the status page up to browse it.")
     expected = sum(1 for t in campaign.targets for e in t.experiments if e.pdb_code)
     if counts["published"] < expected or counts["mirrored"] < len(campaign.targets) or outcome.failed:
         console.print(f"[red]demo incomplete[/red]: expected {expected} publications, got {counts['published']}")

@@ -19,3 +19,10 @@ items_by_state = Gauge("mirrord_items", "Items by kind and state", ["kind", "sta
 transfer_seconds = Histogram("mirrord_transfer_duration_seconds", "Duration of downloads, packs and uploads",
                              ["kind"], registry=REGISTRY,
                              buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600))
+job_failing = Gauge("mirrord_job_failing", "1 while a job's runs fail (its start included), else 0", ["job"],
+                    registry=REGISTRY)
+job_interval = Gauge("mirrord_job_interval_seconds", "Each enabled job's schedule period (cron: 3600)", ["job"],
+                     registry=REGISTRY)
+oldest_item_age = Gauge("mirrord_oldest_item_age_seconds",
+                        "Seconds since the least recently changed item of each kind and state changed",
+                        ["kind", "state"], registry=REGISTRY)

@@ -1,6 +1,9 @@
-"""Runs one job once: records the run, binds log context, decides who polls, tracks health.
+"""Runs one job once: starts it if it has not started, records the run, binds log context, decides who
+polls, tracks health.
 
-Shared by the daemon's ticks and `mirrord once`, so both take the same code path.
+Shared by the daemon's ticks and `mirrord once`, so both take the same code path. A job starts inside
+its first run, not before the daemon is up: a silent upstream delays that job alone, its failure is
+recorded and shown like any failed run, and the next tick tries again.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ class Health:
     failing_since: dt.datetime | None = None
     last_error: str | None = None
     consecutive_failures: int = 0
+    started: bool = False  # job.start() succeeded
+
+
+class JobStartFailed(Exception):
+    """A job could not start (credentials, an upstream that does not answer); retried next tick."""
 
 
 @dataclass
@@ -37,10 +45,14 @@ class JobRunner:
     ctx: JobContext
     jobs: dict[str, Job]
     health: dict[str, Health] = field(default_factory=dict)
+    _early_failures: dict[str, JobStartFailed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.jobs:
             self.health.setdefault(name, Health())
+            section = self.ctx.config.jobs()[name]
+            metrics.job_interval.labels(name).set(3600 if section.cron else section.interval)
+            metrics.job_failing.labels(name).set(0)
 
     def slot(self, name: str) -> int:
         """The schedule slot this tick belongs to; replicas agree on it without talking."""
@@ -60,6 +72,7 @@ class JobRunner:
         with structlog.contextvars.bound_contextvars(job=name, run_id=run_id):
             polled = False
             try:
+                await self._start(name, job)
                 polled = force_poll or await claim_tick(store, name, self.slot(name), self.ctx.instance)
                 if polled:
                     metrics.job_polls.labels(name).inc()
@@ -68,6 +81,9 @@ class JobRunner:
             except asyncio.CancelledError:
                 outcome, error = "interrupted", "cancelled at shutdown"
                 raise
+            except JobStartFailed as exc:  # the reason says it all: no traceback
+                outcome, error = "failed", str(exc)
+                self._failed(name, error, None)
             except Exception as exc:  # a job failing must never take the daemon down
                 outcome, error = "failed", f"{type(exc).__name__}: {exc}"
                 self._failed(name, error, exc)
@@ -81,6 +97,29 @@ class JobRunner:
                     metrics.job_counters.labels(name, key).inc(value)
         return result
 
+    async def prestart(self, name: str) -> None:
+        """Start ahead of the first run, so several jobs can start at once (`once`); that run reports a failure."""
+        try:
+            await self._start(name, self.jobs[name])
+        except JobStartFailed as exc:
+            self._early_failures[name] = exc
+
+    async def _start(self, name: str, job: Job) -> None:
+        """Start the job once, within `daemon.start_timeout`: a start that hangs fails like any run."""
+        if self.health[name].started:
+            return
+        if name in self._early_failures:
+            raise self._early_failures.pop(name)
+        timeout = self.ctx.config.daemon.start_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await job.start()
+        except TimeoutError:
+            raise JobStartFailed(f"start did not finish within {timeout:g} s (upstream not answering?)") from None
+        except Exception as exc:
+            raise JobStartFailed(f"start failed: {type(exc).__name__}: {exc}") from exc
+        self.health[name].started = True
+
     async def _finish(self, run_id: str, outcome: str, error: str | None, result: RunResult,
                       polled: bool) -> None:
         async with self.ctx.store.write() as session:
@@ -88,8 +127,9 @@ class JobRunner:
                 finished_at=utcnow(), outcome=outcome, error=error, polled=polled,
                 counters=dict(result.counters)))
 
-    def _failed(self, name: str, error: str, exc: BaseException) -> None:
+    def _failed(self, name: str, error: str, exc: BaseException | None) -> None:
         health = self.health[name]
+        metrics.job_failing.labels(name).set(1)
         health.consecutive_failures += 1
         health.last_error = error
         if health.failing_since is None:
@@ -109,4 +149,5 @@ class JobRunner:
         health.consecutive_failures = 0
         health.last_error = None
         health.last_success = utcnow()
+        metrics.job_failing.labels(name).set(0)
         metrics.job_last_success.labels(name).set(health.last_success.timestamp())

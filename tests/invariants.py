@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from mirrord.cli import EXIT_ATTENTION, EXIT_OK
 from mirrord.config import Config, load_config
 from mirrord.emulators.base import FAULTS_KEY, Faults
 from mirrord.emulators.bundle import EmulatorBundle
@@ -40,6 +41,9 @@ from tests.ispyb_openapi import validating_middleware
 ROOT = Path(__file__).resolve().parents[1]
 # States an item passes through while a step is under way (a lease is held, or was when it died).
 TRANSIENT_STATES = {"building", "fetching", "extracting", "packing", "uploading"}
+
+# `mirrord once` finished its work: nothing failed (items that need a person are a result, not a failure).
+ONCE_DONE = (EXIT_OK, EXIT_ATTENTION)
 
 
 def fast_campaign(seed: int = 0) -> Campaign:
@@ -69,7 +73,7 @@ class Convergence:
 
     @property
     def converged(self) -> bool:
-        return bool(self.runs) and self.runs[-1].exit_code == 0
+        return bool(self.runs) and self.runs[-1].exit_code in ONCE_DONE
 
 
 class Pipeline:
@@ -159,11 +163,11 @@ class Pipeline:
         result = Convergence()
         for delay in kill_after:
             result.runs.append(await self.run_once(kill_after=delay, wait=wait))
-            if result.runs[-1].exit_code == 0:
+            if result.runs[-1].exit_code in ONCE_DONE:
                 return result  # finished before the kill came
         while len(result.runs) < max_runs:
             result.runs.append(await self.run_once(wait=wait))
-            if result.runs[-1].exit_code == 0:
+            if result.runs[-1].exit_code in ONCE_DONE:
                 break
         return result
 

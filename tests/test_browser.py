@@ -1,5 +1,7 @@
 """The status page as an operator sees it: the demo campaign run by a real daemon, the page served by
-its web server and rendered by headless Chromium; a screenshot is kept for the CI artifacts."""
+its web server and rendered by headless Chromium; a screenshot is kept for the CI artifacts.
+
+A token is set, as compose.yaml does: the browser signs in through /login once, then follows an item link."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from mirrord.config import load_config
 from mirrord.daemon import Mirrord
 from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.emulators.campaign import Campaign
-from mirrord.web import WebServer, make_app
+from mirrord.ui.web import WebServer, make_app
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
+TOKEN = "lab-status-token"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / ".ci" / "artifacts"
@@ -40,7 +43,7 @@ async def test_status_page_in_a_browser(tmp_path: Path, chromium: Path) -> None:
         config_path.write_text(bundle.config_toml(tmp_path / "state"))
         async with Mirrord(load_config(config_path, env={})) as app:
             await app.run_once(horizon=20)
-            server = WebServer(make_app(app), "127.0.0.1", 0)
+            server = WebServer(make_app(app, token=TOKEN), "127.0.0.1", 0)
             url = await server.start()
             try:
                 async with async_playwright() as pw:
@@ -48,14 +51,20 @@ async def test_status_page_in_a_browser(tmp_path: Path, chromium: Path) -> None:
                     try:
                         page = await browser.new_page(viewport={"width": 1400, "height": 900},
                                                       java_script_enabled=False)  # readable without JS
-                        response = await page.goto(f"{url}/status")
-                        assert response is not None and response.status == 200
+                        await page.goto(f"{url}/status")
+                        assert "/login" in page.url  # no header, no cookie yet: the sign-in form
+                        await page.fill("input[name=token]", TOKEN)
+                        await page.click("button[type=submit]")
+                        assert page.url == f"{url}/status"
                         ARTIFACTS.mkdir(parents=True, exist_ok=True)
                         await page.screenshot(path=str(ARTIFACTS / "status.png"), full_page=True)
                         title = await page.title()
                         targets = await page.inner_text("#targets + table")
                         depositions = await page.inner_text("#depositions + table")
                         attention = await page.inner_text("#attention + table")
+                        await page.click(f"#attention + table tr:has-text('{corrupt.sample}') a >> nth=0")
+                        item_title = await page.inner_text("h1")
+                        item_history = await page.inner_text("body")
                     finally:
                         await browser.close()
             finally:
@@ -70,3 +79,4 @@ async def test_status_page_in_a_browser(tmp_path: Path, chromium: Path) -> None:
     # The corrupt re-collection waits for a person, with PDIS's reason and the crystal it belongs to.
     assert "needs_attention" in attention and corrupt.sample in attention
     assert (ARTIFACTS / "status.png").stat().st_size > 10_000
+    assert corrupt.sample in item_title and "History" in item_history and "needs_attention" in item_history

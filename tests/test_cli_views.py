@@ -3,22 +3,25 @@ failed) and `check` (each upstream reachable with our credentials, against the r
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-from mirrord.cli import main
+from mirrord.cli import build_parser, main
 from mirrord.config import load_config
 from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.emulators.campaign import Campaign
-from mirrord.inspect import RESTART_STATES, check_upstreams
 from mirrord.store import Store, migrate
 from mirrord.store.models import Dataset, Deposition, Event, Upload
-from mirrord.views import print_checks
+from mirrord.ui.actions import RESTART_STATES, check_upstreams
+from mirrord.ui.terminal import print_checks
 from tests.test_web import seed
 
 
@@ -53,6 +56,18 @@ def read(config: Path, fn):  # noqa: ANN001 - a small async probe of the store
     return asyncio.run(run())
 
 
+def write(config: Path, fn) -> None:  # noqa: ANN001 - a small async change to the store
+    async def run():
+        store = Store(load_config(config, env={}).daemon.resolved_database_url)
+        try:
+            async with store.write() as session:
+                await fn(session)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
 def test_status_json(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["-c", str(seeded), "status", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -69,6 +84,7 @@ def test_status_table_names_what_needs_attention(seeded: Path, capsys: pytest.Ca
     assert main(["-c", str(seeded), "status"]) == 0
     out = capsys.readouterr().out
     assert "Needs attention" in out and "header_not_readable" in out and "A71EV2A" in out
+    assert "deposition 2" in out and "upload 2" in out  # ids, as `show` and `retry` take them
 
 
 def test_show_deposition_lineage_and_history(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,3 +190,84 @@ async def test_check_with_a_wrong_key_exits_1_naming_the_upstream(bundle: Path) 
     assert lines["pdis"].startswith("FAIL") and "token exchange refused" in lines["pdis"]
     assert lines["fragalysis"].startswith("OK") and lines["ispyb"].startswith("OK")
     assert "not-the-key" not in text + err.decode()
+
+
+# -- first-run and everyday command-line behaviour (issue 15) ----------------------------------------
+def test_reading_commands_on_a_fresh_state_create_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "mirrord.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n')
+    assert main(["status", "-c", str(config)]) == 0
+    assert "nothing recorded yet" in capsys.readouterr().out
+    assert main(["status", "--json", "-c", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["attention"] == []
+    assert main(["plan", "-c", str(config)]) == 0
+    assert "nothing recorded yet" in capsys.readouterr().out
+    assert main(["show", "dataset", "1", "-c", str(config)]) == 1
+    assert main(["retry", "dataset", "1", "-c", str(config)]) == 1
+    assert "nothing recorded yet" in capsys.readouterr().err
+    assert not state.exists()
+
+
+def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One migration behind: say what to run (a running daemon may own the database, so no migration here)."""
+    from alembic.script import ScriptDirectory
+
+    previous = ScriptDirectory.from_config(migrate._alembic_config()).get_revision(migrate.head_revision()).down_revision
+
+    def downgrade(revision: str) -> None:
+        async def run() -> None:
+            store = Store(load_config(seeded, env={}).daemon.resolved_database_url)
+            try:
+                await migrate.downgrade(store, revision)
+            finally:
+                await store.close()
+
+        asyncio.run(run())
+
+    downgrade(previous)
+    for command in (["status"], ["plan"], ["show", "dataset", "1"]):
+        assert main([*command, "-c", str(seeded)]) == 1, command
+        assert "run `mirrord db upgrade`" in capsys.readouterr().err
+    downgrade("base")  # no tables at all: nothing recorded
+    assert main(["status", "-c", str(seeded)]) == 0
+    assert "nothing recorded yet" in capsys.readouterr().out
+
+
+def test_once_exits_3_and_gives_each_reason_when_items_need_a_person(seeded: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    async def only_attention(session) -> None:  # noqa: ANN001
+        for model in (Upload, Dataset, Deposition):
+            for item in (await session.scalars(select(model))).all():
+                item.last_error = None
+                if item.state == "failed":
+                    item.state = "mirrored"
+
+    write(seeded, only_attention)
+    assert main(["once", "-c", str(seeded)]) == 3
+    out = capsys.readouterr().out
+    assert "needs attention: deposition 2 [needs_attention]: PDIS status header_not_readable" in out
+    assert "0 failed, 1 need attention" in out
+
+
+def test_retry_takes_a_name_like_show(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["retry", "deposition", "tok-2", "-c", str(seeded)]) == 0
+    assert capsys.readouterr().out.startswith("deposition 2: needs_attention -> ")
+
+
+def test_every_command_and_option_explains_itself() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        assert command.description, f"{name} has no description"
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    assert "3  done, but items need a person" in commands.choices["once"].format_help()
+
+
+def test_a_closed_pipe_ends_quietly(seeded: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "mirrord.cli", "status", "--json", "-c", str(seeded)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MIRRORD_CONFIG": ""})
+    proc.stdout.close()  # the reader is gone before the first line (`mirrord status | head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == ""

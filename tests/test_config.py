@@ -14,6 +14,8 @@ from mirrord import logsetup
 from mirrord.cli import main
 from mirrord.config import ConfigError, load_config, parse_duration
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
 FIVE_MISTAKES = """
 [daemon]
 shutdown_grace = "soon"          # 1: not a duration
@@ -122,7 +124,8 @@ def test_secrets_never_shown(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     pw_file.write_text(secret + "\n")
     pw_file.chmod(0o644)
     path = tmp_path / "c.toml"
-    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[pdis]\npassword_file = "{pw_file}"\n')
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[pdis]\nenabled = true\nusername = "mirrord"\n'
+                    f'password_file = "{pw_file}"\n')
     config = load_config(path, env={"MIRRORD_DESIGNHUB__API_KEY": key})
     assert config.pdis.password.get_secret_value() == secret
     assert config.designhub.api_key.get_secret_value() == key
@@ -226,3 +229,41 @@ def test_deposit_keys_are_checked_and_named(tmp_path: Path) -> None:
     assert "unknown time zone 'Europe/Londres'" in err.value.problems[0]
     path.write_text('[ispyb]\ntimezone = "Asia/Tokyo"\n')
     assert str(load_config(path, env={}).ispyb.zone) == "Asia/Tokyo"
+
+
+# -- check-config (issue 15) ------------------------------------------------------------------------
+def check_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORD_")}
+    return subprocess.run([sys.executable, "-m", "mirrord.cli", *args], capture_output=True, text=True,
+                          env={**clean, **(env or {})}, timeout=60)
+
+
+def test_check_config_names_missing_credentials_of_the_example() -> None:
+    """The shipped example enables all four jobs and holds no secrets: it must not pass as is."""
+    proc = check_config("check-config", "--config", str(EXAMPLE))
+    assert proc.returncode == 2, proc.stdout
+    for job in ("ispyb", "pdis", "designhub"):
+        assert f"{job}: no credentials" in proc.stderr
+    assert "configuration OK" not in proc.stdout
+
+
+def test_check_config_refuses_a_missing_file_and_warns_of_an_http_link_base(tmp_path: Path) -> None:
+    nowhere = tmp_path / "absent.toml"
+    assert check_config("check-config", "--config", str(nowhere)).returncode == 2
+    default = check_config("check-config", env={"MIRRORD_CONFIG": ""})
+    assert default.returncode == 2 and "no configuration file" in default.stderr
+    ok = check_config("check-config", env={"MIRRORD_DESIGNHUB__ENABLED": "true",
+                                           "MIRRORD_DESIGNHUB__URL": "https://designhub.lab",
+                                           "MIRRORD_DESIGNHUB__API_KEY": "k",
+                                           "MIRRORD_FRAGALYSIS__URL": "http://fragalysis.lab"})
+    assert ok.returncode == 0, ok.stderr
+    assert "warning: designhub" in ok.stdout and "https://" in ok.stdout
+
+
+def test_a_bad_environment_value_names_the_variable_and_its_form() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"MIRRORD_ISPYB__PROPOSALS": "lb32627,lb32633", "MIRRORD_CONFIG": "",
+                               "MIRRORD_ISPYB__BEAMLINES": "[i04"})
+    text = str(err.value)
+    assert "MIRRORD_ISPYB__PROPOSALS (ispyb.proposals)" in text and "JSON" in text
+    assert "MIRRORD_ISPYB__BEAMLINES: not valid JSON" in text

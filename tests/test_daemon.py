@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from mirrord.emulators.base import ServedInThread
+from mirrord.emulators.pdis import PdisEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,3 +238,161 @@ async def test_migrations_leave_the_application_logging_alone(tmp_path: Path) ->
     await store.close()
     assert root.handlers == handlers and root.level == level
     assert logging.getLogger("alembic").handlers == []  # alembic goes through ours, not its own config
+
+
+# -- start-up that does not wait for upstreams (issue 15) --------------------------------------------
+class SilentServer:
+    """A socket that accepts connections and never answers: the worst an upstream can do."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+def real_config(tmp_path: Path, web_port: int, sections: dict[str, dict[str, str]], **daemon: str) -> Path:
+    lines = ["[daemon]", f'state_dir = "{tmp_path / "state"}"', *(f'{k} = "{v}"' for k, v in daemon.items()),
+             "[log]", 'format = "json"', "[web]", f"port = {web_port}"]
+    for name, values in sections.items():
+        lines += [f"[{name}]", "enabled = true", "jitter = 0", *(f'{k} = "{v}"' for k, v in values.items())]
+    path = tmp_path / "mirrord.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mirrord(config: Path, *args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mirrord.cli", "--config", str(config), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MIRRORD_CONFIG": "", **env})
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_silent_upstream_delays_only_its_own_job_and_sigterm_is_honoured(tmp_path: Path) -> None:
+    """Fragalysis and Design Hub accept and never answer: /healthz within 5 s, /readyz 503 naming them,
+    PDIS (credentials checked at its start) runs ok meanwhile, SIGTERM exits 0 within shutdown_grace."""
+    silent = SilentServer()
+    port = free_port()
+    with ServedInThread(PdisEmulator(storage_dir=tmp_path / "pdis").app) as pdis:
+        config = real_config(tmp_path, port, {
+            "fragalysis": {"url": silent.url, "interval": "1s"},
+            "designhub": {"url": silent.url, "interval": "1s"},
+            "pdis": {"url": PdisEmulator.api_url(pdis.url), "interval": "1s", "username": "you@lab.edu"},
+        }, shutdown_grace="3s")
+        started = time.monotonic()
+        proc = mirrord(config, "run", MIRRORD_DESIGNHUB__API_KEY="k", MIRRORD_PDIS__PASSWORD="secret")
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: _answers(f"{base}/healthz"), timeout=5)
+            assert time.monotonic() - started < 5
+            status, body = http_get(f"{base}/readyz")
+            assert status == 503 and "fragalysis: starting" in body and "designhub: starting" in body, body
+            wait_for(lambda: _job_states(base).get("pdis") == "ok", timeout=15)
+            assert _job_states(base) == {"fragalysis": "starting", "designhub": "starting", "pdis": "ok"}
+            proc.send_signal(signal.SIGTERM)
+            stopping = time.monotonic()
+            _, err = proc.communicate(timeout=15)
+            assert time.monotonic() - stopping < 3 + 2, "SIGTERM took longer than shutdown_grace (3 s) to act"
+        finally:
+            proc.kill()
+            silent.close()
+    assert proc.returncode == 0, err[-2000:]
+
+
+def test_a_job_that_cannot_start_is_failing_everywhere(tmp_path: Path) -> None:
+    """PDIS at a host that does not resolve: failing on /readyz, /api/status, `status --json` and `once`."""
+    port = free_port()
+    config = real_config(tmp_path, port, {"pdis": {"url": "https://pdis.invalid/api/v1", "interval": "1s",
+                                                   "username": "you@lab.edu"}}, shutdown_grace="3s")
+    proc = mirrord(config, "run", MIRRORD_PDIS__PASSWORD="secret")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{base}/healthz"), timeout=5)
+        wait_for(lambda: _job_states(base).get("pdis") == "failing", timeout=30)
+        status, body = http_get(f"{base}/readyz")
+        assert status == 503 and "pdis: failing since" in body and "start failed" in body
+        assert "pdis.invalid" in http_get(f"{base}/status")[1]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    status = subprocess.run([sys.executable, "-m", "mirrord.cli", "status", "--json", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    jobs = {j["job"]: j for j in json.loads(status.stdout)["jobs"]}
+    assert jobs["pdis"]["state"] == "failing" and "start failed" in jobs["pdis"]["error"]
+    once = mirrord(config, "once", MIRRORD_PDIS__PASSWORD="secret")
+    out, err = once.communicate(timeout=120)
+    assert once.returncode == 1, err[-2000:]
+    assert "failed: job pdis: start failed" in out
+
+
+def _job_states(base: str) -> dict[str, str]:
+    return {j["job"]: j["state"] for j in json.loads(http_get(f"{base}/api/status")[1])["jobs"]}
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http_get(url)[0] == 200
+    except OSError:
+        return False
+
+
+async def test_sigterm_while_opening_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that is slow to answer (a migration lock held by another replica) must not hold SIGTERM."""
+    import asyncio
+
+    from mirrord.daemon import Mirrord
+    from tests.conftest import make_config
+
+    async def slow_open(self) -> None:  # noqa: ANN001
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(Mirrord, "open", slow_open)
+    app, stop = Mirrord(make_config(tmp_path)), asyncio.Event()
+    asyncio.get_running_loop().call_later(0.2, stop.set)
+    started = time.monotonic()
+    assert await app.open_unless(stop) is False
+    assert time.monotonic() - started < 5
+    await app.close()
+
+
+def test_once_with_silent_upstreams_waits_one_start_timeout_and_names_them(tmp_path: Path) -> None:
+    """Starts run side by side: two silent upstreams cost one start_timeout (5 s), not two, and are reported."""
+    silent = SilentServer()
+    config = real_config(tmp_path, free_port(), {"fragalysis": {"url": silent.url},
+                                                 "designhub": {"url": silent.url}}, start_timeout="5s")
+    started = time.monotonic()
+    proc = mirrord(config, "once", MIRRORD_DESIGNHUB__API_KEY="k")
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        silent.close()
+    assert time.monotonic() - started < 10, "the starts ran one after the other"
+    assert proc.returncode == 1, err[-2000:]
+    for job in ("fragalysis", "designhub"):
+        assert f"failed: job {job}: start did not finish within 5 s" in out, out

@@ -20,17 +20,18 @@ MIRRORD = Path(sys.executable).with_name("mirrord")
 
 # -- the demo -----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_demo_publishes_depositions_and_shows_the_status_url(tmp_path: Path) -> None:
+def test_demo_publishes_depositions_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Issue 15: without --keep no link to a stopped page, and no mirrord-demo-* folder left in the temp dir."""
     if not MIRRORD.exists():
         pytest.skip(f"no mirrord console script next to {sys.executable} (package not installed)")
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    proc = subprocess.run([str(MIRRORD), "demo", "--state-dir", str(tmp_path / "demo")], capture_output=True,
-                          text=True, timeout=90, env=env)
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([str(MIRRORD), "demo"], capture_output=True, text=True, timeout=90, env=env)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     published = re.search(r"published (\d+) deposition", out)
     assert published and int(published.group(1)) > 0, out[-2000:]
-    assert re.search(r"status page: http://127\.0\.0\.1:\d+/status", out), out[-2000:]
+    assert "status page: http" not in out and "demo --keep" in out, out[-2000:]
+    assert list(tmp_path.glob("mirrord-demo-*")) == []
     assert re.search(r"([1-9]\d*) item\(s\) need attention", out), out[-2000:]  # the corrupt re-collection
 
 
@@ -122,3 +123,12 @@ def test_compose_runs_mirrord_as_a_sidecar_with_read_only_raw_data(tmp_path: Pat
     empty.write_text("")
     config = load_config(empty, env=env)
     assert set(config.enabled_jobs()) == {"fragalysis", "ispyb", "pdis", "designhub"}
+
+
+def test_the_wheel_lists_every_package() -> None:
+    """`pip install .` (not -e) ships only the listed packages: a new one left out breaks the installed command."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mirrord").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"

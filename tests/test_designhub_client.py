@@ -76,21 +76,25 @@ def test_key_and_token_together_are_refused():
 
 
 # -- probing ----------------------------------------------------------------------------------------
-async def test_probe_finds_every_feature_without_writing(client, emulator):
+async def test_probe_finds_the_read_features_with_gets_only(client, served, emulator):
+    """Issue 14: the probe sends no write at all (it used to POST empty bodies to a real compound)."""
     before = {c.id: c.modify_date for c in emulator.compounds}
     features = await client.probe()
     assert features == Features() and features.summary() == ""
+    assert served.requests.entries and {m for m, _ in served.requests.entries} == {"GET"}
     assert not emulator.attachments and not emulator.data and not emulator.uploads
     assert {c.id: c.modify_date for c in emulator.compounds} == before
 
 
-async def test_legacy_design_hub_turns_features_off(campaign):
+async def test_legacy_design_hub_turns_read_features_off(campaign):
     async with Served(DesignHubEmulator(campaign, legacy=True).app) as served, \
             DesignHubClient(served.url, api_key="dh-demo-key", http=FAST) as client:
         features = await client.probe()
-    assert features == Features(export=False, attach=False, public_ids=False, data_columns=True, upload=True)
-    assert features.missing == ["export", "attach", "public_ids"]
-    assert "export, attach, public_ids" in features.summary()
+    # Write endpoints are learnt on first use (the job's tests), so they still read as present here.
+    assert features == Features(export=False, attach=True, public_ids=False, data_columns=True, upload=True)
+    assert features.missing == ["export", "public_ids"]
+    assert "export, public_ids" in features.summary()
+    assert {m for m, _ in served.requests.entries} == {"GET"}
 
 
 # -- listings ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
@@ -112,7 +113,7 @@ async def last_run_id(config) -> int:
 
 
 def attachments(emulator: DesignHubEmulator) -> int:
-    """Every attachment Design Hub holds (attach POSTs also include each start's empty-body probe)."""
+    """Every attachment Design Hub holds."""
     return sum(len(v) for v in emulator.attachments.values())
 
 
@@ -324,8 +325,8 @@ async def test_older_design_hub_degrades_with_one_message(tmp_path, campaign):
     assert first.exit_code == second.exit_code == 0
     degraded = [entry for entry in logs if entry["event"] == "designhub.degraded"]
     assert len(degraded) == 1
-    assert "export" in degraded[0]["message"] and "attach" in degraded[0]["message"]
-    assert "evidence is not written" in degraded[0]["cannot"]
+    assert "export" in degraded[0]["message"] and "public_ids" in degraded[0]["message"]
+    assert "no evidence is written" in degraded[0]["cannot"]
     outcomes = {o for (o,) in await query(config, select(JobRun.outcome))}
     assert outcomes == {"ok"}
     assert not await query(config, select(Annotation.id)) and not emulator.attachments
@@ -336,13 +337,13 @@ async def test_rejected_or_missing_key_fails_the_run_clearly(tmp_path, served, a
     config = config_for(tmp_path, served.url, api_key=api_key)
     outcome = await run(config)
     assert outcome.exit_code == 1  # no item failed, but the job itself did not do its work
-    assert [line for line in outcome.failed if line.startswith("job designhub: AuthError")]
+    assert [line for line in outcome.failed if line.startswith("job designhub: start failed: AuthError")]
     ((run_outcome, error),) = await query(config, select(JobRun.outcome, JobRun.error))
     assert run_outcome == "failed" and "AuthError" in error and message in error
     if api_key:
         assert api_key not in error
-    # One credential check at start and one per run: no retry storm, nothing else asked.
-    assert served.requests.count("GET", "/api/user") == 2
+    # One credential check, in the start that the run begins with: no retry storm, nothing else asked.
+    assert served.requests.count("GET", "/api/user") == 1
     assert served.requests.count("GET", "/api/compounds") == 0
 
 
@@ -352,3 +353,63 @@ async def test_open_in_designhub_url(tmp_path, served, emulator):
     assert url.startswith(f"{served.url}/new/compound/?cache=")
     assert [u.structures for u in emulator.uploads.values()] == ["CCO"]
 
+
+
+# -- never write to learn (issue 14) ----------------------------------------------------------------
+async def test_start_and_a_quiet_run_write_nothing(tmp_path, served, emulator):
+    """Start and a run with no evidence to write send GETs only: no restart ever writes to a compound."""
+    config = config_for(tmp_path, served.url)
+    before = {c.id: c.modify_date for c in emulator.compounds}
+    for _ in range(2):  # two process starts
+        outcome = await run(config)
+        assert outcome.exit_code == 0, outcome.failed
+    writes = [(m, p) for m, p in served.requests.entries if m != "GET"]
+    assert served.requests.entries and writes == []
+    assert not emulator.attachments and not emulator.data and not emulator.uploads
+    assert {c.id: c.modify_date for c in emulator.compounds} == before
+
+
+def _answer_404(suffix: str):
+    @web.middleware
+    async def middleware(request, handler):
+        if request.method == "POST" and request.path.endswith(suffix):
+            raise web.HTTPNotFound(text="Cannot POST " + request.path)
+        return await handler(request)
+    return middleware
+
+
+@pytest.mark.parametrize(("suffix", "feature"), [("/attach", "attach"), ("/data", "data_columns")])
+async def test_a_missing_write_endpoint_turns_its_feature_off_on_first_use(tmp_path, campaign, suffix, feature):
+    """A Design Hub without attach (or data) answers the first real call 404: said once, never asked again."""
+    emulator = DesignHubEmulator(campaign)
+    emulator.app.middlewares.append(_answer_404(suffix))
+    async with Served(emulator.app) as served:
+        config = config_for(tmp_path, served.url, data_columns={"pdb_code": "PDB code"})
+        await mirror_upload(config, campaign, 1)
+        with capture_logs() as logs:
+            async with Mirrord(config) as app:
+                first = await app.run_once(horizon=0)
+                second = await app.run_once(horizon=0)
+        posts = served.requests.count("POST", "/api/compounds/")
+    assert first.exit_code == second.exit_code == 0, first.failed + second.failed
+    degraded = [e for e in logs if e["event"] == "designhub.degraded"]
+    assert len(degraded) == 1 and feature in degraded[0]["message"]
+    states = {state for (state,) in await query(config, select(Annotation.state))}
+    if feature == "attach":
+        assert posts == 1 and states == {"pending"} and not emulator.attachments
+    else:  # evidence is attached and tagged; only the columns are off
+        assert states == {"attached"} and not emulator.data
+        assert served.requests.count("POST", "/api/compounds/") == posts
+        assert sum(1 for m, p in served.requests.entries if m == "POST" and p.endswith("/data")) == 1
+
+
+async def test_a_plain_http_link_goes_into_the_comment(tmp_path, served, emulator, campaign):
+    """Design Hub takes https:// links only (seed 004, attach `link`): an http one would fail every attach."""
+    config = config_for(tmp_path, served.url)
+    config.fragalysis.url = "http://fragalysis.lab"
+    await mirror_upload(config, campaign, 1)
+    assert (await run(config)).exit_code == 0
+    target, exp = campaign.targets[0], campaign.targets[0].experiments[0]
+    attachment = emulator.attachments[exp.ligand.designhub_id][0]
+    assert attachment.link is None
+    assert f"http://fragalysis.lab/viewer/react/preview/target/{target.name}/tas/{target.tas}" in attachment.comment

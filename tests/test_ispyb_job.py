@@ -410,8 +410,8 @@ async def test_quiet_poll_costs_one_request_per_page_and_writes_nothing(tmp_path
         ispyb.emulator.add_collection(visit, f"A71EV2A-x09{visit[-2:]}")
     config = config_for(tmp_path, ispyb, proposals=["lb32627", "lb32633"])
     async with Mirrord(config) as app:
+        await app.run_once()  # starts the job, which makes its client
         app.jobs["ispyb"].client.page_size = 2  # lb32627: 2 pages; lb32633: 1 page
-        await app.run_once()
         settled = {d.id: (d.state, d.updated_at) for d in (await datasets(config)).values()}
         sessions = {s.id: s.updated_at for (s,) in await query(config, select(SessionRow))}
         assert len(settled) == 16 and len(sessions) == 4

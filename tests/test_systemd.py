@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -31,3 +32,19 @@ def test_units_have_the_essentials() -> None:
         assert line in service
     assert "Persistent=true" in (UNITS / "mirrord-once.timer").read_text()
     assert "Conflicts=mirrord.service" in (UNITS / "mirrord-once.service").read_text()
+
+
+def test_once_unit_takes_needs_attention_as_a_finished_run() -> None:
+    from mirrord.cli import EXIT_ATTENTION
+
+    assert f"SuccessExitStatus={EXIT_ATTENTION}" in (UNITS / "mirrord-once.service").read_text()
+
+
+def test_compose_gives_its_secrets_to_the_image_user() -> None:
+    """Bind-mounted secrets keep the host's owner: compose.yaml must say to chown them to the image's uid."""
+    root = UNITS.parent
+    uid = re.search(r"--uid (\d+)", (root / "Dockerfile").read_text()).group(1)
+    compose = (root / "compose.yaml").read_text()
+    assert f"chown {uid}:{uid} secrets/*" in compose
+    assert "profiles: [pipeline]" in compose  # `docker compose up -d` does not pull a placeholder image
+    assert "curl -s http://127.0.0.1:8787/healthz" in compose  # open, unlike /readyz behind the token

@@ -26,7 +26,7 @@ from mirrord.store.models import (
     Upload,
     utcnow,
 )
-from mirrord.web import WebServer, make_app
+from mirrord.ui.web import WebServer, make_app
 from tests.conftest import make_config
 from tests.fakejobs import use_job
 
@@ -262,3 +262,54 @@ async def test_open_in_designhub_posts_the_ligand_and_redirects(tmp_path: Path) 
             finally:
                 await server.stop()
     assert len(emulator.uploads) == 1  # the structure reached Design Hub, made on the click
+
+
+async def test_a_browser_signs_in_once_and_scripts_keep_the_bearer_header(daemon: Mirrord) -> None:
+    """compose.yaml sets a token: a browser (no Authorization header) must still reach /status."""
+    server, url = await serve(daemon, token="s3cret-token")
+    try:
+        # unsafe: keep cookies of an IP-address host, as browsers do
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.get(f"{url}/status", headers={"Accept": "text/html"}, allow_redirects=False) as resp:
+                assert resp.status == 303 and resp.headers["Location"] in ("/login?next=%2Fstatus", "/login?next=/status")
+            async with http.post(f"{url}/login", data={"token": "wrong", "next": "/status"}) as resp:
+                assert resp.status == 401 and "not the one configured" in await resp.text()
+            async with http.post(f"{url}/login", data={"token": "s3cret-token", "next": "https://evil.example/"},
+                                 allow_redirects=False) as resp:
+                assert resp.status == 303 and resp.headers["Location"] == "/status"  # never off-site
+                cookie = resp.cookies["mirrord_session"]
+                assert cookie["httponly"] and cookie["samesite"] == "Strict"
+                assert "s3cret-token" not in cookie.value
+            async with http.get(f"{url}/status") as resp:  # the cookie now does it
+                assert resp.status == 200 and "A71EV2A" in await resp.text()
+            async with http.post(f"{url}/logout", allow_redirects=False) as resp:
+                assert resp.status == 303
+        assert (await get(f"{url}/api/status", Authorization="Bearer s3cret-token"))[0] == 200
+        assert (await get(f"{url}/api/status"))[0] == 401
+        assert (await get(f"{url}/healthz"))[0] == 200
+    finally:
+        await server.stop()
+
+
+async def test_status_links_each_item_to_its_lineage_page(daemon: Mirrord) -> None:
+    server, url = await serve(daemon)
+    try:
+        page = (await get(f"{url}/status"))[2]
+        assert '<a href="item/deposition/2">deposition 2</a>' in page  # needs attention, with its id
+        assert '<a href="item/upload/2">upload 2</a>' in page
+        assert 'http-equiv="refresh"' in page and "mirrord " in page and "up " in page
+        status, _, item = await get(f"{url}/item/deposition/2")
+        assert status == 200 and "header_not_readable" in item and "History" in item
+        assert "&lt;script&gt;" in item and "<script>" not in item  # the hostile text stays escaped
+        assert (await get(f"{url}/item/deposition/999"))[0] == 404
+    finally:
+        await server.stop()
+
+
+def test_an_error_shows_as_one_line_with_the_rest_on_the_item_page() -> None:
+    from mirrord.ui.page import one_line
+
+    raw = "TransientError: pdis: HTTP 502\n<html><body><h1>502 Bad Gateway</h1>\n</body></html>"
+    assert one_line(raw) == "TransientError: pdis: HTTP 502 …"
+    assert one_line("x" * 300).endswith("…") and len(one_line("x" * 300)) < 170
+    assert one_line("short") == "short"

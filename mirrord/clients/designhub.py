@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import aclosing
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import quote
@@ -23,8 +22,6 @@ SERVICE = "designhub"
 # Keys of an export record that have their own attribute on `Compound`; the rest go to `fields`.
 _COMPOUND_CORE_KEYS = frozenset({"id", "project_label", "create_date", "modify_date", "source"})
 _SMILES_FORMATS = frozenset({"smiles", "cxsmiles", "smi"})
-# An id no server has: probes of the write endpoints send an empty body to it.
-_PROBE_ID = "mirrord-probe"
 
 
 @dataclass(frozen=True)
@@ -81,7 +78,11 @@ class AttachmentFile:
 
 @dataclass(frozen=True)
 class Features:
-    """Which optional endpoints this Design Hub has; older versions answer 404 for missing ones."""
+    """Which optional endpoints this Design Hub has; older versions answer 404 for missing ones.
+
+    `probe` learns the read endpoints (export, public_ids). The write endpoints (attach, data_columns,
+    upload) are taken to exist until their first real use answers 404: nothing is written to learn.
+    """
 
     export: bool = True
     attach: bool = True
@@ -227,36 +228,16 @@ class DesignHubClient(UpstreamClient):
                              display_name=str(payload.get("displayName") or payload["user_id"]))
 
     async def probe(self) -> Features:
-        """Find which optional endpoints exist. A 404 turns a feature off; other errors propagate.
+        """Find which optional read endpoints exist, with GETs only. A 404 turns a feature off;
+        other errors propagate. Write endpoints are never probed (see `Features`)."""
+        return Features(export=await self._exists("compounds/export"), public_ids=await self._exists("compounds/public"))
 
-        Write endpoints are probed with an empty body, which a server that has them refuses (400)
-        without changing anything.
-        """
-        export = await self._exists("GET", "compounds/export", params={"offset": 0, "limit": 1})
-        public = await self._exists("GET", "compounds/public", params={"offset": 0, "limit": 1})
-        compound_id = await self._any_compound_id() if export else _PROBE_ID
-        return Features(
-            export=export,
-            attach=await self._exists("POST", self._compound_path(compound_id, "attach"), json_body={}),
-            public_ids=public,
-            data_columns=await self._exists("POST", self._compound_path(compound_id, "data"), json_body={}),
-            upload=await self._exists("POST", "/upload/api", api=False, json_body={}),
-        )
-
-    async def _exists(self, method: str, path: str, *, api: bool = True, **kwargs: Any) -> bool:
+    async def _exists(self, path: str) -> bool:
         try:
-            await self._request(method, path, api=api, retry=True, **kwargs)
+            await self._request("GET", path, params={"offset": 0, "limit": 1}, retry=True)
         except NotFound:
             return False
-        except BadRequest as exc:
-            return exc.status == 400  # the endpoint is there and refused the empty probe body
         return True
-
-    async def _any_compound_id(self) -> str:
-        async with aclosing(self.export(page_size=1)) as compounds:
-            async for compound in compounds:
-                return compound.id
-        return _PROBE_ID
 
     # -- listings -------------------------------------------------------------------------------
     async def projects(self) -> list[Project]:

@@ -25,6 +25,7 @@ duplicate, which users would see on the compound page for ever.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -187,15 +188,23 @@ async def unmatched_compounds(store: Store) -> list[UnmatchedCompound]:
                               reason=a.reason or "", since=a.updated_at) for a, code, smiles in rows]
 
 
-def _link(config: Config, source: EvidenceSource) -> str:
+def _viewer_url(config: Config, source: EvidenceSource) -> str:
     return f"{config.fragalysis.url}/viewer/react/preview/target/{source.target}/tas/{source.tas}"
 
 
-def _comment(source: EvidenceSource) -> str:
+def _link(config: Config, source: EvidenceSource) -> str | None:
+    """The Fragalysis page as the attach's link; Design Hub takes https:// links only (seed 004, attach)."""
+    url = _viewer_url(config, source)
+    return url if url.startswith("https://") else None
+
+
+def _comment(config: Config, source: EvidenceSource) -> str:
     pdb = f"PDB {source.pdb_code}" if source.pdb_code else "not yet deposited in the PDB"
     resolution = f"{source.resolution:.2f} Å" if source.resolution is not None else "unknown"
+    # A link Design Hub would refuse goes into the text instead, so the attach is not refused with it.
+    where = "" if _link(config, source) else f" ({_viewer_url(config, source)})"
     return (f"Crystal structure {source.code} ({source.target}, {source.tas}): {pdb}; "
-            f"resolution {resolution}. Added by mirrord from Fragalysis.")
+            f"resolution {resolution}. Added by mirrord from Fragalysis{where}.")
 
 
 def read_evidence(source: EvidenceSource, mirror_root: Path) -> Evidence | None:
@@ -219,6 +228,9 @@ def read_evidence(source: EvidenceSource, mirror_root: Path) -> Evidence | None:
     facts = {"v": EVIDENCE_VERSION, "files": digests, "pdb_code": source.pdb_code, "resolution": source.resolution}
     content_hash = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
     return Evidence(source, tuple(files), content_hash)
+
+
+NO_ATTACH = "Design Hub has no attach endpoint (HTTP 404): evidence waits until it has one and mirrord restarts"
 
 
 def _degradation_notes(features: Features) -> list[str]:
@@ -286,6 +298,13 @@ class DesignHubJob(Job):
                              cannot="; ".join(_degradation_notes(features)))
         self.features = features
         return features
+
+    async def _lacks(self, feature: str, exc: NotFound) -> None:
+        """A write endpoint answered its first real use with 404: turn the feature off, say so once."""
+        assert self.features is not None
+        self.features = dataclasses.replace(self.features, **{feature: False})
+        self.log.warning("designhub.degraded", message=f"Design Hub lacks {feature} ({exc}); it is disabled",
+                         cannot="; ".join(_degradation_notes(dataclasses.replace(Features(), **{feature: False}))))
 
     def _annotating(self, features: Features) -> bool:
         return features.export and features.attach
@@ -465,7 +484,8 @@ class DesignHubJob(Job):
             if not self._annotating(features):
                 return
             index: CompoundIndex | None = None
-            while items := await self.claim(Annotation, WORKABLE, limit=WORK_BATCH):
+            while self._annotating(self.features) and (items := await self.claim(Annotation, WORKABLE,
+                                                                                   limit=WORK_BATCH)):
                 index = index or await self._load_index()
                 for item in items:
                     try:
@@ -557,7 +577,10 @@ class DesignHubJob(Job):
 
     async def _attach(self, item: Annotation, compound_id: str, evidence: Evidence, result: RunResult) -> str | None:
         """pending → attaching → (attach) → tagging. Returns the new state, None if it stopped."""
-        assert self.client is not None
+        assert self.client is not None and self.features is not None
+        if not self.features.attach:  # learnt earlier in this batch
+            await self.transition(Annotation, item.id, "pending", NO_ATTACH)
+            return None
         fresh = await self._fresh(compound_id)
         if fresh is None:
             await self._forget_compound(item.id)
@@ -566,11 +589,15 @@ class DesignHubJob(Job):
         source = evidence.source
         try:
             content_url = await self.client.attach(
-                fresh.id, link=_link(self.config, source), comment=_comment(source), files=evidence.files,
+                fresh.id, link=_link(self.config, source), comment=_comment(self.config, source), files=evidence.files,
                 visibility=self.section.visibility)
         except (BadRequest, NotFound, Conflict) as exc:
             # Refused outright: nothing landed, so the row may be sent again later.
             if isinstance(exc, NotFound):
+                if await self._fresh(fresh.id) is not None:  # the compound is there: the endpoint is not
+                    await self._lacks("attach", exc)
+                    await self.transition(Annotation, item.id, "pending", NO_ATTACH)
+                    return None
                 await self._forget_compound(item.id)
             await self.fail(Annotation, item.id, exc, state="pending", result=result)
             return None
@@ -628,9 +655,12 @@ class DesignHubJob(Job):
             await self.client.add_tags(compound_id, self.section.tags)
         if self.features.data_columns:
             values = {"pdb_code": source.pdb_code, "resolution": source.resolution}
-            for key, column in self.section.data_columns.items():
-                if values.get(key) is not None:
-                    await self.client.set_data(compound_id, column, values[key])
+            try:
+                for key, column in self.section.data_columns.items():
+                    if values.get(key) is not None:
+                        await self.client.set_data(compound_id, column, values[key])
+            except NotFound as exc:  # right after an attach to it, the compound exists: the endpoint does not
+                await self._lacks("data_columns", exc)
         await self.transition(Annotation, item_id, "attached", f"evidence, tags and data on {compound_id}",
                               compound_id=compound_id)
         self.log.info("designhub.attached", evidence=source.evidence_key, compound=compound_id)

@@ -204,12 +204,21 @@ class FragalysisJob(Job):
             if (utcnow() - last).total_seconds() < self.section.identity_check:
                 return
         client = self._client()
-        problems = await client.identity_problems(self._expected_tas())
+        try:
+            problems = await client.identity_problems(self._expected_tas())
+        except AuthError as exc:
+            await self._login_needed(exc)
+            raise
         for problem in problems:
             self.log.warning("fragalysis.identity_problem", problem=problem)
         if problems and stored.get("problems") != problems:
             self.ctx.notifier.item("identity", "fragalysis", "problem", " ".join(problems))
         await self._store_identity(problems)
+
+    async def _login_needed(self, exc: AuthError) -> None:
+        """A redirect to Keycloak: keep the reason where the status page looks; the caller fails the run."""
+        await self._store_identity([f"Fragalysis wants us to log in again ({exc}): renew the token."],
+                                   login_needed=True)
 
     async def _store_identity(self, problems: list[str], *, login_needed: bool = False) -> None:
         value = {"problems": problems, "checked_at": utcnow().isoformat(), "auth": self._client().auth_kind,
@@ -223,9 +232,7 @@ class FragalysisJob(Job):
             await self._check_identity()
             uploads = await client.target_uploads()
         except AuthError as exc:
-            # A redirect to Keycloak: keep the reason where the status page looks, then fail the poll.
-            await self._store_identity([f"Fragalysis wants us to log in again ({exc}): renew the token."],
-                                       login_needed=True)
+            await self._login_needed(exc)
             raise
         watched = self._watched(uploads)
         result.count("targets_seen", len(watched))

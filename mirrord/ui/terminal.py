@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from mirrord.inspect import CheckResult, Lineage
+    from mirrord.ui.actions import CheckResult, Lineage
 
 _BAD = {"failed", "needs_attention", "failing", "identity", "unmatched"}
 _GOOD = {"published", "mirrored", "attached", "ok"}
@@ -49,6 +49,9 @@ def _t(iso: str | None) -> str:
 
 def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
+    if data.get("note"):
+        console.print(escape(data["note"]))
+        return
     if data.get("instance"):
         console.print(f"instance {escape(data['instance'])}")
     console.print(_table("Targets", ("target", "TAS", "latest upload", "mirrored", "mirrored at (UTC)"),
@@ -62,9 +65,10 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                              [(d["id"], _s(d["state"]), d["pdb_code"], d["sample"], d["pdis_status"],
                                d["status_details"] or d["error"]) for d in data["depositions"][:50]]))
     if data["attention"]:
-        console.print(_table("Needs attention", ("what", "item", "state", "why", "since"),
-                             [(a["kind"], a.get("label") or a["id"], _s(a["state"]), a["reason"], _t(a["since"]))
-                              for a in data["attention"]], title_style="bold red"))
+        # "kind id" is what `mirrord show` and `mirrord retry` take.
+        console.print(_table("Needs attention", ("item", "what", "state", "why", "since"),
+                             [(f"{a['kind']} {a['id']}", a.get("label") or "", _s(a["state"]), a["reason"],
+                               _t(a["since"])) for a in data["attention"]], title_style="bold red"))
     else:
         console.print("[green]Nothing needs attention.[/green]")
     failing = [j for j in data.get("jobs", []) if j["failing_since"]]

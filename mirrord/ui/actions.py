@@ -1,7 +1,7 @@
 """What the operator commands do: `show` (an item's lineage across the four systems and its history),
 `retry` (put a failed or stuck item back to work) and `check` (can we reach and use each upstream?).
 
-The CLI only parses arguments and prints; views.py renders. Everything here returns dataclasses.
+The CLI only parses arguments and prints; terminal.py renders. Everything here returns dataclasses.
 """
 
 from __future__ import annotations
@@ -310,15 +310,18 @@ class Retried:
     to_state: str
 
 
-async def retry(store: Store, kind: str, item_id: int, *, instance: str = "operator") -> Retried:
-    """Re-queue a failed or needs-attention item where it failed, with a fresh retry budget."""
+async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "operator") -> Retried:
+    """Re-queue a failed or needs-attention item where it failed, with a fresh retry budget.
+
+    `ref` names the item as `show` takes it: an id or a name.
+    """
     model = ITEM_MODELS.get(kind)
     if model is None:
         raise InspectError(f"unknown kind {kind!r}; one of: {', '.join(ITEM_MODELS)}")
     async with store.write() as session:
-        item = await session.get(model, item_id, with_for_update=True)
-        if item is None:
-            raise InspectError(f"no {kind} {item_id}")
+        found = await resolve(session, kind, str(ref))
+        item = await session.get(model, found.id, with_for_update=True)
+        item_id = item.id
         if item.state not in FAILED_STATES:
             raise InspectError(f"{kind} {item_id} is {item.state}, not failed or needs_attention: nothing to retry")
         before = item.state
@@ -413,7 +416,8 @@ async def _check_designhub(config: Config) -> tuple[bool, str]:
     async with make_client(section, **CHECK_HTTP) as client:
         user = await client.user()
         features = await client.probe()
-    if not features.attach:
-        return False, f"user {user.display_name}: cannot attach evidence to compounds. {features.summary()}"
+    if not features.export:
+        return False, f"user {user.display_name}: cannot read the compound list. {features.summary()}"
+    # Attach, data and upload are write endpoints: learnt on first use, never by writing here.
     note = f"; {features.summary()}" if features.missing else ""
     return True, f"user {user.display_name}{note}"

@@ -1,0 +1,267 @@
+"""The pages of the web server: /status (a `summary`), /item/<kind>/<ref> (an item's lineage) and /login.
+
+Plain server-side HTML, readable without JavaScript; every value is escaped. Links are relative, so the
+pages work behind a reverse proxy that serves them under a sub-path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mirrord.ui.actions import Lineage
+
+# Kinds `mirrord show` (and so /item/<kind>/<ref>) knows.
+ITEM_KINDS = ("target", "upload", "dataset", "deposition", "annotation")
+REFRESH_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class About:
+    """What the page says about the daemon itself."""
+
+    version: str = ""
+    uptime: float | None = None
+    upstreams: dict[str, str] = field(default_factory=dict)
+    signed_in: bool = False
+
+# -- HTML -------------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222;max-width:110em}
+h1{margin-bottom:.1em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+.meta{color:#666;font-size:.9em}a{color:#0645ad}
+table{border-collapse:collapse;margin:.5em 0 1em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-size:.88em;vertical-align:top}
+th{background:#f2f2f2}td.why{max-width:50em}
+.state{font-weight:600;white-space:nowrap}
+.state-failed,.state-needs_attention,.state-failing,.state-identity,.state-unmatched{color:#b00020}
+.state-published,.state-mirrored,.state-attached,.state-ok{color:#1b7f3b}
+.ok{color:#1b7f3b}.bad{color:#b00020}
+.none{color:#888;font-style:italic}
+td.id,td.id a{white-space:nowrap}pre{white-space:pre-wrap;max-width:100em;background:#f7f7f7;padding:.5em}
+form.inline{display:inline}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _state(state: str | None) -> str:
+    css = re.sub(r"[^a-z0-9_-]", "", (state or "").lower())
+    return f'<span class="state state-{css}">{_esc(state)}</span>'
+
+
+def _when(iso: str | None, now: dt.datetime) -> str:
+    """A relative age for reading at a glance; the exact time on hover and in the markup."""
+    if not iso:
+        return ""
+    try:
+        at = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return _esc(iso)
+    seconds = max(0, int((now - at).total_seconds())) if at.tzinfo else 0
+    if seconds < 90:
+        age = f"{seconds}s ago"
+    elif seconds < 90 * 60:
+        age = f"{seconds // 60} min ago"
+    elif seconds < 48 * 3600:
+        age = f"{seconds // 3600} h ago"
+    else:
+        age = f"{seconds // 86400} d ago"
+    return f'<time datetime="{_esc(iso)}" title="{_esc(iso)}">{_esc(age)}</time>'
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 2 * 3600:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def _clock(iso: str) -> str:
+    """An ISO time as people read it: "2026-12-07 02:54 UTC"."""
+    try:
+        at = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC") if at.tzinfo else iso
+
+
+def one_line(text: str | None, limit: int = 160) -> str:
+    """An error as one readable line: its first line, spaces collapsed, cut at `limit` characters."""
+    if not text:
+        return ""
+    first = " ".join(text.strip().splitlines()[0].split())
+    return first if len(first) <= limit and "\n" not in text.strip() else first[:limit].rstrip() + " …"
+
+
+def _item_href(kind: str, ref: Any) -> str | None:
+    return f"item/{kind}/{ref}" if kind in ITEM_KINDS and ref not in (None, "") else None
+
+
+class _Raw(str):
+    """Markup built here from escaped parts; inserted into a cell as is."""
+
+
+def _table(headers: list[str], rows: list[list[Any]], empty: str = "none", css: str = "") -> str:
+    if not rows:
+        return f'<p class="none">{_esc(empty)}</p>'
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _esc(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f'<table class="{_esc(css)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _counters(counters: Mapping[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((counters or {}).items()))
+
+
+def _item_cell(kind: str, ref: Any, label: Any = None) -> _Raw:
+    """`kind id` linked to the item's page (what `mirrord show <kind> <id>` prints)."""
+    text = _esc(f"{kind} {ref}" if label is None else label)
+    href = _item_href(kind, ref)
+    return _Raw(f'<a href="{_esc(href)}">{text}</a>' if href else text)
+
+
+def _error_cell(text: str | None, kind: str, ref: Any) -> _Raw:
+    """One readable line; the full text is on the item's page (and in the title, on hover)."""
+    line = one_line(text)
+    if not line:
+        return _Raw("")
+    href = _item_href(kind, ref)
+    more = f' <a href="{_esc(href)}">details</a>' if href and line != (text or "").strip() else ""
+    return _Raw(f'<span title="{_esc(text)}">{_esc(line)}</span>{more}')
+
+
+def _why_cell(item: Mapping[str, Any]) -> _Raw:
+    """The reason, plus a button where mirrord can act on it (a plain form: works without JavaScript)."""
+    cell = _error_cell(item["reason"], item["kind"], item["id"])
+    if item.get("open_in_designhub"):
+        cell += (f'<form method="post" action="{_esc(item["open_in_designhub"])}">'
+                 '<button type="submit">open in Design Hub</button></form>')
+    return _Raw(cell)
+
+
+def render_html(data: dict[str, Any], about: About | None = None) -> str:
+    about = about or About()
+    now = dt.datetime.fromisoformat(data["generated_at"])
+
+    def when(iso: str | None) -> _Raw:
+        return _Raw(_when(iso, now))
+
+    def state(value: str | None) -> _Raw:
+        return _Raw(_state(value))
+
+    attention = data["attention"]
+    headline = (f'<p class="bad"><strong>{len(attention)} thing(s) need attention.</strong></p>' if attention
+                else '<p class="ok"><strong>Nothing needs attention.</strong></p>')
+    totals = "; ".join(f"{kind}: " + ", ".join(f"{n} {s}" for s, n in states.items())
+                       for kind, states in data["items"].items() if states)
+    sections = [
+        headline,
+        f'<p class="meta">{_esc(totals or "no items yet")}</p>',
+        '<h2 id="attention">Needs attention</h2>' + _table(
+            ["item", "what", "state", "why", "since"],
+            [[_item_cell(a["kind"], a["id"]), a["label"], state(a["state"]), _why_cell(a), when(a["since"])]
+             for a in attention], empty="nothing needs a person"),
+        '<h2 id="jobs">Jobs</h2>' + _table(
+            ["job", "state", "upstream", "last success", "failing since", "error"],
+            [[j["job"], state(j.get("state")), about.upstreams.get(j["job"], ""), when(j["last_success"]),
+              when(j["failing_since"]), _error_cell(j["error"], "job", j["job"])] for j in data["jobs"]],
+            empty="no job has run"),
+        '<h2 id="targets">Targets</h2>' + _table(
+            ["target", "TAS", "latest upload", "mirrored version", "mirrored"],
+            [[_item_cell("target", t["id"], t["name"]), t["tas"], t["latest_upload"], t["mirrored_upload"],
+              when(t["mirrored_at"])] for t in data["targets"]], empty="no targets mirrored yet"),
+        '<h2 id="depositions">Depositions</h2>' + _table(
+            ["item", "state", "PDB code", "sample", "session", "PDIS status", "details", "updated"],
+            [[_item_cell("deposition", d["id"]), state(d["state"]), d["pdb_code"], d["sample"], d["session"],
+              d["pdis_status"], _error_cell(d["status_details"] or d["error"], "deposition", d["id"]),
+              when(d["updated_at"])] for d in data["depositions"]],
+            empty="no depositions"),
+        '<h2 id="datasets">Datasets</h2>' + _table(
+            ["item", "state", "sample", "session", "beamline", "experiment", "deposition", "reason", "updated"],
+            [[_item_cell("dataset", d["id"]), state(d["state"]), d["sample"], d["session"], d["beamline"],
+              d["experiment"], state(d["deposition_state"]) if d["deposition_state"] else "",
+              _error_cell(d["reason"], "dataset", d["id"]), when(d["updated_at"])]
+             for d in data["datasets"]], empty="no datasets discovered"),
+        '<h2 id="items">Items by state</h2>' + _table(
+            ["kind", "state", "count"],
+            [[kind, state(s), n] for kind, states in data["items"].items() for s, n in states.items()]),
+        '<h2 id="runs">Recent job runs</h2>' + _table(
+            ["job", "instance", "started", "outcome", "counters", "error"],
+            [[r["job"], r["instance"], when(r["started_at"]), state(r["outcome"]), _counters(r["counters"]),
+              _error_cell(r["error"], "run", None)] for r in data["runs"]], empty="no runs yet"),
+        '<h2 id="events">Recent events</h2>' + _table(
+            ["when", "item", "from", "to", "reason", "instance"],
+            [[when(e["at"]), _event_item(e["item"]), e["from"], state(e["to"]), _error_cell(e["reason"], "", None),
+              e["instance"]] for e in data["events"]], empty="no events yet"),
+    ]
+    facts = [f"mirrord {about.version}" if about.version else "mirrord"]
+    if about.uptime is not None:
+        facts.append(f"up {_duration(about.uptime)}")
+    if data.get("instance"):
+        facts.append(f"instance {data['instance']}")
+    facts.append(f"as of {_clock(data['generated_at'])}")
+    upstreams = " · ".join(f"{name}: {url}" for name, url in about.upstreams.items())
+    sign_out = ('<form class="inline" method="post" action="logout"><button type="submit">sign out</button></form>'
+                if about.signed_in else "")
+    return _document("mirrord status", f"""<h1>mirrord</h1>
+<p class="meta">{_esc(' · '.join(facts))} · <a href="api/status">JSON</a> · <a href="metrics">metrics</a>
+· refreshes every {REFRESH_SECONDS} s {sign_out}</p>
+<p class="meta">{_esc(upstreams)}</p>
+{''.join(sections)}""", refresh=REFRESH_SECONDS)
+
+
+def _event_item(item: str) -> _Raw:
+    kind, _, ref = item.partition(" ")
+    return _item_cell(kind, ref) if kind in ITEM_KINDS else _Raw(_esc(item))
+
+
+def render_lineage(lineage: Lineage) -> str:
+    """An item's page: the facts each system holds, the full error text, and its history."""
+    sections = [f"<h2>{_esc(s.title)}</h2>" + _table(["", ""], [[label, _fact(value)] for label, value in s.facts])
+                for s in lineage.sections]
+    history = _table(["when", "item", "from", "to", "reason", "instance"],
+                     [[_clock(h.at), _event_item(h.item), h.from_state, _Raw(_state(h.to_state)), h.reason,
+                       h.instance] for h in lineage.history], empty="no events")
+    state = f" {_state(lineage.state)}" if lineage.state else ""
+    return _document(f"{lineage.title} - mirrord", f"""<p class="meta"><a href="../../status">status</a></p>
+<h1>{_esc(lineage.title)}{state}</h1>
+<p class="meta">{_esc(lineage.kind)} {_esc(lineage.id)} · the same as <code>mirrord show {_esc(lineage.kind)}
+{_esc(lineage.id)}</code></p>
+{''.join(sections)}<h2>History</h2>{history}""")
+
+
+def _fact(value: str) -> Any:
+    """Long or multi-line values (an upstream's raw error text) keep their shape."""
+    return _Raw(f"<pre>{_esc(value)}</pre>") if "\n" in value or len(value) > 160 else value
+
+
+def render_login(next_path: str, *, refused: bool = False) -> str:
+    problem = '<p class="bad">That token is not the one configured ([web] token).</p>' if refused else ""
+    return _document("mirrord: sign in", f"""<h1>mirrord</h1>
+<p>This status page is protected by the token in the daemon's <code>[web] token_file</code>.</p>{problem}
+<form method="post" action="login">
+<input type="hidden" name="next" value="{_esc(next_path)}">
+<label>Token <input type="password" name="token" autocomplete="current-password" autofocus required></label>
+<button type="submit">Sign in</button></form>""")
+
+
+def _document(title: str, body: str, *, refresh: int | None = None) -> str:
+    meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>{meta}
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
+<body>{body}
+</body></html>"""
