@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from mirrord.cli import EXIT_ATTENTION
 from mirrord.config import load_config
 from mirrord.emulators.base import Served
 from mirrord.emulators.campaign import cbf_image
@@ -152,7 +153,8 @@ def replayed(tmp_path_factory) -> tuple[dict[int, Dataset], list[str], int, str]
 def test_once_makes_no_request_the_recordings_cannot_answer(replayed):
     found, unrecorded, code, output = replayed
     assert unrecorded == []
-    assert code == 0, output
+    assert code == EXIT_ATTENTION, output  # 90404 needs a person, and nothing else went wrong
+    assert "needs attention: dataset" in output and "1 need attention" in output
 
 
 def test_every_successful_rotation_is_complete(replayed):

@@ -18,11 +18,13 @@ from sqlalchemy import select, text
 
 from mirrord.emulators.campaign import Campaign
 from mirrord.emulators.ispyb import SeedData
-from mirrord.inspect import check_upstreams
-from mirrord.jobs.ispyb import check_proposal, make_client, short_sessions
+from mirrord.jobs.ispyb import check_proposal, make_client
 from mirrord.store import Store, migrate
 from mirrord.store.models import Dataset
 from mirrord.store.models import Session as SessionRow
+from mirrord.store.scans import short_sessions
+from mirrord.ui.actions import check_upstreams
+from mirrord.ui.summary import summary
 from tests.conftest import make_config
 from tests.ispyb_openapi import (
     ValidatedIspyb,
@@ -108,7 +110,8 @@ async def test_first_poll_discovers_every_collection_the_real_server_holds(tmp_p
     assert scanned == {"lb90001-1": 8, "lb90001-2": 3, "lb90001-3": 4, "lb90001-None": 1, "lb90001-4": 0}
     store = Store(config.daemon.resolved_database_url)
     try:
-        assert await short_sessions(store) == []
+        async with store.read() as session:
+            assert await short_sessions(session) == []
     finally:
         await store.close()
 
@@ -127,14 +130,20 @@ async def test_a_scan_that_sees_fewer_collections_than_counted_is_not_recorded_a
     assert sum("sessionId=90012" in path for path in hide.sent) == 1  # whole: read once
     store = Store(config.daemon.resolved_database_url)
     try:
-        [shortfall] = await short_sessions(store)
+        async with store.read() as session:
+            [shortfall] = await short_sessions(session)
         assert (shortfall.session, shortfall.seen, shortfall.expected) == ("lb90001-1", 0, 8)
+        [shown] = [a for a in (await summary(store))["attention"] if a["kind"] == "session"]  # /status, status
+        assert (shown["id"], shown["state"]) == ("lb90001-1", "short_scan")
+        assert "0 of the 8 collections" in shown["reason"]
         row = (await query(config, select(SessionRow).where(SessionRow.id == 90011)))[0][0]
         assert row.scanned_collections is None
 
         hide.sessions = set()
         await run(config)
-        assert await short_sessions(store) == []
+        async with store.read() as session:
+            assert await short_sessions(session) == []
+        assert not [a for a in (await summary(store))["attention"] if a["kind"] == "session"]
     finally:
         await store.close()
     found = await all_datasets(config)

@@ -11,7 +11,7 @@ there as soon as one collection ended (SQL MAX ignores the running one, recordin
 
 A scan is recorded as done only when the events hold at least the collections the session counts
 (the count is of collections, not groups: recordings 008 and 029). A shorter scan is logged once
-with both numbers, kept in `Session.short_*` (see `short_sessions`) and the session stays due.
+with both numbers, kept in `Session.short_*` (see `mirrord.store.scans`) and the session stays due.
 
 Sample names: ISPyB exposes only the GROUP's sample on an event (`blSample`), never the collection's
 own, and the group's may be null while its collections have one (recording 073; fact 7). A dataset's
@@ -77,24 +77,6 @@ class KnownGroup:
 
     collection_ids: frozenset[int]
     unfinished: bool  # some collection has no end time yet: read the group again next poll
-
-
-@dataclass(frozen=True)
-class Shortfall:
-    """A session whose last full scan saw fewer collections than it counts."""
-
-    session: str
-    seen: int
-    expected: int
-    since: dt.datetime
-
-
-async def short_sessions(store: Store) -> list[Shortfall]:
-    """The sessions currently short, oldest shortfall first (for `/status` and `mirrord status`)."""
-    async with store.read() as session:
-        rows = await session.scalars(select(SessionRow).where(SessionRow.short_since.is_not(None))
-                                     .order_by(SessionRow.short_since, SessionRow.name))
-        return [Shortfall(r.name, r.short_seen or 0, r.short_expected or 0, r.short_since) for r in rows]
 
 
 @dataclass(frozen=True)

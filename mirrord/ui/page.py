@@ -39,7 +39,7 @@ table{border-collapse:collapse;margin:.5em 0 1em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-size:.88em;vertical-align:top}
 th{background:#f2f2f2}td.why{max-width:50em}
 .state{font-weight:600;white-space:nowrap}
-.state-failed,.state-needs_attention,.state-failing,.state-identity,.state-unmatched{color:#b00020}
+.state-failed,.state-needs_attention,.state-failing,.state-identity,.state-unmatched,.state-short_scan{color:#b00020}
 .state-published,.state-mirrored,.state-attached,.state-ok{color:#1b7f3b}
 .ok{color:#1b7f3b}.bad{color:#b00020}
 .none{color:#888;font-style:italic}

@@ -29,12 +29,13 @@ from mirrord.store.models import (
     Upload,
     utcnow,
 )
+from mirrord.store.scans import short_sessions
 
 # The order work flows in, so tables read top to bottom; problems first, unknown states last.
 PIPELINE = ("needs_attention", "failed", "waiting_settle", "building", "fetching", "extracting", "mirrored",
             "discovered", "waiting", "missing", "complete", "eligible", "skipped", "queued", "packing",
-            "packed", "uploading", "uploaded", "submitted", "pending", "validated", "published", "dry_run",
-            "not_deposited", "attaching", "tagging", "attached", "unmatched", "superseded")
+            "packed", "uploading", "uploaded", "withdrawing", "submitted", "pending", "validated", "published",
+            "already_in_pdis", "dry_run", "not_deposited", "attaching", "tagging", "attached", "unmatched", "superseded")
 _RANK = {state: n for n, state in enumerate(PIPELINE)}
 
 
@@ -61,7 +62,7 @@ async def summary(store: Store, *, health: Mapping[str, Any] | None = None, inst
     async with store.read() as session:
         jobs = _jobs_from_health(health) if health is not None else await _jobs_from_runs(session)
         attention = [*await _attention_items(session, rows), *await _unmatched(session, rows),
-                     *await _identity_problems(session), *_failing_jobs(jobs)]
+                     *await _identity_problems(session), *await _short_scans(session), *_failing_jobs(jobs)]
         attention.sort(key=lambda a: a["since"] or "", reverse=True)
         return {
             "generated_at": utcnow().isoformat(),
@@ -187,6 +188,14 @@ async def _identity_problems(session: AsyncSession) -> list[dict[str, Any]]:
     since = row.value.get("checked_at") if isinstance(row.value.get("checked_at"), str) else _iso(row.updated_at)
     return [{"kind": "fragalysis", "id": "identity", "label": "Fragalysis identity", "state": "identity",
              "reason": _text(str(p)), "since": since} for p in (problems if isinstance(problems, list) else [])]
+
+
+async def _short_scans(session: AsyncSession) -> list[dict[str, Any]]:
+    """ISPyB sessions whose events hold fewer collections than the session counts (rescanned every poll)."""
+    return [{"kind": "session", "id": s.session, "label": f"ISPyB session {s.session}", "state": "short_scan",
+             "reason": f"its events show {s.seen} of the {s.expected} collections ISPyB counts for it; "
+                       "read again every poll (collections this login cannot see?)",
+             "since": _iso(s.since)} for s in await short_sessions(session)]
 
 
 def _jobs_from_health(health: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from mirrord.ui.actions import CheckResult, Lineage
 
-_BAD = {"failed", "needs_attention", "failing", "identity", "unmatched"}
+_BAD = {"failed", "needs_attention", "failing", "identity", "unmatched", "short_scan"}
 _GOOD = {"published", "mirrored", "attached", "ok"}
 
 
