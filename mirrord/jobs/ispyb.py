@@ -55,7 +55,6 @@ from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, Ispyb
 from mirrord.config import IspybSection
 from mirrord.jobs.base import Job, JobContext, RunResult, aware
 from mirrord.jobs.datafiles import DirScan, Run, attribution_problem, map_path, scan_dataset, sharing
-from mirrord.store import Store
 from mirrord.store.items import clear_retries, move
 from mirrord.store.models import Dataset, Event, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
