@@ -205,6 +205,25 @@ def test_a_failing_hash_thread_fails_the_pack_without_hanging(tmp_path, monkeypa
     assert leftovers(tmp_path) == ["ds"]
 
 
+def test_a_failing_spool_write_fails_the_pack_without_hanging(tmp_path, monkeypatch):
+    """The spool file is written by its own thread; a full disk must reach the caller, not block the compressor."""
+    import errno
+
+    import mirrord.archive.pack as pack_module
+
+    def disk_full(fd, data):
+        time.sleep(0.1)  # long enough for the compressor to fill the writer's queue
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pack_module, "write_all", disk_full)
+    src = tmp_path / "ds"
+    src.mkdir()
+    (src / "big.cbf").write_bytes(os.urandom(40 * CHUNK))  # more compressed chunks than the queue holds
+    with pytest.raises(OSError, match="No space left"):
+        pack_dataset(src, tmp_path / "out.tar.zst")
+    assert leftovers(tmp_path) == ["ds"]
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
