@@ -114,6 +114,17 @@ class BackgroundPdis:
         self._proc.stdin.close()  # its signal to stop
         self._proc.wait(timeout=30)
 
+    def api(self, method: str, path: str, token: str | None = None, data: bytes | None = None) -> Any:
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if token:
+            request.add_header("Authorization", f"Token {token}")
+        with urllib.request.urlopen(request, timeout=600) as answer:  # noqa: S310 - loopback emulator
+            body = answer.read()
+        return json.loads(body) if body else None
+
+    def token(self) -> str:
+        return self.api("POST", "auth/token/", data=f"username={USER}&password={PASSWORD}".encode())["token"]
+
 
 def serve_pdis(storage: str, bandwidth: str) -> None:
     """Serve the emulator until standard input closes."""
@@ -128,16 +139,6 @@ def serve_pdis(storage: str, bandwidth: str) -> None:
     shutil.rmtree(storage, ignore_errors=True)
 
 
-    def api(self, method: str, path: str, token: str | None = None, data: bytes | None = None) -> Any:
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if token:
-            request.add_header("Authorization", f"Token {token}")
-        with urllib.request.urlopen(request, timeout=600) as answer:  # noqa: S310 - loopback emulator
-            body = answer.read()
-        return json.loads(body) if body else None
-
-    def token(self) -> str:
-        return self.api("POST", "auth/token/", data=f"username={USER}&password={PASSWORD}".encode())["token"]
 
 
 
@@ -272,6 +273,18 @@ async def end_to_end(root: Path, work: Path, bandwidth: float | None) -> dict[st
 
         _pack, _upload, _submit = _timed("_pack"), _timed("_upload"), _timed("_submit")
 
+    from mirrord.clients.pdis import PdisClient
+
+    send = PdisClient.upload
+
+    async def timed_send(self, path, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        started = time.perf_counter() - clock["t0"]
+        try:
+            return await send(self, path, **kwargs)
+        finally:
+            timeline.append({"step": "send", "deposition": int(Path(path).name.split("-")[1].split(".")[0]),
+                             "start": round(started, 3), "end": round(time.perf_counter() - clock["t0"], 3)})
+
     state = work / "state-e2e"
     shutil.rmtree(state, ignore_errors=True)
     with BackgroundPdis(work / "pdis-e2e", bandwidth) as pdis:
@@ -294,6 +307,7 @@ async def end_to_end(root: Path, work: Path, bandwidth: float | None) -> dict[st
         await store.close()
         original = daemon.job_class
         daemon.job_class = lambda name: Timed if name == "pdis" else original(name)
+        PdisClient.upload = timed_send
         try:
             async with daemon.Mirrord(config) as app:
                 clock["t0"] = time.perf_counter()
@@ -304,6 +318,7 @@ async def end_to_end(root: Path, work: Path, bandwidth: float | None) -> dict[st
                                                       .where(Deposition.state == "published"))
         finally:
             daemon.job_class = original
+            PdisClient.upload = send
     shutil.rmtree(work / "pdis-e2e", ignore_errors=True)
     shutil.rmtree(state, ignore_errors=True)
     submitted = max((t["end"] for t in timeline if t["step"] == "submit"), default=elapsed)

@@ -751,3 +751,15 @@ def test_recorded_fragalysis_zips_extract(tmp_path):
         result = safe_extract(src, dest)
         assert sorted(result.files) == sorted(expected), name
         assert all((dest / n).read_bytes() == data for n, data in expected.items()), name
+
+
+def test_a_sparse_member_is_refused(tmp_path):
+    """Its archive data is a map of holes, not `size` bytes: refused rather than written wrongly."""
+    sparse = tarfile.TarInfo("holes.img")
+    sparse.type, sparse.size = tarfile.GNUTYPE_SPARSE, 0
+    src = tmp_path / "sparse.tar"
+    with tarfile.open(src, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(sparse)
+    with pytest.raises(UnsafeArchive, match="sparse member: 'holes.img'"):
+        safe_extract(src, tmp_path / "extract")
+    assert leftovers(tmp_path / "extract") == []
