@@ -171,16 +171,15 @@ def child(args: list[str]) -> None:
 
 
 class PackProfiler:
-    """Who waits on whom inside `pack_dataset`: time spent in its steps, and CPU seconds per thread
-    (the caller hashes; the packer reads, compresses and hands output to the spool writer).
+    """Who waits on whom inside `pack_dataset`: time spent in its steps, and CPU seconds per thread.
 
     Wraps the packer's internal steps (so only for a profile run, never a timed one) and samples
     /proc/self/task every 20 ms: threads that end (the md5 worker, zstd's workers) keep their last sample.
     """
 
-    STEPS = {"_take": "packer: waits for a free buffer (md5 behind)", "_dispatch": "packer: in the compressor",
-             "_hash": "caller: hashing (md5)", "_read_into": "packer: reading files"}
-    SINK_STEPS = {"write": "packer: hands output to the spool writer (in the compressor)",
+    STEPS = {"_take": "main: waits for a free buffer (md5 behind)", "_dispatch": "main: in the compressor",
+             "_hash": "md5 thread: hashing", "_read_into": "main: reading files"}
+    SINK_STEPS = {"write": "main: hands output to the spool writer (in the compressor)",
                   "_write_out": "spool thread: writing"}
 
     def __init__(self) -> None:
@@ -194,7 +193,7 @@ class PackProfiler:
             self.spent[label] = 0.0
             setattr(pack._SpoolSink, name, self._timed(getattr(pack._SpoolSink, name), label))
         self.cpu: dict[int, float] = {}
-        self.names: dict[int, str] = {threading.main_thread().native_id: "caller (md5)"}
+        self.names: dict[int, str] = {threading.main_thread().native_id: "main"}
         self._done = threading.Event()
         self._sampler = threading.Thread(target=self._sample, name="sampler", daemon=True)
         self._sampler.start()
@@ -226,7 +225,7 @@ class PackProfiler:
         self._sampler.join()
         by_thread: dict[str, float] = {}
         for tid, cpu in self.cpu.items():
-            name = {"tar-pack": "packer", "spool-write": "spool thread", "sampler": "profiler"}.get(self.names.get(tid, ""),
+            name = {"tar-md5": "md5 thread", "spool-write": "spool thread", "sampler": "profiler"}.get(self.names.get(tid, ""),
                                                                         self.names.get(tid, "zstd workers"))
             by_thread[name] = by_thread.get(name, 0.0) + cpu
         return {"wall_s": seconds, "seconds_in": {k: round(v, 3) for k, v in self.spent.items()},

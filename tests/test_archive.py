@@ -205,20 +205,6 @@ def test_a_failing_hash_thread_fails_the_pack_without_hanging(tmp_path, monkeypa
     assert leftovers(tmp_path) == ["ds"]
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are a Linux feature")
-def test_the_md5_outranks_the_packing_threads(tmp_path):
-    """The caller's thread hashes at its own priority; reading and compressing yield to it."""
-    import threading
-
-    seen: list[tuple[str, int]] = []
-    src = make_dataset(tmp_path / "ds")
-    pack_dataset(src, tmp_path / "out.tar.zst", progress=lambda n: seen.append(
-        (threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))))
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert seen and {name for name, _ in seen} == {"tar-pack"}
-    assert all(nice == min(19, mine + 10) for _, nice in seen)
-
-
 def test_a_failing_spool_write_fails_the_pack_without_hanging(tmp_path, monkeypatch):
     """The spool file is written by its own thread; a full disk must reach the caller, not block the compressor."""
     import errno

@@ -53,7 +53,6 @@ class _Member:
 
 _STOP = object()
 SPOOL_QUEUE = 8  # compressed chunks (up to CHUNK bytes each) waiting for the spool writer
-PACKER_NICE = 10  # how much lower than the md5 the packing threads run: ~1/10 of its CPU weight
 # The spool file's digest guards against a torn or damaged file after a restart, not against an
 # adversary: xxh3 hashes 2 GB in ~0.2 s of CPU where sha256 took ~1.6 s.
 SPOOL_DIGEST = "xxh3_128"
@@ -63,12 +62,13 @@ _DIGESTS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256":
 class _Worker:
     """A thread applying `handle` to queued items in order.
 
-    os.write releases the GIL, so the spool file is written beside the compressor instead of in
-    turn with it. At most `bound` items wait. An error in the worker surfaces in the
+    hashlib and os.write release the GIL, so the md5 of the tar stream and the writes of the spool
+    file run beside the compressor instead of adding to it. At most `bound` items wait (0: no bound,
+    for a queue whose items are already bounded elsewhere). An error in the worker surfaces in the
     producer at its next `put` or at `close`.
     """
 
-    def __init__(self, name: str, handle: Callable[[Any], None], bound: int) -> None:
+    def __init__(self, name: str, handle: Callable[[Any], None], bound: int = 0) -> None:
         self._queue: queue.Queue[object] = queue.Queue(bound)
         self._handle = handle
         self.error: BaseException | None = None
@@ -148,36 +148,34 @@ def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None
     tmp = Path(tmp_name)
     try:
         with open(fd, "wb", buffering=0) as raw:
-            tar = _TarStream(progress)
-            packer = threading.Thread(target=tar.pack, args=(members, raw.fileno(), level, threads),
-                                      name="tar-pack", daemon=True)
-            packer.start()
+            sink = _SpoolSink(raw.fileno())
             try:
-                tar.hash_stream()
+                tar = _write_archive(members, sink, level, threads, progress)
             finally:
-                packer.join()
-            if tar.error is not None:
-                raise tar.error
+                sink.close(check=False)
+            sink.close()
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return PackResult(dest, tar.md5, tar.size, f"{SPOOL_DIGEST}:{tar.spool_digest}", tar.spool_size,
+    return PackResult(dest, tar.md5, tar.size, f"{SPOOL_DIGEST}:{sink.digest.hexdigest()}", sink.size,
                       len(members), tar.source_bytes)
 
 
-def _lower_priority() -> None:
-    """Make the calling thread, and the threads it starts from now on, yield to the md5 (best effort).
-
-    On two cores the md5 of the tar stream (~720 MB/s, one core) is the critical path of packing
-    incompressible data: at equal priority the compressor's threads took half its core.
-    Linux gives each thread its own nice value; a thread may always lower its own priority.
-    """
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PACKER_NICE))
-    except (AttributeError, OSError):
-        pass
+def _write_archive(members: list[_Member], sink: _SpoolSink, level: int, threads: int,
+                   progress: Callable[[int], None] | None) -> _TarStream:
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=threads, job_size=ZSTD_JOB_SIZE if threads else 0, write_checksum=1)
+    compressor = zstandard.ZstdCompressor(compression_params=params)
+    with compressor.stream_writer(sink, closefd=False, write_size=CHUNK) as zst:
+        tar = _TarStream(zst, progress)  # type: ignore[arg-type]
+        try:
+            for member in members:
+                tar.add(member)
+            tar.finish()
+        finally:
+            tar.close()
+    return tar
 
 
 def _plan_members(source_dir: Path, files: list[str] | None, arcname_root: str | None) -> list[_Member]:
@@ -245,67 +243,27 @@ def _tar_header(member: _Member, size: int) -> bytes:
 
 
 class _TarStream:
-    """Assembles the tar stream in a few reusable buffers: a packing thread fills, compresses and
-    writes them, the thread that called `pack_dataset` hashes them (md5) as they fill.
+    """Assembles the tar stream in a few reusable buffers, each full one compressed here and hashed
+    (md5) by a worker thread.
 
-    The packing thread runs at a lower priority (see `_lower_priority`), and so do zstd's workers and
-    the spool writer it starts, so the md5 gets a core whenever it has a buffer to hash. Reading into
-    recycled buffers rather than allocating a fresh one per read saves the page faults of 2 GB of new
-    memory per 2 GB packed (measured: about a second of system time). A buffer goes back to the pool
-    once hashed; the compressor has copied it by the time `write` returns.
+    Reading into recycled buffers rather than allocating a fresh one per read saves the page faults
+    of 2 GB of new memory per 2 GB packed (measured: about a second of system time). A buffer goes
+    back to the pool once hashed; the compressor has copied it by the time `write` returns.
     """
 
-    def __init__(self, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, out: BinaryIO, progress: Callable[[int], None] | None) -> None:
+        self._out = out
         self._progress = progress
         self._md5 = hashlib.md5(usedforsecurity=False)
         self._pool: queue.Queue[bytearray] = queue.Queue()
         for _ in range(BUFFERS):
             self._pool.put(bytearray(CHUNK))
-        self._filled_buffers: queue.SimpleQueue[object] = queue.SimpleQueue()  # bounded by the pool
-        self._hashing_failed = False
-        self._out: BinaryIO | None = None
-        self._buffer = bytearray()
+        self._hasher = _Worker("tar-md5", self._hash)
+        self._buffer = self._take()
         self._filled = 0
-        self.error: BaseException | None = None  # the packing thread's
         self.size = 0
         self.source_bytes = 0
-        self.md5 = ""  # set by hash_stream()
-        self.spool_digest = ""
-        self.spool_size = 0
-
-    def pack(self, members: list[_Member], fd: int, level: int, threads: int) -> None:
-        """The packing thread: tar, compress and write `members` to `fd`; any error is kept in `error`."""
-        try:
-            _lower_priority()
-            params = zstandard.ZstdCompressionParameters.from_level(
-                level, threads=threads, job_size=ZSTD_JOB_SIZE if threads else 0, write_checksum=1)
-            sink = _SpoolSink(fd)
-            try:
-                with zstandard.ZstdCompressor(compression_params=params).stream_writer(
-                        sink, closefd=False, write_size=CHUNK) as zst:
-                    self._out = zst  # type: ignore[assignment]
-                    self._buffer = self._take()
-                    for member in members:
-                        self.add(member)
-                    self.finish()
-            finally:
-                sink.close(check=False)
-            sink.close()
-            self.spool_digest, self.spool_size = sink.digest.hexdigest(), sink.size
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self._filled_buffers.put(_STOP)
-
-    def hash_stream(self) -> None:
-        """The calling thread: hash each buffer as it fills, until the packing thread is done."""
-        try:
-            while (item := self._filled_buffers.get()) is not _STOP:
-                self._hash(item)  # type: ignore[arg-type]
-        except BaseException:
-            self._hashing_failed = True  # the packing thread stops at its next buffer
-            raise
-        self.md5 = self._md5.hexdigest()
+        self.md5 = ""  # set by finish()
 
     def add(self, member: _Member) -> None:
         if member.source is None:
@@ -321,6 +279,12 @@ class _TarStream:
         if self.size % RECORD:
             self._emit(bytes(RECORD - self.size % RECORD))  # a full last record, as tar(1) and tarfile write
         self._dispatch()
+        self._hasher.close()
+        self.md5 = self._md5.hexdigest()
+
+    def close(self) -> None:
+        """Stop the hashing thread (after `finish`, or on an error)."""
+        self._hasher.close(check=False)
 
     def _emit(self, data: bytes) -> None:
         view = memoryview(data)
@@ -340,9 +304,8 @@ class _TarStream:
 
     def _dispatch(self) -> None:
         if self._filled:
-            assert self._out is not None
             self._out.write(memoryview(self._buffer)[:self._filled])
-            self._filled_buffers.put((self._buffer, self._filled))
+            self._hasher.put((self._buffer, self._filled))
             self._filled = 0
 
     def _hash(self, item: tuple[bytearray, int]) -> None:
@@ -351,10 +314,10 @@ class _TarStream:
         self._pool.put(buffer)
 
     def _take(self) -> bytearray:
-        """A free buffer; if hashing failed, none comes back, so watch for that."""
+        """A free buffer; if the hashing thread failed, it returns none, so watch for its error."""
         while True:
-            if self._hashing_failed:
-                raise ArchiveError("packing stopped: hashing the tar stream failed")
+            if self._hasher.error is not None:
+                raise self._hasher.error
             try:
                 return self._pool.get(timeout=0.1)
             except queue.Empty:
