@@ -27,10 +27,10 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -142,7 +142,7 @@ def measure(size_gb: float, repeat: int, scratch: Path, use_zip: bool) -> dict:
         t0 = time.perf_counter()
         file_url = emulator.build(use_zip)
         build_seconds = time.perf_counter() - t0
-        fmt = served_format(emulator.url, file_url)
+        fmt = served_format(emulator.url, file_url, scratch)
         mine, theirs = scratch / "ours", scratch / "reference"
         ours, reference = paired(lambda: run_ours(emulator.url, file_url, mine),
                                  lambda: run_reference(emulator.url, file_url, theirs, fmt), repeat,
@@ -159,10 +159,19 @@ def measure(size_gb: float, repeat: int, scratch: Path, use_zip: bool) -> dict:
     return row
 
 
-def served_format(url: str, file_url: str) -> str:
-    """What the server really sends (the real one always zips: recordings/fragalysis fact 11)."""
-    with urllib.request.urlopen(f"{url}/api/download_structures/?file_url={quote(file_url, safe='')}") as answer:  # noqa: S310
-        return "zip" if answer.read(4).startswith(b"PK") else "tar.gz"
+def served_format(url: str, file_url: str, scratch: Path) -> str:
+    """What the server really sends (the real one always zips: recordings/fragalysis fact 11).
+
+    Fetched whole, once: closing the connection early would only make the emulator log an error.
+    """
+    probe = scratch / "probe"
+    subprocess.run(["curl", "-s", "-f", "-o", str(probe),
+                    f"{url}/api/download_structures/?file_url={quote(file_url, safe='')}"], check=True)
+    try:
+        with open(probe, "rb") as fh:
+            return "zip" if fh.read(4).startswith(b"PK") else "tar.gz"
+    finally:
+        probe.unlink()
 
 
 def _median(rows: list[dict], key: str) -> float:

@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin")  # the program (apt-get install time), not the shell word
 
 
 @dataclass(frozen=True)
@@ -32,15 +34,24 @@ class Measured:
 
 
 def run_measured(argv: list[str], *, shell: bool = False) -> Measured:
-    """Run a process to completion and measure it (wait4 gives its own and its children's usage)."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(["sh", "-c", argv[0]] if shell else argv, stdout=subprocess.PIPE)
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{argv[0][:80]} exited {os.waitstatus_to_exitcode(status)}")
-    return Measured(elapsed, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, out)
+    """Run a process to completion and measure it (wait4 gives its own and its children's usage).
+
+    A child's peak RSS starts at this process's RSS (Linux records the old memory's peak at exec),
+    so the peak comes from GNU time, which is small when it forks the command.
+    """
+    command = ["sh", "-c", argv[0]] if shell else argv
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        if GNU_TIME:
+            command = [GNU_TIME, "-f", "%M", "-o", rss.name, *command]
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE)
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{argv[0][:80]} exited {os.waitstatus_to_exitcode(status)}")
+        peak_kib = int(rss.read().split()[-1]) if GNU_TIME else usage.ru_maxrss
+    return Measured(elapsed, peak_kib / 1024, usage.ru_utime + usage.ru_stime, out)
 
 
 def settle(*paths: Path) -> None:
