@@ -113,7 +113,7 @@ def print_figures(rows: list[dict[str, Any]]) -> None:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "load_at_start": os.getloadavg(),
+    return {"cpus": os.cpu_count(), "load_at_end": os.getloadavg(),
             "utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

@@ -102,7 +102,10 @@ class BackgroundPdis:
         self.url = ""
 
     def __enter__(self) -> BackgroundPdis:
-        self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # Its own session: where the kernel groups CPU time by session (autogroup), the server's work
+        # is not billed to the client's share, as on the separate machine a real PDIS runs on.
+        self._proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      start_new_session=True)
         assert self._proc.stdout is not None
         self.url = self._proc.stdout.readline().decode().strip()
         if not self.url:
