@@ -52,8 +52,6 @@ class _Member:
 
 
 _STOP = object()
-SAMPLE_FILES, SAMPLE_BYTES = 8, 1024 * 1024  # what `compressor_threads` looks at
-INCOMPRESSIBLE = 0.95  # compressed/original above this: zstd's worker threads cost more than they save
 SPOOL_QUEUE = 8  # compressed chunks (up to CHUNK bytes each) waiting for the spool writer
 # The spool file's digest guards against a torn or damaged file after a restart, not against an
 # adversary: xxh3 hashes 2 GB in ~0.2 s of CPU where sha256 took ~1.6 s.
@@ -130,12 +128,11 @@ class _SpoolSink:
 
 
 def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None,
-                 arcname_root: str | None = None, level: int = 3, threads: int | None = None,
+                 arcname_root: str | None = None, level: int = 3, threads: int = -1,
                  progress: Callable[[int], None] | None = None) -> PackResult:
     """Pack `source_dir` (or only the relative paths in `files`) into a deterministic `dest` .tar.zst.
 
-    `arcname_root` prefixes every member (e.g. the dataset name). `threads=-1` compresses on all cores,
-    0 in this thread; None chooses from a sample of the data (see `compressor_threads`).
+    `arcname_root` prefixes every member (e.g. the dataset name). `threads=-1` compresses on all cores.
     `progress` receives the number of source bytes read since its previous call.
     Raises `DatasetChanged` if a file changes while being read, `UnsupportedFile` for anything that
     is not a regular file, `UnreadableFile` when a file cannot be read; `dest` is then left untouched.
@@ -153,7 +150,6 @@ def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None
         with open(fd, "wb", buffering=0) as raw:
             sink = _SpoolSink(raw.fileno())
             try:
-                threads = compressor_threads(members, level) if threads is None else threads
                 tar = _write_archive(members, sink, level, threads, progress)
             finally:
                 sink.close(check=False)
@@ -164,31 +160,6 @@ def pack_dataset(source_dir: Path, dest: Path, *, files: list[str] | None = None
         raise
     return PackResult(dest, tar.md5, tar.size, f"{SPOOL_DIGEST}:{sink.digest.hexdigest()}", sink.size,
                       len(members), tar.source_bytes)
-
-
-def compressor_threads(members: list[_Member], level: int) -> int:
-    """0 (compress in the packing thread) for incompressible data, else -1 (all cores).
-
-    Compressed detector data (HDF5 with bitshuffle/LZ4, random-like pixels) passes zstd at ~1.7 GB/s
-    on one core, so zstd's worker threads only add the copies into their job buffers: measured +60%
-    CPU for the same output, CPU the md5 beside it needs. Data that compresses (CBF byte offsets, text)
-    is many times slower to compress, and there the workers pay. A MiB from the middle of the
-    largest of the first files decides.
-    """
-    sources = [m.source for m in members if m.source is not None][:SAMPLE_FILES]
-    try:
-        largest = max(sources, key=lambda path: path.stat().st_size, default=None)
-        if largest is None:
-            return -1
-        with open(largest, "rb") as fh:
-            fh.seek(max(0, largest.stat().st_size // 2 - SAMPLE_BYTES // 2))
-            sample = fh.read(SAMPLE_BYTES)
-    except OSError:
-        return -1  # packing itself will report the file
-    if len(sample) < SAMPLE_BYTES // 4:
-        return -1  # small files: nothing to save either way
-    compressed = len(zstandard.ZstdCompressor(level=level).compress(sample))
-    return 0 if compressed > INCOMPRESSIBLE * len(sample) else -1
 
 
 def _write_archive(members: list[_Member], sink: _SpoolSink, level: int, threads: int,
