@@ -403,7 +403,8 @@ def run_bench(work: Path, opts: argparse.Namespace) -> int:
     if "pack" in opts.only:
         mine, theirs = paired(lambda: ours("pack", str(root), str(ours_out), str(single)), lambda: tool(pack_ref),
                               opts.repeat, [ref_out, ours_out])
-        rows.append(figure(label, mine, theirs, "1.05", bytes=mine[0]["tar_size"]))
+        goal = "1.05" if opts.pixels == "random" else "1.0"  # compressible data: the md5 hides behind zstd
+        rows.append(figure(label, mine, theirs, goal, bytes=mine[0]["tar_size"]))
         fifo = spool / "md5.fifo"
         same = f"rm -f {fifo}; mkfifo {fifo}; openssl md5 < {fifo} > /dev/null & " \
                f"{tar} | tee {fifo} | zstd -3 -T0 -q -f -o {ref_out}; wait; rm -f {fifo}"
