@@ -38,6 +38,7 @@ from mirrord.archive import (
 )
 from mirrord.archive.common import CHUNK
 from mirrord.emulators.campaign import Campaign, cbf_image, pdb_text, sdf_text
+from tests.recordings import archive, recordings_dir
 
 MiB = 1024 * 1024
 LONG_NAME = "a_rather_long_detector_image_name_" + "x" * 90 + ".cbf"  # over ustar's 100 bytes: PAX path
@@ -202,6 +203,25 @@ def test_a_failing_hash_thread_fails_the_pack_without_hanging(tmp_path, monkeypa
     src.mkdir()
     (src / "big.cbf").write_bytes(os.urandom(20 * CHUNK))  # more buffers than the pool holds
     with pytest.raises(MemoryError, match="md5 failed"):
+        pack_dataset(src, tmp_path / "out.tar.zst")
+    assert leftovers(tmp_path) == ["ds"]
+
+
+def test_a_failing_spool_write_fails_the_pack_without_hanging(tmp_path, monkeypatch):
+    """The spool file is written by its own thread; a full disk must reach the caller, not block the compressor."""
+    import errno
+
+    import mirrord.archive.pack as pack_module
+
+    def disk_full(fd, data):
+        time.sleep(0.1)  # long enough for the compressor to fill the writer's queue
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pack_module, "write_all", disk_full)
+    src = tmp_path / "ds"
+    src.mkdir()
+    (src / "big.cbf").write_bytes(os.urandom(40 * CHUNK))  # more compressed chunks than the queue holds
+    with pytest.raises(OSError, match="No space left"):
         pack_dataset(src, tmp_path / "out.tar.zst")
     assert leftovers(tmp_path) == ["ds"]
 
@@ -641,3 +661,132 @@ def test_image_formats_by_header(tmp_path, campaign_images):
         (tmp_path / name).write_bytes(data)
         assert image_format(tmp_path / name) == expected, name
     assert image_format(tmp_path / "missing.cbf") is None
+
+
+# -- safe extraction: one pass --------------------------------------------------------------------
+
+def _counting_open(monkeypatch, archive: Path) -> dict[str, int]:
+    """Count the opens of `archive` by the extractor and the bytes read from it."""
+    seen = {"opens": 0, "bytes": 0}
+
+    class Counted(io.FileIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            seen["bytes"] += len(data)
+            return data
+
+        def readinto(self, buffer):
+            count = super().readinto(buffer)
+            seen["bytes"] += count or 0
+            return count
+
+    def counted_open(path, mode="r", *args, **kwargs):
+        if Path(path) == archive:
+            seen["opens"] += 1
+            return io.BufferedReader(Counted(path, "rb"), CHUNK) if "b" in mode else open(path, mode, *args, **kwargs)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "open", counted_open, raising=False)
+    return seen
+
+
+@pytest.mark.parametrize("mode,fmt", [("w:gz", "tar.gz"), ("w", "tar"), ("w:bz2", "tar.bz2")])
+def test_a_tar_is_read_once(tmp_path, monkeypatch, mode, fmt):
+    src = tmp_path / "archive"
+    files = {f"aligned_files/x{i}/x{i}.pdb": os.urandom(300_000) for i in range(8)}
+    with tarfile.open(src, mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    seen = _counting_open(monkeypatch, src)
+    result = safe_extract(src, tmp_path / "extract", fmt=fmt)
+    assert result.files == list(files)
+    assert seen["opens"] == 1 and seen["bytes"] <= src.stat().st_size  # no second pass, no byte read twice
+    assert all((tmp_path / "extract" / name).read_bytes() == data for name, data in files.items())
+
+
+def test_a_zip_entry_is_decompressed_once(tmp_path, monkeypatch):
+    src = tmp_path / "archive.zip"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(5):
+            zf.writestr(f"aligned_files/x{i}.pdb", os.urandom(100_000))
+    opened: list[str] = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open",
+                        lambda self, info, *a, **k: (opened.append(getattr(info, "filename", info)),
+                                                     real_open(self, info, *a, **k))[1])
+    safe_extract(src, tmp_path / "extract")
+    assert opened == [f"aligned_files/x{i}.pdb" for i in range(5)]
+
+
+def test_a_refusal_mid_archive_takes_back_everything_written(tmp_path):
+    dest = tmp_path / "extract"
+    src = tmp_path / "late.tar.gz"
+    _write_tar_gz(src, [*(_member(f"./aligned_files/x{i}/x{i}.pdb", data=b"ATOM\n" * 1000) for i in range(30)),
+                        _member("./aligned_files/latest", tarfile.SYMTYPE, linkname="x0"),
+                        _member("./aligned_files/copy.pdb", tarfile.LNKTYPE, linkname="./aligned_files/x0/x0.pdb"),
+                        _member("../escaped.txt")])
+    with pytest.raises(UnsafeArchive, match="escaped.txt"):
+        safe_extract(src, dest)
+    assert leftovers(dest) == [] and not (tmp_path / "escaped.txt").exists()
+    # Over the size limit at the 11th file, after ten were written.
+    with pytest.raises(UnsafeArchive, match="x10"):
+        safe_extract(src, dest, max_total_bytes=10 * 5000 + 1)
+    assert leftovers(dest) == []
+
+
+def test_a_corrupt_stream_mid_archive_takes_back_everything_written(tmp_path):
+    src = tmp_path / "big.tar.gz"
+    _write_tar_gz(src, [_member(f"./f{i}.bin", data=os.urandom(MiB)) for i in range(6)])
+    damaged = bytearray(src.read_bytes())
+    damaged[len(damaged) * 3 // 4] ^= 0xFF  # stored blocks of random data: the CRC catches it
+    src.write_bytes(bytes(damaged))
+    with pytest.raises(CorruptArchive):
+        safe_extract(src, tmp_path / "extract")
+    assert leftovers(tmp_path / "extract") == []
+
+
+def test_concatenated_and_zero_padded_gzip_members_extract(tmp_path):
+    """As gzip(1) reads them: members one after another, trailing zeros ignored; anything else between them refused."""
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"f{i}.txt")
+            info.size = 6
+            tar.addfile(info, io.BytesIO(b"hello\n"))
+    raw = payload.getvalue()
+    src = tmp_path / "multi.tar.gz"
+    src.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + bytes(4096))
+    assert safe_extract(src, tmp_path / "a").files == ["f0.txt", "f1.txt", "f2.txt"]
+    src.write_bytes(gzip.compress(raw[:1000]) + b"garbage" + gzip.compress(raw[1000:]))
+    with pytest.raises(CorruptArchive):
+        safe_extract(src, tmp_path / "b")
+    assert leftovers(tmp_path / "b") == []
+
+
+def test_recorded_fragalysis_zips_extract(tmp_path):
+    """The real backend's zips (recordings/fragalysis facts 11, 16): entries without "./" nor a top folder."""
+    names = sorted(p.name for p in recordings_dir("fragalysis").joinpath("archives").glob("*.zip"))
+    assert len(names) == 7
+    for name in names:
+        src = archive("fragalysis", f"archives/{name}")
+        with zipfile.ZipFile(src) as zf:
+            expected = {info.filename: zf.read(info) for info in zf.infolist() if not info.is_dir()}
+        assert not any(n.startswith("./") for n in expected) and "metadata.csv" in expected or "-metadata" not in name
+        dest = tmp_path / name
+        result = safe_extract(src, dest)
+        assert sorted(result.files) == sorted(expected), name
+        assert all((dest / n).read_bytes() == data for n, data in expected.items()), name
+
+
+def test_a_sparse_member_is_refused(tmp_path):
+    """Its archive data is a map of holes, not `size` bytes: refused rather than written wrongly."""
+    sparse = tarfile.TarInfo("holes.img")
+    sparse.type, sparse.size = tarfile.GNUTYPE_SPARSE, 0
+    src = tmp_path / "sparse.tar"
+    with tarfile.open(src, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(sparse)
+    with pytest.raises(UnsafeArchive, match="sparse member: 'holes.img'"):
+        safe_extract(src, tmp_path / "extract")
+    assert leftovers(tmp_path / "extract") == []

@@ -226,6 +226,8 @@ def hostile_archives(outside: Path) -> dict[str, bytes]:
                                                 regular(t, "A71EV2A/victim", b"overwritten\n"))),
         "device": tar_bytes(device),
         "decompression bomb": tar_bytes(bomb),
+        "escape after many good files": tar_bytes(lambda t: ([regular(t, f"A71EV2A/aligned_files/x{i}.pdb", b"ATOM\n")
+                                                              for i in range(50)], regular(t, up + "pwned-late"))),
         "not an archive": b"<html><body>Bad gateway</body></html>" * 20,
     }
 
@@ -260,6 +262,7 @@ async def test_hostile_archives_write_nothing_outside_the_mirror(tmp_path: Path)
             assert not files_outside(tmp_path, mirror), (kind, files_outside(tmp_path, mirror))
             assert (outside / "victim").read_text() == "precious\n" and (outside / "victim").stat().st_nlink == 1
             assert not list((mirror / "lb32627-66" / "A71EV2A").glob("upload_*")), kind  # nothing half-done shown
+            assert not list((mirror / ".tmp").glob("*.extract")), kind  # a refusal mid-way discards the staging
             assert not [p for p in mirror.rglob("*") if p.is_char_device() or p.is_block_device()]
         print("\nrefused archives:\n" + "\n".join(f"  {k}: {v[:160]}" for k, v in refused.items()))
         # The next clean archive recovers the target.

@@ -5,8 +5,9 @@ Everything here is synchronous and streams in bounded memory: callers run it in 
 
 - packing (`pack_dataset`): same files → same tar bytes → same md5, because PDIS answers a duplicate
   upload with 409 and the only way to adopt the earlier submission is to find it by that md5;
-- extraction (`safe_extract`): archives come from remote servers, so every member is validated before
-  anything is written and every write is checked again against the destination;
+- extraction (`safe_extract`): archives come from remote servers, so each member is validated before
+  it is written, in one pass over the archive, every write is checked again against the destination,
+  and a refusal half-way removes what was written;
 - preflight (`preflight_images`): a dataset without readable diffraction images is refused by PDIS
   after a multi-gigabyte upload, so look at the first bytes of each file before packing.
 """

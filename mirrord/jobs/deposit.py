@@ -17,7 +17,8 @@ dataset means PDIS has this structure already (`already_in_pdis`, unless
 deletes it (allowed while `uploaded`), so a restart in between finishes the delete. An upload adopted
 after a lost answer has no verdict: it is deleted and uploaded again to hear one.
 
-`work` runs a packing loop and an uploading loop side by side, each bounded by its own concurrency.
+`work` runs a packing, an uploading and a submitting loop side by side, each woken by the one before;
+packing and uploading are bounded by their own concurrency. The submitting loop also withdraws.
 
 Exactly once. Submitting is irreversible, so every step checks its postcondition on PDIS first:
 - packing is deterministic (same files, same tar bytes, same md5), so an archive whose upload answer
@@ -72,7 +73,8 @@ SUBMITTED, PUBLISHED = "submitted", "published"
 NEEDS_ATTENTION, NOT_DEPOSITED, DRY_RUN = "needs_attention", "not_deposited", "dry_run"
 WITHDRAWING, ALREADY_IN_PDIS = "withdrawing", "already_in_pdis"
 PACK_STATES = (QUEUED, PACKING)
-UPLOAD_STATES = (PACKED, UPLOADING, UPLOADED, WITHDRAWING)
+UPLOAD_STATES = (PACKED, UPLOADING)
+SUBMIT_STATES = (UPLOADED, WITHDRAWING)  # after the upload: submit, or withdraw what PDIS's answer stopped
 IN_FLIGHT_STATES = tuple(sorted(pdis.IN_FLIGHT))  # local state == PDIS status while PDIS works on it
 # States in which the spool file is (or may soon be) needed; anywhere else it is removed.
 SPOOL_STATES = frozenset({QUEUED, PACKING, PACKED, UPLOADING, UPLOADED, *IN_FLIGHT_STATES})
@@ -104,17 +106,17 @@ def upload_filename(facts: DatasetFacts, decision: Decision) -> str:
 
 
 class _Wake:
-    """Lets idle upload workers sleep until a packer finishes an archive, or packing is over."""
+    """Lets idle workers of one stage sleep until the stage before hands them an item, or is over."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
-        self.packing = True
+        self.running = True
 
     def notify(self) -> None:
         self._event.set()
 
     def finish(self) -> None:
-        self.packing = False
+        self.running = False
         self._event.set()
 
     async def wait(self) -> None:
@@ -235,37 +237,41 @@ class DepositJob(Job):
     def _next_check(self) -> dt.datetime:
         return utcnow() + dt.timedelta(seconds=self.section.poll_interval)
 
-    # -- work: a packing loop and an uploading loop, side by side ---------------------------------
+    # -- work: packing, uploading and submitting loops, side by side ----------------------------------
     async def work(self, result: RunResult) -> None:
+        """Three stages, each woken by the one before: the link never waits for a submit, the packer
+        never for the link (a submit is a few small requests: one loop is enough)."""
         if self.section.dry_run:
             return  # a dry run only decides (in poll): nothing is packed or sent
-        wake = _Wake()
+        packed, uploaded = _Wake(), _Wake()
 
-        async def packing() -> None:
+        async def stage(workers: list[Any], done: _Wake) -> None:
             try:
-                await asyncio.gather(*(self._pack_worker(result, wake)
-                                       for _ in range(self.section.pack_concurrency)))
+                await asyncio.gather(*workers)
             finally:
-                wake.finish()
+                done.finish()
 
-        await asyncio.gather(packing(), *(self._upload_worker(result, wake)
-                                          for _ in range(self.section.upload_concurrency)))
+        await asyncio.gather(
+            stage([self._pack_worker(result, packed) for _ in range(self.section.pack_concurrency)], packed),
+            stage([self._stage_worker(UPLOAD_STATES, self._upload, result, packed, uploaded)
+                   for _ in range(self.section.upload_concurrency)], uploaded),
+            self._stage_worker(SUBMIT_STATES, self._submit_or_withdraw, result, uploaded, _Wake()))
 
-    async def _pack_worker(self, result: RunResult, wake: _Wake) -> None:
+    async def _pack_worker(self, result: RunResult, packed: _Wake) -> None:
         while items := await self.claim(Deposition, PACK_STATES):
             await self._step(items[0], self._pack, result)
-            wake.notify()
+            packed.notify()
 
-    async def _upload_worker(self, result: RunResult, wake: _Wake) -> None:
+    async def _stage_worker(self, states: tuple[str, ...], step: Callable[[Deposition, RunResult], Any],
+                            result: RunResult, before: _Wake, after: _Wake) -> None:
+        """Claim and run items in `states` until the stage before is over and none is left."""
         while True:
-            items = await self.claim(Deposition, UPLOAD_STATES)
+            items = await self.claim(Deposition, states)
             if items:
-                dep = items[0]
-                step = {PACKED: self._upload, UPLOADING: self._upload, UPLOADED: self._submit,
-                        WITHDRAWING: self._withdraw}[dep.state]
-                await self._step(dep, step, result)
-            elif wake.packing:
-                await wake.wait()
+                await self._step(items[0], step, result)
+                after.notify()
+            elif before.running:
+                await before.wait()
             else:
                 return
 
@@ -402,6 +408,9 @@ class DepositJob(Job):
         await self._record_status(dep, sub, why, result, upload_token=sub.token, server_md5=sub.md5hash)
 
     # -- submitting -------------------------------------------------------------------------------
+    async def _submit_or_withdraw(self, dep: Deposition, result: RunResult) -> None:
+        await (self._withdraw if dep.state == WITHDRAWING else self._submit)(dep, result)
+
     async def _submit(self, dep: Deposition, result: RunResult) -> None:
         try:
             sub = await self.client.submission(dep.upload_token)  # postcondition: submitted already?
