@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 SHARED = Path(os.environ.get("MIRRORD_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+# Where the recorded Fragalysis listened: its absolute URLs (paging links, fact 5) start so.
+FRAGALYSIS_BASE = "http://127.0.0.1:8000"
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,11 @@ class Exchange:
     @property
     def number(self) -> int:
         return int(self.name.split("-", 1)[0])
+
+    @property
+    def caller(self) -> str:
+        """Who sent it, as a Fragalysis note starts: `[member] …` -> "member"."""
+        return self.note[1:self.note.index("]")]
 
 
 def recordings_dir(service: str) -> Path:

@@ -24,10 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.recordings import Exchange, archive, exchanges, seed
+from tests.recordings import FRAGALYSIS_BASE, Exchange, archive, exchanges, seed
 
 SERVICE = "fragalysis"
-RECORDED_BASE = "http://127.0.0.1:8000"
 SESSIONS = {"member-session": "member", "outsider-session": "outsider"}
 PAGING = ("limit", "offset")
 
@@ -72,7 +71,7 @@ class RecordedFragalysis:
         same = [x for x in self.recorded if x.request["method"] == request.method
                 and x.request["path"] == request.path and x.request["query"] == dict(request.query)
                 and x.request["body"] == body]
-        mine = [x for x in same if _caller_of(x) == caller]
+        mine = [x for x in same if x.caller == caller]
         if mine:
             return mine[0]
         if request.path == "/api/download_structures/" and same:
@@ -87,7 +86,7 @@ class RecordedFragalysis:
             return None
         wanted = {k: v for k, v in request.query.items() if k not in PAGING}
         whole = next((x for x in self.recorded if x.request["method"] == "GET" and x.request["path"] == request.path
-                      and x.request["query"] == wanted and _caller_of(x) == caller
+                      and x.request["query"] == wanted and x.caller == caller
                       and isinstance(x.response["body"], dict) and x.response["body"].get("next") is None
                       and x.response["body"].get("previous") is None), None)
         if whole is None:
@@ -129,7 +128,7 @@ class RecordedFragalysis:
 
     @staticmethod
     def _rebased(request: web.Request, text: str) -> str:
-        return text.replace(RECORDED_BASE, f"{request.scheme}://{request.host}")
+        return text.replace(FRAGALYSIS_BASE, f"{request.scheme}://{request.host}")
 
     def _unrecorded(self, request: web.Request, caller: str, why: str) -> web.Response:
         self.unrecorded.append(f"[{caller}] {request.method} {request.path_qs}: {why}")
@@ -144,7 +143,3 @@ async def _json_body(request: web.Request) -> Any:
         return json.loads(text)
     except ValueError:
         return text  # matches no recorded JSON body
-
-
-def _caller_of(x: Exchange) -> str:
-    return x.note[1:x.note.index("]")]

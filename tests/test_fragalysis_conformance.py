@@ -22,16 +22,15 @@ from yarl import URL
 
 from mirrord.emulators.base import Served
 from mirrord.emulators.fragalysis import FragalysisEmulator
-from tests.recordings import Exchange, archive, exchanges, seed
+from tests.recordings import FRAGALYSIS_BASE, Exchange, archive, exchanges, seed
 
-RECORDED_BASE = "http://127.0.0.1:8000"
 FILE_URL = re.compile(r"/code/media/downloads/[0-9a-f-]{36}/")
 CSRF_FORM_TOKEN = re.compile(r'name="csrfmiddlewaretoken" value="[^"]*"')
 
 # The only differences allowed between the emulator and the recordings, each with its reason.
 ALLOWED = (
     # Absolute URLs carry the server's own address: the emulator listens on another port.
-    lambda text, base: text.replace(base, RECORDED_BASE),
+    lambda text, base: text.replace(base, FRAGALYSIS_BASE),
     # A build's uuid is random; that identical requests share one link (fact 12) is checked in `replay`.
     lambda text, base: FILE_URL.sub("/code/media/downloads/<uuid>/", text),
     # The landing page's masked CSRF form token is new on every page (recorded as a placeholder).
@@ -55,10 +54,6 @@ def archive_summary(data: bytes) -> dict[str, Any]:
     return {"magic": data[:4].hex(), "members": names, "metadata_header": header}
 
 
-def who(x: Exchange) -> str:
-    return x.note[1:x.note.index("]")]
-
-
 async def replay() -> dict[str, dict[str, Any]]:
     """Every recorded request against one seeded emulator; the answers by exchange name."""
     emulator = FragalysisEmulator.from_seed(seed("fragalysis"), build_seconds=0)
@@ -74,11 +69,11 @@ async def replay() -> dict[str, dict[str, Any]]:
             request = x.request
             headers = {k: v for k, v in request["headers"].items() if k != "Content-Length"}
             if "Cookie" in headers:
-                headers["Cookie"] = headers["Cookie"].replace("<sessionid>", sessions.get(who(x), ""))
-                headers["Cookie"] = headers["Cookie"].replace("<csrftoken>", csrf.get(who(x), ""))
+                headers["Cookie"] = headers["Cookie"].replace("<sessionid>", sessions.get(x.caller, ""))
+                headers["Cookie"] = headers["Cookie"].replace("<csrftoken>", csrf.get(x.caller, ""))
             if "X-CSRFToken" in headers:
-                headers["X-CSRFToken"] = csrf[who(x)]
-            headers = {k: v.replace(RECORDED_BASE, server.url) for k, v in headers.items()}
+                headers["X-CSRFToken"] = csrf[x.caller]
+            headers = {k: v.replace(FRAGALYSIS_BASE, server.url) for k, v in headers.items()}
             query_string, query = request.get("query_string"), dict(request["query"])
             for recorded, ours in file_urls.items():  # a download asks for the link our build got
                 query_string = query_string and query_string.replace(recorded, ours).replace(
