@@ -8,13 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mirrord import metrics
 from mirrord.daemon import Mirrord
 from tests.conftest import make_config
 from tests.fakejobs import use_job
-from tests.test_web import BrokenJob, get, seed, serve
+from tests.test_web import BrokenJob, get, metric_samples, seed, serve
 
 MONITORING = Path(__file__).resolve().parents[1] / "docs" / "monitoring"
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
@@ -59,8 +58,7 @@ async def test_the_gauges_the_alerts_read_move(tmp_path: Path, monkeypatch: pyte
             text = (await get(f"{url}/metrics"))[2]
         finally:
             await server.stop()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    samples = metric_samples(text)
     assert samples[("mirrord_job_failing", (("job", "fragalysis"),))] == 1
     assert samples[("mirrord_job_interval_seconds", (("job", "fragalysis"),))] == 120
     # seed(): the needs_attention deposition changed 2 minutes ago (test_web.ago(2)).

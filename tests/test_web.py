@@ -108,6 +108,12 @@ async def serve(app: Mirrord, token: str | None = None):
     return server, await server.start()
 
 
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as {(series, sorted labels): value}."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 async def get(url: str, **headers: str) -> tuple[int, str, str]:
     async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as resp:
         return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
@@ -187,8 +193,7 @@ async def test_readyz_ready_after_success_and_metrics_parse(tmp_path: Path,
             assert status == 200, body
             status, ctype, text = await get(f"{url}/metrics")
             assert status == 200 and ctype.startswith("text/plain")
-            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                       for family in text_string_to_metric_families(text) for s in family.samples}
+            samples = metric_samples(text)
             assert samples[("mirrord_job_runs_total", (("job", "fragalysis"), ("outcome", "ok")))] >= 1
             assert samples[("mirrord_job_polls_total", (("job", "fragalysis"),))] >= 1
             assert samples[("mirrord_job_items_total", (("counter", "widgets"), ("job", "fragalysis")))] >= 3
