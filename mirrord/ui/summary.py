@@ -244,18 +244,17 @@ async def _events(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
 async def refresh_item_gauges(store: Store) -> None:
     from mirrord import metrics  # here, not at the top: `mirrord status` has no use for prometheus_client
 
+    rows = []
     async with store.read() as session:
-        counts = await _counts(session)
-        oldest = {}
-        for kind, model in ITEM_MODELS.items():
-            rows = await session.execute(select(model.state, func.min(model.updated_at)).group_by(model.state))
-            oldest |= {(kind, state): at for state, at in rows if at is not None}
+        for kind, model in ITEM_MODELS.items():  # one query a kind: each state's count and oldest change
+            found = await session.execute(
+                select(model.state, func.count(), func.min(model.updated_at)).group_by(model.state))
+            rows += [(kind, state, n, oldest) for state, n, oldest in found]
     # Cleared first: a state that emptied must read 0 (absent), not its last count.
     metrics.items_by_state.clear()
     metrics.oldest_item_age.clear()
-    for kind, states in counts.items():
-        for state, n in states.items():
-            metrics.items_by_state.labels(kind, state).set(n)
     now = utcnow()
-    for (kind, state), at in oldest.items():
-        metrics.oldest_item_age.labels(kind, state).set(max(0.0, (now - at).total_seconds()))
+    for kind, state, n, oldest in rows:
+        metrics.items_by_state.labels(kind, state).set(n)
+        if oldest is not None:
+            metrics.oldest_item_age.labels(kind, state).set(max(0.0, (now - oldest).total_seconds()))
