@@ -464,10 +464,7 @@ class DepositJob(Job):
 
         `withdrawing` is recorded first, with the reason and the detected id, so this step is resumed
         after a restart until the upload is gone."""
-        try:
-            await self.client.delete(dep.upload_token)
-        except NotFound:
-            pass  # deleted before a restart
+        await self._delete_upload(dep.upload_token)
         reason = dep.status_details or "upload withdrawn"
         result.count("withdrawn")
         if _mismatch(dep.detected_pdb, dep.pdb_code):
@@ -477,10 +474,7 @@ class DepositJob(Job):
 
     async def _upload_again(self, dep: Deposition) -> None:
         """Adopted after a lost upload answer: PDIS's verdict on it was never heard, so ask again."""
-        try:
-            await self.client.delete(dep.upload_token)
-        except NotFound:
-            pass
+        await self._delete_upload(dep.upload_token)
         await self.transition(Deposition, dep.id, PACKED, "PDIS's upload answer was lost: deleted the upload "
                               "and uploading again to hear its verdict", upload_token=None, server_md5=None,
                               server_size=None, pdis_status=None, detected_pdb=None)
@@ -532,6 +526,13 @@ class DepositJob(Job):
         removed = await self._remove_spool_file(dep)
         await self.transition(Deposition, dep.id, NOT_DEPOSITED, decision.summary, status_details=decision.reason,
                               spool_removed_at=removed)
+
+    async def _delete_upload(self, token: str) -> None:
+        """Delete an upload that must not be submitted; one already gone (deleted before a restart) is fine."""
+        try:
+            await self.client.delete(token)
+        except NotFound:
+            pass
 
     async def _delete_remote(self, token: str | None) -> None:
         """Best effort: an upload we will not submit should not wait on PDIS for metadata for ever."""
