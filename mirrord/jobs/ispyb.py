@@ -370,8 +370,7 @@ class IspybJob(Job):
             if new_rows:
                 await self._insert_discovered(session, new_rows)
                 result.count("datasets_discovered", len(new_rows))
-            row = await session.get(SessionRow, s.session_id)
-            if seen is not None and row is not None:
+            if seen is not None and (row := await session.get(SessionRow, s.session_id)) is not None:
                 self._record_scan(row, s, seen)
 
     def _record_scan(self, row: SessionRow, s: IspybSession, seen: int) -> None:
