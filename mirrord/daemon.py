@@ -27,7 +27,7 @@ from mirrord.notify import WebhookNotifier
 from mirrord.runner import JobRunner
 from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
-from mirrord.store.items import release_all, release_mine
+from mirrord.store.items import release_all, release_mine, why
 from mirrord.store.models import FAILED_STATES, ITEM_MODELS, Event, utcnow
 
 log = structlog.get_logger("mirrord.daemon")
@@ -173,8 +173,6 @@ class Mirrord:
     async def problem_items(self) -> tuple[list[str], list[str]]:
         """Items that failed (gave up, or erred and wait for a retry) and items that need a person,
         each with its id (for `mirrord show` and `retry`) and its reason."""
-        from mirrord.ui.summary import why
-
         failed, attention = [], []
         async with self.store.read() as session:
             for kind, model in ITEM_MODELS.items():

@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import random
 from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mirrord.redact import redact
 from mirrord.store.engine import Store
 from mirrord.store.models import Event, Tick, WorkItem, utcnow
 
@@ -23,6 +24,15 @@ T = TypeVar("T", bound=WorkItem)
 
 def item_kind(item: WorkItem) -> str:
     return type(item).__tablename__.removesuffix("s")
+
+
+def why(kind: str, item: Any) -> str:
+    """The most specific explanation an item carries, redacted (`status`, /status and `once` show it)."""
+    if kind == "deposition" and item.pdis_status and item.state == "needs_attention":
+        details = f": {item.status_details}" if item.status_details else ""
+        return redact(f"PDIS status {item.pdis_status}{details}")
+    text = item.last_error or getattr(item, "reason", None) or getattr(item, "status_details", None)
+    return redact(text) if text else ""
 
 
 def log_event(session: AsyncSession, item: WorkItem, from_state: str | None, to_state: str, reason: str,

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mirrord.redact import redact
 from mirrord.store import Store
+from mirrord.store.items import why
 from mirrord.store.keyvalue import IDENTITY_KEY
 from mirrord.store.models import (
     FAILED_STATES,
@@ -122,14 +123,6 @@ async def _datasets(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
                "updated_at": _iso(d.updated_at)} for d, code, dep_state in rows]
     result.sort(key=lambda r: state_rank(r["state"]))
     return result
-
-
-def why(kind: str, item: Any) -> str:
-    """The most specific explanation an item carries."""
-    if kind == "deposition" and item.pdis_status and item.state == "needs_attention":
-        details = f": {item.status_details}" if item.status_details else ""
-        return _text(f"PDIS status {item.pdis_status}{details}")
-    return _text(item.last_error or getattr(item, "reason", None) or getattr(item, "status_details", None))
 
 
 async def _labels(session: AsyncSession, kind: str, items: list[Any]) -> dict[int, str]:
