@@ -72,7 +72,7 @@ async def _demo(root: Path, *, keep: bool, kept: bool) -> int:
                     await server.stop()
     if not keep:
         console.print("`mirrord demo --keep` keeps the status page up to browse it.")
-    expected = sum(1 for t in campaign.targets for e in t.experiments if e.pdb_code)
+    expected = len(campaign.expected_depositions())  # one per PDB code, as the policy decides
     if counts["published"] < expected or counts["mirrored"] < len(campaign.targets) or outcome.failed:
         console.print(f"[red]demo incomplete[/red]: expected {expected} publications, got {counts['published']}")
         for line in outcome.failed:
