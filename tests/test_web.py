@@ -296,6 +296,19 @@ async def test_a_browser_signs_in_once_and_scripts_keep_the_bearer_header(daemon
         await server.stop()
 
 
+@pytest.mark.parametrize("target", ["/\\evil.example/", "/\t/evil.example/", "//evil.example/"])
+async def test_sign_in_never_sends_the_browser_off_site(daemon: Mirrord, target: str) -> None:
+    """Browsers read a backslash as a slash and drop tabs in a Location: `/\\evil.example` is
+    `//evil.example`, another site."""
+    server, url = await serve(daemon, token="s3cret-token")
+    try:
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{url}/login", data={"token": "s3cret-token", "next": target}, allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] == "/status"
+    finally:
+        await server.stop()
+
+
 async def test_status_links_each_item_to_its_lineage_page(daemon: Mirrord) -> None:
     server, url = await serve(daemon)
     try:

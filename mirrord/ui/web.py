@@ -90,8 +90,11 @@ async def logout(request: web.Request) -> web.Response:
 
 
 def _next(value: str | None) -> str:
-    """Where to go after signing in: a path on this server only (never another site)."""
-    return value if value and value.startswith("/") and not value.startswith("//") else "/status"
+    """Where to go after signing in: a path on this server only (never another site). Browsers read a
+    backslash as a slash and drop tabs and newlines, so `/\\host` and `/<tab>/host` mean `//host`."""
+    if value and value.startswith("/") and value[1:2] not in ("/", "\\") and value.isprintable():
+        return value
+    return "/status"
 
 
 def make_app(app_state: Mirrord, *, token: str | None = None) -> web.Application:
