@@ -74,6 +74,11 @@ class JobSection(Section):
     jitter: Duration = 30.0
     cron: str | None = Field(default=None, description="crontab expression; overrides interval")
 
+    @property
+    def period(self) -> float:
+        """Seconds between runs as /readyz and /metrics count them: `interval`, or an hour under `cron`."""
+        return 3600.0 if self.cron else self.interval
+
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:

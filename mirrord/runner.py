@@ -50,8 +50,7 @@ class JobRunner:
     def __post_init__(self) -> None:
         for name in self.jobs:
             self.health.setdefault(name, Health())
-            section = self.ctx.config.jobs()[name]
-            metrics.job_interval.labels(name).set(3600 if section.cron else section.interval)
+            metrics.job_interval.labels(name).set(self.ctx.config.jobs()[name].period)
             metrics.job_failing.labels(name).set(0)
 
     def slot(self, name: str) -> int:

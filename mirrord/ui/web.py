@@ -132,7 +132,7 @@ async def readiness(app_state: Mirrord, uptime: float) -> list[str]:
     now = utcnow()
     for name, health in app_state.runner.health.items():
         section = app_state.config.jobs()[name]
-        window = 3 * (section.interval if not section.cron else 3600)
+        window = 3 * section.period
         if health.failing_since is not None:
             problems.append(f"{name}: failing since {health.failing_since.isoformat(timespec='seconds')}: "
                             f"{health.last_error}")
