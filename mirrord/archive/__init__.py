@@ -9,7 +9,7 @@ Everything here is synchronous and streams in bounded memory: callers run it in 
   it is written, in one pass over the archive, every write is checked again against the destination,
   and a refusal half-way removes what was written;
 - preflight (`preflight_images`): a dataset without readable diffraction images is refused by PDIS
-  after a multi-gigabyte upload, so look at the first bytes of each file before packing.
+  after a multi-gigabyte upload, so read the headers of sampled frames (fabio, h5py) before packing.
 """
 
 from mirrord.archive.common import (
