@@ -110,7 +110,7 @@ async def check_proposal(client: IspybClient, proposal: str) -> tuple[bool, str]
     return True, f"proposal {proposal}: {len(sessions)} session(s); {newest.name} events show {seen} collection(s)"
 
 
-async def readiness(section: IspybSection, **http: Any) -> tuple[bool, str]:
+async def check(section: IspybSection, **http: Any) -> tuple[bool, str]:
     """`mirrord check`: the login works, and every configured proposal passes `check_proposal`."""
     async with make_client(section, **http) as client:
         results = [await check_proposal(client, proposal) for proposal in section.proposals]

@@ -384,9 +384,9 @@ async def _check_fragalysis(config: Config) -> tuple[bool, str]:
 
 
 async def _check_ispyb(config: Config) -> tuple[bool, str]:
-    from mirrord.jobs.ispyb import readiness
+    from mirrord.jobs.ispyb import check
 
-    return await readiness(config.ispyb, **CHECK_HTTP)
+    return await check(config.ispyb, **CHECK_HTTP)
 
 
 async def _check_pdis(config: Config) -> tuple[bool, str]:
