@@ -4,5 +4,5 @@
 - `page`: the HTML pages (/status, an item's page, the sign-in form).
 - `terminal`: the tables of `mirrord status`, `show` and `check`.
 - `actions`: what `show`, `retry` and `check` do, as dataclasses (page and terminal render them).
-- `summary`: what the store says about the pipeline, as data; read by web, terminal and `once`.
+- `summary`: what the store says about the pipeline, as data; read by web, `mirrord status` and the demo.
 """
