@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from measure import figure, machine, paired, print_figures, run_measured, write_json
+from measure import figure, machine, median, paired, print_figures, run_measured, write_json
 
 GOAL_RATIO = 1.0
 GOAL_RSS_MB = 150
@@ -150,10 +150,10 @@ def measure(size_gb: float, repeat: int, scratch: Path, use_zip: bool) -> dict:
     tool = "unzip -q" if fmt == "zip" else "tar -xzf"
     row = figure(f"download+extract {size_gb:g} GB {fmt} vs curl+{tool}", ours, reference, f"{GOAL_RATIO}",
                  build_seconds=build_seconds, archive_bytes=ours[0]["archive_bytes"], format=fmt,
-                 ours_download_s=_median(ours, "download"), ours_extract_s=_median(ours, "extract"),
-                 reference_download_s=_median(reference, "download"),
-                 reference_extract_s=_median(reference, "extract"),
-                 restart_verify_s=_median(ours, "restart_verify"),
+                 ours_download_s=median(ours, "download"), ours_extract_s=median(ours, "extract"),
+                 reference_download_s=median(reference, "download"),
+                 reference_extract_s=median(reference, "extract"),
+                 restart_verify_s=median(ours, "restart_verify"),
                  peak_rss_mb=max(r["vm_hwm_mb"] or r["ru_maxrss_mb"] for r in ours))
     row["runs_ours"], row["runs_reference"] = ours, reference
     return row
@@ -172,10 +172,6 @@ def served_format(url: str, file_url: str, scratch: Path) -> str:
             return "zip" if fh.read(4).startswith(b"PK") else "tar.gz"
     finally:
         probe.unlink()
-
-
-def _median(rows: list[dict], key: str) -> float:
-    return sorted(r[key] for r in rows)[len(rows) // 2]
 
 
 def print_table(rows: list[dict]) -> None:
