@@ -166,7 +166,7 @@ async def test_target_uploads_groups_by_target_and_tas(campaign):
     assert (latest.target_id, latest.project_id) == (first.target_id, first.project_id)
 
 
-async def test_target_uploads_legacy_rows_are_mapped_through_targets_and_projects(campaign):
+async def test_target_uploads_of_the_2024_10_backend_are_mapped_through_targets_and_projects(campaign):
     campaign.add_upload(campaign.targets[1].name)
     async with served(campaign, version="2024-10", page_size=2) as (_emulator, server):
         async with make_client(server.url) as client:
