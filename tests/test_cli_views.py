@@ -99,6 +99,20 @@ def test_show_deposition_lineage_and_history(seeded: Path, capsys: pytest.Captur
     assert [h["to_state"] for h in shown["history"]] == ["uploaded", "submitted", "pending", "needs_attention"]
 
 
+def test_show_deposition_names_pdis_upload_verdict(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What PDIS said of the upload (detected PDB id, a dataset for it already) is why a deposition stopped."""
+
+    async def heard(session) -> None:  # noqa: ANN001
+        dep = await session.get(Deposition, 2)
+        dep.detected_pdb, dep.pdb_exists = "7ABC", False
+
+    write(seeded, heard)
+    assert main(["-c", str(seeded), "show", "deposition", "2", "--json"]) == 0
+    facts = {s["title"]: s["facts"] for s in json.loads(capsys.readouterr().out)["sections"]}
+    assert facts["PDIS deposition 2"]["PDB detected by PDIS"] == "7ABC"
+    assert facts["PDIS deposition 2"]["PDIS already holds this PDB"] == "False"
+
+
 def test_show_dataset_by_sample_name_and_target_by_tas(seeded: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "250")

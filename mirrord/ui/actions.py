@@ -202,6 +202,9 @@ def _deposition_section(deposition: Deposition) -> Section:
     section.add("upload token", deposition.upload_token)
     section.add("PDIS status", deposition.pdis_status)
     section.add("status details", deposition.status_details)
+    # PDIS's upload answer (None until heard): the PDB id it found in the data, a dataset for it already?
+    section.add("PDB detected by PDIS", deposition.detected_pdb)
+    section.add("PDIS already holds this PDB", deposition.pdb_exists)
     section.add("spool file", deposition.spool_path)
     section.add("tar md5", deposition.tar_md5)
     section.add("server md5", deposition.server_md5)
