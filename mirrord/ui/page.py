@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mirrord.ui.summary import DONE_STATES, PROBLEM_STATES
+
 if TYPE_CHECKING:
     from mirrord.ui.actions import Lineage
 
@@ -39,13 +41,14 @@ table{border-collapse:collapse;margin:.5em 0 1em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;font-size:.88em;vertical-align:top}
 th{background:#f2f2f2}td.why{max-width:50em}
 .state{font-weight:600;white-space:nowrap}
-.state-failed,.state-needs_attention,.state-failing,.state-identity,.state-unmatched,.state-short_scan{color:#b00020}
-.state-published,.state-mirrored,.state-attached,.state-ok{color:#1b7f3b}
 .ok{color:#1b7f3b}.bad{color:#b00020}
 .none{color:#888;font-style:italic}
 td.id,td.id a{white-space:nowrap}pre{white-space:pre-wrap;max-width:100em;background:#f7f7f7;padding:.5em}
 form.inline{display:inline}
 """
+# State colours from the lists the terminal colours by too.
+_STATE_CSS = (",".join(f".state-{s}" for s in PROBLEM_STATES) + "{color:#b00020}\n"
+              + ",".join(f".state-{s}" for s in DONE_STATES) + "{color:#1b7f3b}\n")
 
 
 def _esc(value: Any) -> str:
@@ -262,6 +265,6 @@ def _document(title: str, body: str, *, refresh: int | None = None) -> str:
     meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>{meta}
-<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}{_STATE_CSS}</style></head>
 <body>{body}
 </body></html>"""

@@ -38,6 +38,9 @@ PIPELINE = ("needs_attention", "failed", "waiting_settle", "building", "fetching
             "packed", "uploading", "uploaded", "withdrawing", "submitted", "pending", "validated", "published",
             "already_in_pdis", "dry_run", "not_deposited", "attaching", "tagging", "attached", "unmatched", "superseded")
 _RANK = {state: n for n, state in enumerate(PIPELINE)}
+# How a state reads at a glance, on the page and in the terminal: a problem, or work done.
+PROBLEM_STATES = ("failed", "needs_attention", "failing", "identity", "unmatched", "short_scan")
+DONE_STATES = ("published", "mirrored", "attached", "ok")
 
 
 def state_rank(state: str | None) -> int:

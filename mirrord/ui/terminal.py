@@ -9,17 +9,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mirrord.ui.summary import DONE_STATES, PROBLEM_STATES
+
 if TYPE_CHECKING:
     from mirrord.ui.actions import CheckResult, Lineage
 
-_BAD = {"failed", "needs_attention", "failing", "identity", "unmatched", "short_scan"}
-_GOOD = {"published", "mirrored", "attached", "ok"}
 
 
 def _state(state: str | None) -> str:
     if not state:
         return ""
-    style = "red" if state in _BAD else "green" if state in _GOOD else ""
+    style = "red" if state in PROBLEM_STATES else "green" if state in DONE_STATES else ""
     return f"[{style}]{escape(state)}[/{style}]" if style else escape(state)
 
 
