@@ -14,7 +14,7 @@ from typing import Any
 import jwt
 from aiohttp import web
 
-from tests.recordings import Exchange, exchanges
+from tests.recordings import Exchange, exchange, exchanges
 
 LOGIN_EXCHANGE = 2  # abcd's login, as mirrord sends it
 SECRET = "replay server secret, long enough for HS256 keys"
@@ -55,7 +55,7 @@ class ReplayIspyb:
         return self._unrecorded(request, "no recorded answer")
 
     def _login(self, body: Any) -> web.Response:
-        recorded = next(x for x in exchanges("ispyb") if x.number == LOGIN_EXCHANGE)
+        recorded = exchange("ispyb", LOGIN_EXCHANGE)
         if not isinstance(body, dict) or {k: v for k, v in body.items() if k != "password"} != {
                 k: v for k, v in recorded.request["body"].items() if k != "password"}:
             self.unrecorded.append(f"POST /auth/login {body!r}")
