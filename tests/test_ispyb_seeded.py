@@ -25,12 +25,12 @@ from mirrord.store.models import Session as SessionRow
 from mirrord.store.scans import short_sessions
 from mirrord.ui.actions import check_upstreams
 from mirrord.ui.summary import summary
-from tests.conftest import make_config
 from tests.ispyb_openapi import (
     ValidatedIspyb,
     ispyb_emulator_factory,  # noqa: F401 - pytest fixture
 )
 from tests.recordings import seed
+from tests.test_ispyb_job import config_for as job_config
 from tests.test_ispyb_job import query, run
 
 PROPOSAL = "lb90001"  # visible to abcd; lb90002 is not
@@ -67,10 +67,10 @@ async def recorded(ispyb_emulator_factory, hide) -> ValidatedIspyb:  # noqa: F81
 
 
 def config_for(tmp_path: Path, served: ValidatedIspyb, *, database_url: str = "", **ispyb: Any):
-    section = {"enabled": True, "url": served.url, "login": "abcd", "password": "any", "proposals": [PROPOSAL],
-               "lookback": "3650d", "quiet_period": "1h", "path_map": {"/dls": str(tmp_path / "dls")}, **ispyb}
-    return make_config(tmp_path, ispyb=section, daemon={"retry_base": "10ms", "retry_max": "50ms",
-                                                        "database_url": database_url})
+    """test_ispyb_job's configuration, logged in as the recordings' abcd to their proposal."""
+    recorded = {"login": "abcd", "password": "any", "proposals": [PROPOSAL], "quiet_period": "1h",
+                "missing_deadline": "2d", **ispyb}
+    return job_config(tmp_path, served, database_url=database_url, **recorded)
 
 
 async def all_datasets(config) -> dict[int, Dataset]:
