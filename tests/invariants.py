@@ -40,7 +40,7 @@ from tests.ispyb_openapi import validating_middleware
 
 ROOT = Path(__file__).resolve().parents[1]
 # States an item passes through while a step is under way (a lease is held, or was when it died).
-TRANSIENT_STATES = {"building", "fetching", "extracting", "packing", "uploading"}
+TRANSIENT_STATES = {"building", "fetching", "extracting", "packing", "uploading", "withdrawing"}
 
 # `mirrord once` finished its work: nothing failed (items that need a person are a result, not a failure).
 ONCE_DONE = (EXIT_OK, EXIT_ATTENTION)
