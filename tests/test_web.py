@@ -331,3 +331,29 @@ def test_an_error_shows_as_one_line_with_the_rest_on_the_item_page() -> None:
     assert one_line(raw) == "TransientError: pdis: HTTP 502 …"
     assert one_line("x" * 300).endswith("…") and len(one_line("x" * 300)) < 170
     assert one_line("short") == "short"
+
+
+async def test_a_run_cut_short_by_shutdown_does_not_hide_a_failing_job(tmp_path: Path) -> None:
+    """`mirrord status` reads job health from recorded runs: a job that failed until SIGTERM cut its next
+    run short is still failing (an `interrupted` run said "ok" before)."""
+    from mirrord.store import migrate
+    from mirrord.store.models import JobRun
+    from mirrord.ui.summary import summary
+
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    try:
+        await migrate.upgrade(store)
+        now = utcnow()
+        async with store.write() as session:
+            session.add_all([
+                JobRun(run_id="1", job="pdis", instance="a", started_at=now, finished_at=now, outcome="ok"),
+                JobRun(run_id="2", job="pdis", instance="a", started_at=now, finished_at=now, outcome="failed",
+                       error="start failed: cannot resolve pdis.invalid"),
+                JobRun(run_id="3", job="pdis", instance="a", started_at=now, finished_at=now,
+                       outcome="interrupted", error="cancelled at shutdown"),
+            ])
+        [job] = (await summary(store))["jobs"]
+        assert (job["job"], job["state"]) == ("pdis", "failing")
+        assert "start failed" in job["error"]
+    finally:
+        await store.close()

@@ -206,10 +206,15 @@ def _job_state(failing_since: Any, started: bool = True) -> str:
 
 
 async def _jobs_from_runs(session: AsyncSession) -> list[dict[str, Any]]:
-    """Without a live runner: a job is failing when its most recent finished run failed."""
+    """Without a live runner: a job is failing when its most recent run that ended on its own failed.
+
+    A run cut short by a shutdown (`interrupted`) says nothing of the job's health, so it is passed over:
+    a job that failed every run until SIGTERM must not read as ok afterwards.
+    """
     last_ok = dict((await session.execute(
         select(JobRun.job, func.max(JobRun.finished_at)).where(JobRun.outcome == "ok").group_by(JobRun.job))).all())
-    latest_ids = select(func.max(JobRun.id)).where(JobRun.finished_at.is_not(None)).group_by(JobRun.job)
+    latest_ids = (select(func.max(JobRun.id)).where(JobRun.outcome.in_(("ok", "failed")))
+                  .group_by(JobRun.job))
     jobs = []
     for run in (await session.scalars(select(JobRun).where(JobRun.id.in_(latest_ids)).order_by(JobRun.job))).all():
         failing = run.outcome == "failed"
