@@ -302,7 +302,8 @@ async def test_odd_raw_data_names_and_loops_do_not_stop_the_pipeline(tmp_path: P
         # Deposit everything, so the odd names are packed and uploaded too.
         text = pipeline.config_path.read_text().replace('deposit = "linked"', 'deposit = "all"\nauthors = "Odd O."')
         pipeline.config_path.write_text(text)
-        outcome = await asyncio.wait_for(run_in_process(pipeline, horizon=10), 60)
+        # The guard is for a FIFO that hangs the run for ever; the run itself takes half a minute here.
+        outcome = await asyncio.wait_for(run_in_process(pipeline, horizon=10), 180)
         datasets = {d.sample_name: d for d in await rows(pipeline, Dataset)}
         deps = {d.dataset_id: d for d in await rows(pipeline, Deposition)}
     for name in ODD_SAMPLES:
