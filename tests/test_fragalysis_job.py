@@ -127,6 +127,34 @@ async def test_first_mirror_lays_out_a_version_and_records_experiments(tmp_path,
         assert (emulator.build_count, emulator.download_count) == (builds, downloads) == (1, 1)
 
 
+async def test_a_version_is_made_durable_before_its_name_presents_it(tmp_path, campaign, monkeypatch):
+    """After a power cut `upload_<N>` must not stand for torn files: the extraction is synced to disk
+    (one syncfs of its file system) before the rename that publishes it."""
+    from mirrord.jobs import fragalysis_mirror
+
+    order: list[tuple[str, str]] = []
+    real_sync, real_rename = fragalysis_mirror.sync_tree, os.rename
+
+    def sync_tree(directory: Path) -> None:
+        order.append(("sync", Path(directory).name))
+        real_sync(directory)
+
+    def rename(src, dst) -> None:  # noqa: ANN001 - os.rename's own arguments
+        order.append(("rename", Path(src).name))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(fragalysis_mirror, "sync_tree", sync_tree)
+    monkeypatch.setattr(fragalysis_mirror.os, "rename", rename)
+    target = campaign.targets[0]
+    async with served(campaign) as (_, server):
+        config = job_config(tmp_path, server.url, [target])
+        assert (await mirror_once(config)).exit_code == 0
+    published = [name for step, name in order if step == "rename" and name.endswith(".extract")]
+    assert published, order
+    assert order.index(("sync", published[0])) < order.index(("rename", published[0]))
+    assert version_dirs(config, target) == ["upload_1"]
+
+
 async def test_first_mirror_on_the_2024_10_backend(tmp_path, campaign, caplog):
     """The recorded backend version: no /api/user/ (recording 001), rows with `status` LOADING and no
     target_name (007), experiments without pdb_code (027), short observation codes (040), zip archives

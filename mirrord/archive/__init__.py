@@ -20,6 +20,7 @@ from mirrord.archive.common import (
     UnsafeArchive,
     UnsupportedFile,
     fsync_dir,
+    sync_tree,
 )
 from mirrord.archive.extract import ExtractResult, safe_extract, sniff_format
 from mirrord.archive.pack import PackResult, dataset_size, free_space_ok, pack_dataset, verify_spool
@@ -29,5 +30,5 @@ __all__ = [
     "ArchiveError", "CorruptArchive", "DatasetChanged", "ExtractResult", "PackResult", "Preflight",
     "UnreadableFile", "UnsafeArchive", "UnsupportedFile", "dataset_size", "free_space_ok", "fsync_dir",
     "image_format", "image_header_readable", "pack_dataset", "preflight_images", "safe_extract",
-    "sniff_format", "verify_spool",
+    "sniff_format", "sync_tree", "verify_spool",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 import tarfile
@@ -71,6 +72,28 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def sync_tree(directory: Path) -> None:
+    """Make every file written under `directory` durable, before a rename presents it as complete.
+
+    One syncfs(2) of the file system that holds it flushes them all at once: an fsync per file costs
+    a disk flush each, and a mirror version holds thousands of small files. Where syncfs cannot be
+    had, sync(2), which flushes every file system.
+    """
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        if _libc_syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _libc_syncfs(fd: int) -> int:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs(fd)
+    except (OSError, AttributeError):  # not Linux, or no syncfs in this libc
+        return -1
 
 
 def fsync_dir(directory: Path) -> None:

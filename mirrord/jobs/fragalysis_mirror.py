@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirrord.archive import fsync_dir
+from mirrord.archive import fsync_dir, sync_tree
 
 MANIFEST_NAME = ".mirrord-version.json"
 MANIFEST_FORMAT = 1
@@ -137,9 +137,11 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 def publish_version(layout: MirrorLayout, extract_dir: Path, version_dir: Path) -> None:
     """Give a complete extraction its final name in one rename.
 
+    Its files are made durable first: after a power cut the name must not stand for torn files.
     A directory already there without a valid manifest cannot be ours (we only ever rename complete
     ones), so it is moved away rather than trusted.
     """
+    sync_tree(extract_dir)
     version_dir.parent.mkdir(parents=True, exist_ok=True)
     if version_dir.exists() or version_dir.is_symlink():
         discard(layout, version_dir)
