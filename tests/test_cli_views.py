@@ -122,6 +122,7 @@ def test_show_dataset_by_sample_name_and_target_by_tas(seeded: Path, capsys: pyt
     assert main(["-c", str(seeded), "show", "dataset", "xtal-unknown", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["id"] == 2 and shown["sections"][-1]["facts"] == {"deposition": "none"}
+    assert shown["sections"][0]["facts"]["experiment type"] == "OSC"  # the group's, as the policy reads it
     assert main(["-c", str(seeded), "show", "target", "lb32627-66/A71EV2A"]) == 0
     out = capsys.readouterr().out
     assert "upload 2" in out and "archive is hostile" in out and "A71EV2A-x0456" in out

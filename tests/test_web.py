@@ -72,7 +72,7 @@ async def seed(store: Store) -> None:
                                                  (3, "A71EV2A-x0123", 903, "eligible")):
             s.add(Dataset(id=ds_id, group_id=800 + ds_id, collection_id=collection, session_id=55,
                           session_name="lb32627-66", proposal="lb32627", beamline="i04-1", sample_name=sample,
-                          state=state, experiment_id=None if ds_id == 2 else 1,
+                          state=state, experiment_id=None if ds_id == 2 else 1, experiment_type="OSC",
                           reason="no Fragalysis experiment" if ds_id == 2 else None))
     async with store.write() as s:
         s.add(Deposition(id=1, dataset_id=1, state="published", pdb_code="5RH1", pdis_status="published",

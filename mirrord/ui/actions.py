@@ -188,6 +188,7 @@ def _dataset_section(dataset: Dataset, ispyb_session: Session | None) -> Section
     section.add("sample", dataset.sample_name)
     section.add("protein", dataset.protein_acronym)
     section.add("run status", dataset.run_status)
+    section.add("experiment type", dataset.experiment_type)  # OSC, Mesh, …: what the deposit policy reads
     section.add("images", dataset.number_of_images)
     section.add("facility directory", dataset.facility_dir)
     section.add("local directory", dataset.local_dir)
