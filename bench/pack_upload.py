@@ -182,8 +182,7 @@ class PackProfiler:
 
     STEPS = {"_take": "main: waits for a free buffer (md5 behind)", "_dispatch": "main: in the compressor",
              "_hash": "md5 thread: hashing", "_read_into": "main: reading files"}
-    SINK_STEPS = {"write": "main: hands output to the spool writer (in the compressor)",
-                  "_write_out": "spool thread: writing"}
+    SINK_STEPS = {"write": "main: writes the spool file (in the compressor)"}
 
     def __init__(self) -> None:
         from mirrord.archive import pack
@@ -228,7 +227,7 @@ class PackProfiler:
         self._sampler.join()
         by_thread: dict[str, float] = {}
         for tid, cpu in self.cpu.items():
-            name = {"tar-md5": "md5 thread", "spool-write": "spool thread", "sampler": "profiler"}.get(self.names.get(tid, ""),
+            name = {"tar-md5": "md5 thread", "sampler": "profiler"}.get(self.names.get(tid, ""),
                                                                         self.names.get(tid, "zstd workers"))
             by_thread[name] = by_thread.get(name, 0.0) + cpu
         return {"wall_s": seconds, "seconds_in": {k: round(v, 3) for k, v in self.spent.items()},

@@ -36,6 +36,7 @@ from mirrord.archive import (
     sniff_format,
     verify_spool,
 )
+from mirrord.archive import pack as pack_mod
 from mirrord.archive.common import CHUNK
 from mirrord.emulators.campaign import Campaign, cbf_image, pdb_text, sdf_text
 from tests.recordings import archive, recordings_dir
@@ -79,6 +80,28 @@ def test_pack_is_deterministic_and_mtime_sensitive(tmp_path):
     os.utime(src / "img_0002.cbf", (1_800_000_000, 1_800_000_000))
     third = pack_dataset(src, tmp_path / "c.tar.zst")
     assert third.tar_md5 != first.tar_md5
+
+
+@pytest.mark.parametrize("data, workers", [
+    ("incompressible", 3),  # one core of four left to the md5, the critical path then
+    ("count_like", -1),  # every core compresses
+    ("empty", -1),
+])
+def test_compression_threads_follow_a_sample_of_the_largest_file(tmp_path, monkeypatch, data, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    src = tmp_path / "ds"
+    src.mkdir()
+    (src / "header.txt").write_bytes(b"text compresses well " * 100)
+    body = {"incompressible": os.urandom(3 * MiB), "empty": b"",
+            "count_like": os.urandom(3 * MiB).translate(bytes(min(255, i // 16) for i in range(256)))}[data]
+    (src / "frame.cbf").write_bytes(body)
+    members = pack_mod._plan_members(src, None, None)
+    assert pack_mod.compression_threads(members, 3) == workers
+    # the chosen count changes the time, never the archive's content
+    chosen = pack_dataset(src, tmp_path / "auto.tar.zst")
+    single = pack_dataset(src, tmp_path / "single.tar.zst", threads=0)
+    assert tar_bytes(chosen.path) == tar_bytes(single.path)
+    assert chosen.tar_md5 == single.tar_md5
 
 
 def test_digests_and_normalised_members(tmp_path):
