@@ -58,16 +58,24 @@ COUNTS = bytes(min(255, int((i / 256) ** 3 * 24)) for i in range(256))
 
 
 def cbf_bytes(index: int, size: int, pixels: str = "random") -> bytes:
+    """A miniCBF frame fabio reads the header of (as the preflight does), over `size` bytes in all."""
+    side = 2048
     header = (f"###CBF: VERSION 1.5, CBFlib v0.7.8 - PILATUS detectors\n\ndata_bench_{index:05d}\n\n"
-              "_array_data.header_convention \"PILATUS_1.2\"\n;\n# Detector: PILATUS 6M, S/N 60-0100 Bench\n;\n"
-              "--CIF-BINARY-FORMAT-SECTION--\n\n").encode()
+              "_array_data.header_convention \"PILATUS_1.2\"\n_array_data.header_contents\n;\n"
+              "# Detector: PILATUS 6M, S/N 60-0100 Bench\n;\n\n_array_data.data\n;\n"
+              "--CIF-BINARY-FORMAT-SECTION--\nContent-Type: application/octet-stream;\n"
+              "     conversions=\"x-CBF_BYTE_OFFSET\"\nContent-Transfer-Encoding: BINARY\n"
+              f"X-Binary-Size: {size}\nX-Binary-ID: 1\nX-Binary-Element-Type: \"signed 32-bit integer\"\n"
+              f"X-Binary-Element-Byte-Order: LITTLE_ENDIAN\nX-Binary-Number-of-Elements: {side * side}\n"
+              f"X-Binary-Size-Fastest-Dimension: {side}\nX-Binary-Size-Second-Dimension: {side}\n"
+              "X-Binary-Size-Padding: 0\n\n").encode() + b"\x0c\x1a\x04\xd5"
     body = os.urandom(size - len(header))
     return header + (body.translate(COUNTS) if pixels == "counts" else body)
 
 
 def generate(root: Path, total_bytes: int, pixels: str = "random") -> None:
     """Two halves of `total_bytes` each (`a/` and `b/`), each split in PARTS directories; skipped if present."""
-    marker = root / f".complete-{total_bytes}-{pixels}"
+    marker = root / f".complete-v2-{total_bytes}-{pixels}"  # v2: frames with a binary start
     if marker.exists():
         return
     shutil.rmtree(root, ignore_errors=True)
@@ -306,6 +314,7 @@ async def end_to_end(root: Path, work: Path, bandwidth: float | None) -> dict[st
                 files = sorted(p.name for p in directory.iterdir())
                 session.add(Dataset(group_id=part, collection_id=part, session_id=1, session_name="lb1-1",
                                     proposal="lb1", beamline="i04-1", sample_name=f"bench-{part}",
+                                    experiment_type="OSC", number_of_images=len(files),  # what the policy deposits
                                     local_dir=str(directory), files=files, state="complete",
                                     total_bytes=sum((directory / f).stat().st_size for f in files)))
         await store.close()
@@ -327,7 +336,9 @@ async def end_to_end(root: Path, work: Path, bandwidth: float | None) -> dict[st
             PdisClient.upload = send
     shutil.rmtree(work / "pdis-e2e", ignore_errors=True)
     shutil.rmtree(state, ignore_errors=True)
-    submitted = max((t["end"] for t in timeline if t["step"] == "submit"), default=elapsed)
+    if published != PARTS:  # a figure of a run that deposited nothing would be meaningless
+        raise SystemExit(f"end to end: {published} of {PARTS} datasets published (exit {outcome.exit_code})")
+    submitted = max(t["end"] for t in timeline if t["step"] == "submit")
     return {"seconds": submitted, "to_published_s": elapsed, "cpu_s": cpu, "published": published,
             "exit_code": outcome.exit_code, "timeline": sorted(timeline, key=lambda t: t["start"])}
 

@@ -6,8 +6,11 @@ import bz2
 import gzip
 import hashlib
 import io
+import json
 import os
 import stat
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -664,6 +667,25 @@ def test_preflight_reads_the_first_middle_and_last_frame_and_they_must_agree(cam
     result = preflight_images(frames)
     assert not result.ok and result.reason.startswith(f"inconsistent frames: {frames[0].name} is "), result
     assert "64x32" in result.reason and "64x64" in result.reason
+
+
+@pytest.mark.parametrize("suffix, compress", [(".cbf", bytes), (".cbf.gz", gzip.compress)])
+def test_a_cbf_cut_short_before_its_pixels_is_refused_not_read_for_ever(tmp_path, campaign_images, suffix, compress):
+    """fabio looks for the binary start marker past the end of the file, for ever: a frame cut short
+    after its binary section header (still being written) kept the preflight thread spinning."""
+    cbf_dir, _, _, _ = campaign_images
+    frames = sorted(cbf_dir.iterdir())
+    whole = frames[-1].read_bytes()
+    cut = tmp_path / f"zz_cut_9999{suffix}"  # sorts last: the last frame is always read
+    cut.write_bytes(compress(whole[:whole.index(b"X-Binary-Size-Padding")] + os.urandom(4 * MiB)))
+    # in a child process: without the guard fabio's loop holds the GIL and never lets a thread time out
+    script = ("import json, sys; from mirrord.archive import preflight_images; "
+              "r = preflight_images(sys.argv[1:]); print(json.dumps([r.ok, r.reason]))")
+    child = subprocess.run([sys.executable, "-c", script, *map(str, frames), str(cut)],
+                           capture_output=True, text=True, timeout=60)
+    ok, reason = json.loads(child.stdout)
+    assert not ok
+    assert reason.startswith(f"image header not readable: {cut.name} (no CBF binary data start"), reason
 
 
 def test_image_formats_by_header(tmp_path, campaign_images):

@@ -15,16 +15,21 @@ Their detector and frame dimensions must agree. Files that are not images (logs)
 
 from __future__ import annotations
 
+import bz2
+import gzip
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import fabio
 import h5py
+from fabio.cbfimage import CbfImage
 
 IMAGE_SUFFIXES = {".cbf", ".img", ".mccd", ".tif", ".tiff", ".osc", ".sfrm", ".mar", ".mar2300", ".mar3450",
                   ".edf"}
 HDF5_SUFFIXES = {".h5", ".hdf5", ".nxs"}
 COMPRESSED = {".gz", ".bz2"}
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open}
+CBF_HEADER_LIMIT = 256 * 1024  # a miniCBF header is a few KiB; a full imgCIF one some tens
 DATA_GROUP = "/entry/data"
 DETECTOR_PATH = "/entry/instrument/detector/description"
 
@@ -113,6 +118,8 @@ def _master_detector(master: Path) -> str:
 
 # -- single-frame formats through fabio ---------------------------------------------------------------
 def _fabio_header(path: Path) -> Header:
+    if _suffixes(path)[-1:] == [".cbf"]:
+        _require_cbf_binary_start(path)
     try:
         image = fabio.openheader(str(path))
     except Exception as exc:  # fabio raises whatever its codec meets (IOError, ValueError, KeyError...)
@@ -121,6 +128,21 @@ def _fabio_header(path: Path) -> Header:
     if not shape or not all(shape):
         raise _unreadable(f"{path.name} (no frame dimensions in its header)")
     return Header(type(image).__name__.removesuffix("Image").lower(), _detector(image.header), shape)
+
+
+def _require_cbf_binary_start(path: Path) -> None:
+    """fabio looks for a CBF's binary data start marker until it finds one, even past the end of the
+    file: a CBF cut short before its pixels (still being written, or a failed copy) kept a thread at
+    100% CPU for ever. So the marker must be in the file's first `CBF_HEADER_LIMIT` bytes."""
+    opener = OPENERS.get(path.suffix.lower(), open)
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(CBF_HEADER_LIMIT)
+    except (OSError, EOFError) as exc:
+        raise _unreadable(f"{path.name} ({type(exc).__name__}: {exc})") from None
+    if CbfImage.STARTER not in head:
+        raise _unreadable(f"{path.name} (no CBF binary data start in its first {CBF_HEADER_LIMIT // 1024} KiB: "
+                          "cut short, or not a CBF)")
 
 
 def _detector(header: dict) -> str:
