@@ -17,7 +17,8 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     served,
 )
 
-SLOW_SUBMIT = 0.4  # seconds: longer than an upload of these small archives takes
+SLOW_SUBMIT = 0.4  # seconds: longer than an upload takes
+SLOW_UPLOAD = 0.15
 
 
 async def test_the_next_upload_does_not_wait_for_a_slow_submit(tmp_path, campaign, emulator, served,  # noqa: F811
@@ -36,7 +37,9 @@ async def test_the_next_upload_does_not_wait_for_a_slow_submit(tmp_path, campaig
                 steps.append((name, dep.id, started, time.monotonic()))
         return wrapper
 
-    monkeypatch.setattr(DepositJob, "_upload", timed("_upload"))
+    # Uploads take a while, as over a real link: so slow that a submit stage waking a little late
+    # (a loaded machine) still overlaps the next one; all four in 0.1 s did not (seen under xdist).
+    monkeypatch.setattr(DepositJob, "_upload", timed("_upload", SLOW_UPLOAD))
     monkeypatch.setattr(DepositJob, "_submit", timed("_submit", SLOW_SUBMIT))
     config = config_for(tmp_path, served)
     await add_datasets(config, campaign, tmp_path / "dls")
