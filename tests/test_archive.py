@@ -835,3 +835,14 @@ def test_a_sparse_member_is_refused(tmp_path):
     with pytest.raises(UnsafeArchive, match="sparse member: 'holes.img'"):
         safe_extract(src, tmp_path / "extract")
     assert leftovers(tmp_path / "extract") == []
+
+
+def test_downloads_and_packing_do_not_load_the_image_libraries():
+    """fabio, h5py and numpy (35 MB, a BLAS thread per core) load only with the preflight that reads headers."""
+    script = ("import sys; from mirrord.archive import pack_dataset, safe_extract, verify_spool; "
+              "before = sorted({'fabio', 'h5py', 'numpy'} & set(sys.modules)); "
+              "from mirrord.archive import preflight_images; import os; "
+              "print(before, preflight_images.__module__, os.environ.get('OPENBLAS_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert child.stdout.split() == ["[]", "mirrord.archive.preflight", "1"]

@@ -24,7 +24,19 @@ from mirrord.archive.common import (
 )
 from mirrord.archive.extract import ExtractResult, safe_extract, sniff_format
 from mirrord.archive.pack import PackResult, dataset_size, free_space_ok, pack_dataset, verify_spool
-from mirrord.archive.preflight import Preflight, image_format, image_header_readable, preflight_images
+
+# The preflight loads fabio, h5py and numpy (about 35 MB and a tenth of a second): only for who uses it,
+# not for every download, extraction or pack.
+_PREFLIGHT = ("Preflight", "image_format", "image_header_readable", "preflight_images")
+
+
+def __getattr__(name: str) -> object:
+    if name in _PREFLIGHT:
+        from mirrord.archive import preflight
+
+        return getattr(preflight, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ArchiveError", "CorruptArchive", "DatasetChanged", "ExtractResult", "PackResult", "Preflight",

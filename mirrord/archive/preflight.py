@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import fabio
-import h5py
-from fabio.cbfimage import CbfImage
+# Headers are read, never any linear algebra: numpy (under fabio and h5py) need not start a BLAS
+# thread per core in the daemon.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import fabio  # noqa: E402
+import h5py  # noqa: E402
+from fabio.cbfimage import CbfImage  # noqa: E402
 
 IMAGE_SUFFIXES = {".cbf", ".img", ".mccd", ".tif", ".tiff", ".osc", ".sfrm", ".mar", ".mar2300", ".mar3450",
                   ".edf"}
