@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -430,9 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that read, print and exit. Their time is mostly imports, which allocate much and free
+# little, so the cyclic garbage collector runs dozens of times for nothing: off for them (`status`
+# on the demo's state: 0.56 -> 0.51 s). Commands that run for long keep it.
+QUICK_COMMANDS = ("status", "show", "plan", "check-config")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    collecting = gc.isenabled()
+    if args.command in QUICK_COMMANDS:
+        gc.disable()
     try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:
@@ -443,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         return _known_error(exc)
+    finally:
+        if collecting:  # as it was, for a caller in the same process (tests)
+            gc.enable()
 
 
 def _known_error(exc: Exception) -> int:

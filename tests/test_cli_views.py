@@ -286,3 +286,17 @@ def test_a_closed_pipe_ends_quietly(seeded: Path) -> None:
     proc.stdout.close()  # the reader is gone before the first line (`mirrord status | head -0`)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and err == ""
+
+
+@pytest.mark.parametrize("command, collecting", [("status", False), ("run", True)])
+def test_quick_commands_run_without_the_cyclic_collector_and_give_it_back(monkeypatch, command, collecting):
+    import gc
+
+    from mirrord import cli
+
+    seen: list[bool] = []
+    monkeypatch.setitem(cli.COMMANDS, command, lambda args: seen.append(gc.isenabled()) or 0)
+    assert gc.isenabled()
+    assert main([command]) == 0
+    assert seen == [collecting]
+    assert gc.isenabled()  # a caller in the same process gets it back
