@@ -49,7 +49,7 @@ class _Member:
     arcname: str
     source: Path | None  # None for a directory entry
     mtime: int
-    size: int = 0  # as planned; the copy checks the file still has it
+    size: int = 0  # at planning (lstat): the compressibility probe samples the largest file
 
 
 _STOP = object()
@@ -102,8 +102,7 @@ class _SpoolSink:
     """The compressor's output: digested, counted and written to the spool file.
 
     Written from the compressing thread itself: a writer thread of its own measured slower here
-    (1 GiB incompressible: 2.24 s against 1.73 s, medians of 5), its page-cache copies costing twice
-    the system time once they ran on the other core.
+    (1 GiB incompressible: 2.24 s against 1.73 s, medians of 5), with twice the system time.
     """
 
     def __init__(self, fd: int) -> None:
@@ -177,8 +176,8 @@ def compression_threads(members: list[_Member], level: int) -> int:
 
     On data zstd cannot shrink, compressing is cheap and the tar stream's md5, one core's work, is
     the critical path: it needs a core to itself. Measured on 2 cores, 1 GiB incompressible: 1.59 s
-    with one worker against 1.73 s with two; on count-like data two workers are needed (4.4 s against
-    6.6 s). The sample is 1 MiB from the middle of the largest file; an unreadable one leaves the
+    with one worker against 1.73 s with two; on count-like data two workers are needed (5.6 s against
+    7.7 s, medians of 3). The sample is 1 MiB from the middle of the largest file; an unreadable one leaves the
     choice to every core (the copy itself reports the error).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
