@@ -1,7 +1,9 @@
 """Benchmark: packing and uploading raw datasets for PDIS, against the tools a person would use.
 
 A synthetic CBF dataset of `--size` GB (`--pixels random`: incompressible, the worst case for packing
-time; `--pixels counts`: count-like bytes zstd halves, as byte-offset CBF data is) is generated once
+time; `--pixels counts`: count-like bytes zstd halves; `--pixels diffraction`: real byte-offset CBF
+frames written by fabio, Pilatus 6M, of a simulated pattern: Poisson background falling off from the
+beam centre, Bragg spots, module gaps) is generated once
 (twice the size: halves `a/` and `b/`) into a temporary directory, or `--workdir` (reused when there).
 Every figure is the median of `--repeat` paired runs against a reference in the same benchmark run,
 alternating which side goes first, with `sync` and the previous output removed before each run
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -73,6 +76,35 @@ def cbf_bytes(index: int, size: int, pixels: str = "random") -> bytes:
     return header + (body.translate(COUNTS) if pixels == "counts" else body)
 
 
+PILATUS_6M = (2527, 2463)  # slow, fast
+
+
+@functools.cache
+def _background() -> Any:
+    """Mean counts per pixel: scatter falling off from the beam centre, and a solvent ring."""
+    import numpy as np
+
+    slow, fast = np.ogrid[:PILATUS_6M[0], :PILATUS_6M[1]]
+    radius = np.hypot(slow - PILATUS_6M[0] / 2, fast - PILATUS_6M[1] / 2)
+    return 1.5 + 25 * np.exp(-radius / 350) + 6 * np.exp(-((radius - 900) / 60) ** 2)
+
+
+def diffraction_cbf(index: int) -> bytes:
+    """A Pilatus 6M frame in real byte-offset CBF (fabio's encoder), of a simulated still: each frame its own."""
+    import fabio.cbfimage
+    import numpy as np
+
+    rng = np.random.default_rng(index)
+    frame = rng.poisson(_background()).astype(np.int32)
+    spots = rng.integers(0, PILATUS_6M, size=(600, 2))
+    frame[spots[:, 0], spots[:, 1]] += rng.integers(20, 20000, 600, dtype=np.int32)
+    frame[:, 487::494] = -1  # the gaps between modules, as the detector marks them
+    frame[195::212, :] = -1
+    with tempfile.NamedTemporaryFile(suffix=".cbf") as out:
+        fabio.cbfimage.CbfImage(data=frame, header={"_array_data.header_convention": "PILATUS_1.2"}).write(out.name)
+        return Path(out.name).read_bytes()
+
+
 def generate(root: Path, total_bytes: int, pixels: str = "random") -> None:
     """Two halves of `total_bytes` each (`a/` and `b/`), each split in PARTS directories; skipped if present."""
     marker = root / f".complete-v2-{total_bytes}-{pixels}"  # v2: frames with a binary start
@@ -87,7 +119,8 @@ def generate(root: Path, total_bytes: int, pixels: str = "random") -> None:
             directory.mkdir(parents=True, exist_ok=True)
             for _ in range(per_part):
                 index += 1
-                (directory / f"bench_{index:05d}.cbf").write_bytes(cbf_bytes(index, FILE_BYTES, pixels))
+                frame = diffraction_cbf(index) if pixels == "diffraction" else cbf_bytes(index, FILE_BYTES, pixels)
+                (directory / f"bench_{index:05d}.cbf").write_bytes(frame)
     marker.write_text("")
 
 
@@ -379,8 +412,9 @@ def main() -> int:
     parser.add_argument("--bandwidth", type=float, default=150.0,
                         help="emulated link for the end-to-end figure, MiB/s (0: unlimited)")
     parser.add_argument("--workdir", help="where to generate data (default: a temporary directory, removed)")
-    parser.add_argument("--pixels", choices=["random", "counts"], default="random",
-                        help="incompressible pixels (worst case), or count-like ones zstd halves")
+    parser.add_argument("--pixels", choices=["random", "counts", "diffraction"], default="random",
+                        help="incompressible pixels (worst case), count-like ones zstd halves, or real "
+                             "byte-offset CBF frames of a simulated diffraction pattern")
     parser.add_argument("--only", nargs="+", choices=["pack", "upload", "e2e"], default=["pack", "upload", "e2e"])
     parser.add_argument("--profile", action="store_true", help="one more pack run, profiled (not timed)")
     opts = parser.parse_args()
