@@ -241,7 +241,9 @@ class Dataset(WorkItem, Base):
                                                       default=None)
 
     __table_args__ = (UniqueConstraint("group_id", "collection_id"),
-                      Index("ix_datasets_due", "state", "next_attempt_at"))
+                      Index("ix_datasets_due", "state", "next_attempt_at"),
+                      # each completeness check reads the other collections of its directory
+                      Index("ix_datasets_local_dir", "local_dir"))
 
 
 # -- PDIS ---------------------------------------------------------------------------------------------
