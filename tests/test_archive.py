@@ -846,3 +846,19 @@ def test_downloads_and_packing_do_not_load_the_image_libraries():
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert child.stdout.split() == ["[]", "mirrord.archive.preflight", "1"]
+
+
+@pytest.mark.parametrize("suffix, writer", [(".img", "adscimage.AdscImage"), (".mccd", "marccdimage.MarccdImage")])
+def test_frames_whose_reader_learns_the_dimensions_from_the_pixels(tmp_path, suffix, writer):
+    """SMV and MarCCD headers read alone leave fabio without a shape, and asking for it raised
+    AttributeError out of the preflight (a crash, not a verdict): such frames are read whole."""
+    module, name = writer.split(".")
+    pixels = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64)
+    frames = [tmp_path / f"series_{i:04d}{suffix}" for i in range(1, 4)]
+    for frame in frames:
+        getattr(getattr(fabio, module), name)(data=pixels).write(str(frame))
+    result = preflight_images(frames)
+    assert (result.ok, result.images) == (True, 3), result
+    frames[-1].write_bytes(frames[-1].read_bytes()[:600])  # cut short
+    result = preflight_images(frames)
+    assert not result.ok and result.reason.startswith(f"image header not readable: {frames[-1].name}"), result

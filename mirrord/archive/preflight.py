@@ -127,12 +127,22 @@ def _fabio_header(path: Path) -> Header:
         _require_cbf_binary_start(path)
     try:
         image = fabio.openheader(str(path))
+        shape = _known_shape(image)
+        if not shape:  # this reader learns the frame's dimensions from its pixels only (SMV, MarCCD)
+            image = fabio.open(str(path))
+            shape = _known_shape(image)
     except Exception as exc:  # fabio raises whatever its codec meets (IOError, ValueError, KeyError...)
         raise _unreadable(f"{path.name} ({type(exc).__name__}: {exc})") from None
-    shape = tuple(int(n) for n in (image.shape or ()))
     if not shape or not all(shape):
         raise _unreadable(f"{path.name} (no frame dimensions in its header)")
     return Header(type(image).__name__.removesuffix("Image").lower(), _detector(image.header), shape)
+
+
+def _known_shape(image: fabio.fabioimage.FabioImage) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in (image.shape or ()))
+    except AttributeError:  # `shape` reads the pixels' shape when the header did not set it
+        return ()
 
 
 def _require_cbf_binary_start(path: Path) -> None:
