@@ -4,9 +4,10 @@ PDIS answers an archive it cannot read with `header_not_readable` and one mixing
 sizes with `inconsistent_datasets`, after a multi-gigabyte upload. So the real headers are read here,
 with the field's own libraries, of the first, a middle and the last frame of each image series:
 
-- fabio (`fabio.openheader`, the header only, never the pixels) for single-frame formats: CBF, SMV,
-  MarCCD, mar345, Rayonix, Bruker, ... It installs from wheels, unlike dxtbx (cctbx's, from conda),
-  and what it reads (detector, dimensions) is what a consistency check needs.
+- fabio (`fabio.openheader`, the header only) for single-frame formats: CBF, SMV, MarCCD, mar345,
+  Rayonix, Bruker, ... Where fabio's reader learns the dimensions from the pixels only (SMV, MarCCD),
+  the sampled frame is read whole. It installs from wheels, unlike dxtbx (cctbx's, from conda), and
+  what it reads (detector, dimensions) is what a consistency check needs.
 - h5py for HDF5 (Eiger/NeXus): the master's `/entry/data` links and the linked datasets' shapes and
   types, never pixel data; fabio's Eiger reader would open the frames.
 
