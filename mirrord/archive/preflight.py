@@ -33,8 +33,8 @@ from fabio.cbfimage import CbfImage  # noqa: E402
 IMAGE_SUFFIXES = {".cbf", ".img", ".mccd", ".tif", ".tiff", ".osc", ".sfrm", ".mar", ".mar2300", ".mar3450",
                   ".edf"}
 HDF5_SUFFIXES = {".h5", ".hdf5", ".nxs"}
-COMPRESSED = {".gz", ".bz2"}
-OPENERS = {".gz": gzip.open, ".bz2": bz2.open}
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open}  # compressed frames, by their last suffix
+COMPRESSED = set(OPENERS)
 CBF_HEADER_LIMIT = 256 * 1024  # a miniCBF header is a few KiB; a full imgCIF one some tens
 DATA_GROUP = "/entry/data"
 DETECTOR_PATH = "/entry/instrument/detector/description"
