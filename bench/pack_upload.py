@@ -183,9 +183,6 @@ def serve_pdis(storage: str, bandwidth: str) -> None:
     shutil.rmtree(storage, ignore_errors=True)
 
 
-
-
-
 # -- our side, in its own process so its peak RSS and CPU are its own ----------------------------------
 def child(args: list[str]) -> None:
     kind = args[0]

@@ -96,8 +96,6 @@ async def heartbeat(store: Store, model: type[WorkItem], item_id: int, *, owner:
         return result.rowcount == 1
 
 
-
-
 async def release_mine(store: Store, model: type[WorkItem], owner: str) -> int:
     """On a clean shutdown, hand our leases back so a restart or another replica continues at once."""
     return await _release(store, model, model.lease_owner == owner)
