@@ -1,14 +1,14 @@
-"""The real servers' recorded exchanges (`../shared/recordings/<service>/`): the referee of clients and emulators.
+"""The real servers' recorded exchanges (`tests/data/recordings/<service>/`): the referee of clients and emulators.
 
-Each exchange file holds one request as sent and the real server's answer (see that folder's README).
-The recordings live beside the repo, not in it, so there is one copy of the truth; a run without them
-fails loudly rather than skipping, since a conformance test that silently does not run proves nothing.
+Each exchange file holds one request as sent and the real server's answer (see that folder's README, and
+`tests/data/README.md` for where the copy came from). They are data of the suite, kept in the repo so that
+a fresh clone tests itself; a run without them fails loudly rather than skipping, since a conformance test
+that silently does not run proves nothing.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-SHARED = Path(os.environ.get("MIRRORD_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+RECORDINGS = Path(__file__).resolve().parent / "data" / "recordings"
 # Where the recorded Fragalysis listened: its absolute URLs (paging links, fact 5) start so.
 FRAGALYSIS_BASE = "http://127.0.0.1:8000"
 
@@ -39,9 +39,9 @@ class Exchange:
 
 
 def recordings_dir(service: str) -> Path:
-    folder = SHARED / "recordings" / service
+    folder = RECORDINGS / service
     if not folder.is_dir():
-        pytest.fail(f"no recordings at {folder}: put the shared folder beside the repo or set MIRRORD_SHARED")
+        pytest.fail(f"no recordings at {folder}: the checkout is incomplete")
     return folder
 
 

@@ -3,7 +3,7 @@
 The image files of the recorded collections are written on disk (CBF frames per template, the Eiger
 x0155 as an HDF5 master with external links to its data files), with mtimes inside each collection's
 start/end window read in the facility's time zone. mirrord must end with the states the seed's truth
-implies (`shared/recordings/ispyb/README.md`), having made no request the recordings cannot answer.
+implies (`tests/data/recordings/ispyb/README.md`), having made no request the recordings cannot answer.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The ISPyB job and `mirrord check` against the emulator seeded with what the real py-ispyb held while
-recorded (`shared/recordings/ispyb/seed.json`; facts and exchange numbers from its README).
+recorded (`tests/data/recordings/ispyb/seed.json`; facts and exchange numbers from its README).
 
 The emulator answers as the real server does (tests/test_ispyb_conformance.py proves it exchange by
 exchange), so these tests hold the job to the real server's meaning: groups, group samples, grid

@@ -1,6 +1,6 @@
 """ISPyB client: sessions, their data collections (as events) and samples from the py-ispyb REST API.
 
-What the real server does (recorded exchanges in `shared/recordings/ispyb`, numbers in comments):
+What the real server does (recorded exchanges in `tests/data/recordings/ispyb`, numbers in comments):
 `/events` without `dataCollectionGroupId` gives one event per data collection GROUP, with `count`
 collections, `id` its highest collection id and an `endTime` that ignores a running collection
 (029, 033); with it, one event per collection (073). `eventType` filters on the group's

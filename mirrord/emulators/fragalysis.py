@@ -2,7 +2,7 @@
 
 Two backend versions (`version=`):
 
-- `"2024-10"`: what the recordings in `shared/recordings/fragalysis/` show of the 2024-10 staging
+- `"2024-10"`: what the recordings in `tests/data/recordings/fragalysis/` show of the 2024-10 staging
   backend: no `/api/user/` (HTML 404; the landing page's `DJANGO_CONTEXT` says who you are), upload
   rows with `id` and `status` `LOADING` but no `target_name`/`proposal_number`, experiments without
   `pdb_code`, short observation codes, synchronous builds answering `200 {file_url}` with a `.zip`

@@ -2,7 +2,7 @@
 
 Two sources of data behind one set of handlers: the shared synthetic `Campaign` (demo, benchmarks,
 growth over time: a collection added to the campaign shows up at the next request), or the rows the
-real server held while it was recorded (`IspybEmulator.from_seed`, `shared/recordings/ispyb/seed.json`),
+real server held while it was recorded (`IspybEmulator.from_seed`, `tests/data/recordings/ispyb/seed.json`),
 which the differential conformance test replays every recorded request against.
 
 What the recordings show and this emulator does (numbers are the recorded exchanges):
