@@ -260,6 +260,12 @@ class PdisSection(JobSection):
     token_cache: Path | None = None  # default: <state_dir>/pdis.token (0600)
     deposit: Literal["linked", "all", "none"] = "linked"
     dry_run: bool = False
+    # "required": nothing is uploaded until a person approves it (`mirrord approve`); packed archives wait
+    # in `awaiting_approval`. "none": the policy alone decides.
+    approval: Literal["none", "required"] = "none"
+    # CSV of `sample or experiment code, PDB code` rows, re-read every run: PDB codes a person knows where
+    # the Fragalysis experiments carry none.
+    pdb_codes_file: Path | None = None
     include_proposals: list[str] = Field(default_factory=list)
     exclude_proposals: list[str] = Field(default_factory=list)
     include_beamlines: list[str] = Field(default_factory=list)

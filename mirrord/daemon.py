@@ -29,12 +29,14 @@ from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine, why
 from mirrord.store.models import FAILED_STATES, ITEM_MODELS, Event, utcnow
+from mirrord.ui import remedies
 
 log = structlog.get_logger("mirrord.daemon")
 
 # States in which an item is done for good or waits for a person: `once` does not wait for these.
 RESTING_STATES = {"mirrored", "pruned", "superseded", "skipped", "eligible", "published", "attached", "unmatched",
-                  "failed", "needs_attention", "dry_run", "not_deposited", "already_in_pdis", "complete", "missing"}
+                  "failed", "needs_attention", "dry_run", "not_deposited", "already_in_pdis", "complete", "missing",
+                  "dismissed", "awaiting_approval"}
 
 
 @dataclass
@@ -179,8 +181,12 @@ class Mirrord:
                 items = (await session.scalars(
                     select(model).where((model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None)))
                     .order_by(model.id))).all()
+                advice = await remedies.for_items(session, kind, items)
                 for item in items:
-                    line = f"{kind} {item.id} [{item.state}]: {why(kind, item) or 'no reason recorded'}"
+                    reason = why(kind, item) or "no reason recorded"
+                    if item.state in FAILED_STATES:
+                        reason = remedies.explain(reason, advice[item.id])
+                    line = f"{kind} {item.id} [{item.state}]: {reason}"
                     (attention if item.state == "needs_attention" else failed).append(line)
         return failed, attention
 
