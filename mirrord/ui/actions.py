@@ -83,6 +83,7 @@ class Lineage:
     state: str | None
     sections: list[Section]
     history: list[HistoryLine]
+    actions: list[str] = field(default_factory=list)  # what a person can do about it now (remedies)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -99,7 +100,31 @@ async def lineage(store: Store, kind: str, ref: str) -> Lineage:
         builder = _BUILDERS[kind]
         title, state, sections, related = await builder(session, item)
         history = await _history(session, [(kind, item.id), *related])
-    return Lineage(kind=kind, id=item.id, title=title, state=state, sections=sections, history=history)
+        actions: list[str] = []
+        if kind in ITEM_MODELS:
+            person, actions = await _person_sections(session, kind, item)
+            sections += person
+    return Lineage(kind=kind, id=item.id, title=title, state=state, sections=sections, history=history,
+                   actions=actions)
+
+
+async def _person_sections(session: AsyncSession, kind: str, item: Any) -> tuple[list[Section], list[str]]:
+    """What people decided about the item, newest first, and what a person can do about it now."""
+    from mirrord.ui import remedies
+
+    sections = []
+    rows = await decisions.history(session, kind, item.id)
+    if rows:
+        decided = Section("Decided by a person")
+        for row in rows:
+            status = "in force" if row.active else f"ended {row.ended_at:%Y-%m-%d %H:%M} UTC: {row.ended_why}"
+            decided.add(f"{row.action} ({row.at:%Y-%m-%d %H:%M} UTC)", f"by {row.actor}: {row.reason!r}; {status}")
+        sections.append(decided)
+    found = (await remedies.for_items(session, kind, [item]))[item.id]
+    if found:
+        sections.append(Section("What you can do", [(r.action, redact(f"{r.command}  ({r.when})"))
+                                                    for r in found]))
+    return sections, [r.action for r in found]
 
 
 async def resolve(session: AsyncSession, kind: str, ref: str) -> Any:
