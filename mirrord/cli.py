@@ -305,12 +305,13 @@ def cmd_decide(args: argparse.Namespace) -> int:
     config = _load(args, logs=False)
 
     async def main() -> int:
-        from mirrord.store.decisions import DecisionError, default_actor
+        from mirrord.store.decisions import DecisionError, check_who, default_actor
         from mirrord.ui import actions
 
         who = {"reason": args.reason, "actor": args.by or default_actor()}
         command = args.command
         try:
+            check_who(**who)
             async with _recorded_store(config) as store:
                 if command == "accept":
                     done = [await actions.accept(store, args.ref, **who)]

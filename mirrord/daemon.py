@@ -28,7 +28,7 @@ from mirrord.runner import JobRunner
 from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine, why
-from mirrord.store.models import FAILED_STATES, ITEM_MODELS, Event, utcnow
+from mirrord.store.models import DISMISSED, FAILED_STATES, ITEM_MODELS, Event, utcnow
 from mirrord.ui import remedies
 
 log = structlog.get_logger("mirrord.daemon")
@@ -179,7 +179,8 @@ class Mirrord:
         async with self.store.read() as session:
             for kind, model in ITEM_MODELS.items():
                 items = (await session.scalars(
-                    select(model).where((model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None)))
+                    select(model).where((model.state.in_(FAILED_STATES))
+                                        | (model.last_error.is_not(None) & (model.state != DISMISSED)))
                     .order_by(model.id))).all()
                 advice = await remedies.for_items(session, kind, items)
                 for item in items:

@@ -203,6 +203,8 @@ class DepositJob(Job):
                     target = row.state  # still wanted: keep the progress made, refresh the metadata
                     if row.state == AWAITING_APPROVAL and self.section.approval == "none":
                         target = PACKED  # the gate was lifted: the upload re-checks the rest
+                if target == AWAITING_APPROVAL:
+                    values.pop("status_details")  # it says why a person is asked (waiting, or a lapse)
                 self._apply(row, values)
                 if row.state != target:
                     move(session, row, target, decision.summary, instance=self.ctx.instance, release=False)

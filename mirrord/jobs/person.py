@@ -67,6 +67,8 @@ async def _accepted_files_changed(store: Store, facts: DatasetFacts, instance: s
         if accept.active:
             decisions.end(accept, "lapsed: the files changed")
             row.reason = row.last_error = why
+            # What is on disk now is what a new accept vouches for.
+            row.files, row.files_signature, row.total_bytes = list(scan.files), scan.signature, scan.total_bytes
             move(session, row, "needs_attention", why, instance=instance, release=False)
     return f"dataset {dataset.id} needs attention: {why}"
 

@@ -48,11 +48,7 @@ async def record(session: AsyncSession, kind: str, item_id: int | str, action: s
     """Record a decision (inside the caller's write transaction), ending those it replaces or undoes."""
     if action not in ENDS:
         raise DecisionError(f"unknown action {action!r}")
-    reason, actor = (reason or "").strip(), (actor or "").strip()
-    if not reason:
-        raise DecisionError("a decision needs a reason (--reason TEXT): it is what the next person reads")
-    if not actor:
-        raise DecisionError("a decision needs the name of the person deciding (--by NAME)")
+    reason, actor = check_who(reason, actor)
     row = PersonDecision(kind=kind, item_id=str(item_id), action=action, reason=reason, actor=actor,
                          at=utcnow(), bound=bound or {}, active=action in LASTING)
     session.add(row)
@@ -61,6 +57,16 @@ async def record(session: AsyncSession, kind: str, item_id: int | str, action: s
         if earlier.id != row.id:
             end(earlier, f"{'replaced' if earlier.action == action else 'ended'} by decision {row.id} ({action})")
     return row
+
+
+def check_who(reason: str | None, actor: str | None) -> tuple[str, str]:
+    """A decision's reason and actor, stripped; DecisionError when either is empty."""
+    reason, actor = (reason or "").strip(), (actor or "").strip()
+    if not reason:
+        raise DecisionError("a decision needs a reason (--reason TEXT): it is what the next person reads")
+    if not actor:
+        raise DecisionError("a decision needs the name of the person deciding (--by NAME)")
+    return reason, actor
 
 
 def end(row: PersonDecision, why: str) -> None:

@@ -117,8 +117,10 @@ async def _person_sections(session: AsyncSession, kind: str, item: Any) -> tuple
     if rows:
         decided = Section("Decided by a person")
         for row in rows:
-            status = "in force" if row.active else f"ended {row.ended_at:%Y-%m-%d %H:%M} UTC: {row.ended_why}"
-            decided.add(f"{row.action} ({row.at:%Y-%m-%d %H:%M} UTC)", f"by {row.actor}: {row.reason!r}; {status}")
+            status = ("in force" if row.active else "" if row.ended_at is None  # a one-off: reopen, resume
+                      else f"ended {row.ended_at:%Y-%m-%d %H:%M} UTC: {row.ended_why}")
+            decided.add(f"{row.action} ({row.at:%Y-%m-%d %H:%M} UTC)",
+                        f"by {row.actor}: {row.reason!r}" + (f"; {status}" if status else ""))
         sections.append(decided)
     found = (await remedies.for_items(session, kind, [item]))[item.id]
     if found:
