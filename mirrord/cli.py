@@ -120,6 +120,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.append(f"no configuration file at {path} and no MIRRORD_<SECTION>__<KEY> variables "
                         "(give --config FILE or set MIRRORD_CONFIG)")
     problems += missing_credentials(config)
+    if config.pdis.enabled and config.pdis.pdb_codes_file is not None:
+        from mirrord.jobs.pdb_codes import PdbCodesError, load
+
+        try:
+            load(config.pdis.pdb_codes_file)
+        except PdbCodesError as exc:
+            problems.append(str(exc))
     for warning in [*config.warnings, *link_warnings(config)]:
         print(f"warning: {warning}")
     enabled = config.enabled_jobs()
@@ -295,6 +302,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
             print(f"mirrord retry: {exc}", file=sys.stderr)
             return EXIT_FAILED
         print(f"{done.kind} {done.id}: {done.from_state} -> {done.to_state}; the next run picks it up")
+        if done.note:
+            print(f"note: {done.note}")
         return EXIT_OK
 
     return _run_async(main())

@@ -371,7 +371,7 @@ ENV_FORMS = "lists and tables are JSON (MIRRORD_ISPYB__PROPOSALS='[\"lb32627\"]'
 def _coerce_env(value: str) -> Any:
     """Environment values are strings; lists and tables are given as JSON (ValueError if it is not)."""
     stripped = value.strip()
-    return json.loads(stripped) if stripped[:1] in "[{" else value
+    return json.loads(stripped) if stripped[:1] and stripped[:1] in "[{" else value
 
 
 def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[str]]:

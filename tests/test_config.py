@@ -267,3 +267,13 @@ def test_a_bad_environment_value_names_the_variable_and_its_form() -> None:
     text = str(err.value)
     assert "MIRRORD_ISPYB__PROPOSALS (ispyb.proposals)" in text and "JSON" in text
     assert "MIRRORD_ISPYB__BEAMLINES: not valid JSON" in text
+
+
+def test_an_empty_environment_value_is_an_empty_string_not_bad_json():
+    """`MIRRORD_PDIS__PASSWORD=` was read as JSON (the empty prefix is "in" any string) and refused."""
+    from mirrord.config import missing_credentials
+
+    config = load_config(None, env={"MIRRORD_PDIS__ENABLED": "true", "MIRRORD_PDIS__USERNAME": "u",
+                                    "MIRRORD_PDIS__PASSWORD": ""})
+    assert missing_credentials(config) == ["pdis: no credentials: set pdis.username and pdis.password_file "
+                                           "(or MIRRORD_PDIS__PASSWORD)"]

@@ -464,3 +464,70 @@ async def test_two_replicas_never_both_act_on_one_approval(tmp_path, served, emu
     assert {rows[i].state for i in ids} == {"published"}
     assert (sent(served, UPLOAD), sent(served, SUBMIT)) == (3, 3)
     assert_exactly_once(emulator, [rows[i] for i in ids])
+
+
+# -- the pieces, alone ------------------------------------------------------------------------------------
+def test_pdb_codes_file_reads_codes_by_sample_or_experiment_and_names_bad_lines(tmp_path):
+    from mirrord.jobs import pdb_codes
+
+    path = tmp_path / "codes.csv"
+    path.write_text("sample,pdb\n# a comment\nA71EV2A-x0152, 5rgx\n\nx0991,pdb_00006abc\n")
+    codes = pdb_codes.load(path)
+    assert codes.by_code == {"A71EV2A-X0152": "5RGX", "X0991": "PDB_00006ABC"}
+    assert codes.lookup(None, "a71ev2a-x0152") == "5RGX" and codes.lookup("nope") is None
+    path.write_text("A71EV2A-x0152,5RGX\nx0153,not-a-code\n")
+    with pytest.raises(pdb_codes.PdbCodesError, match=r"codes.csv, line 2: expected"):
+        pdb_codes.load(path)
+    path.write_text("x1,5RGX\nx1,6ABC\n")
+    with pytest.raises(pdb_codes.PdbCodesError, match="x1 is given two PDB codes"):
+        pdb_codes.load(path)
+    with pytest.raises(pdb_codes.PdbCodesError, match="missing.csv"):
+        pdb_codes.load(tmp_path / "missing.csv")
+
+
+def test_check_config_names_a_bad_pdb_codes_file(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "codes.csv"
+    bad.write_text("x1,5RGX\nx2,oops\n")
+    path = tmp_path / "mirrord.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[pdis]\nenabled = true\nusername = "u"\n'
+                    f'pdb_codes_file = "{bad}"\n')
+    monkeypatch.setenv("MIRRORD_PDIS__PASSWORD", "pw")
+    assert cli.main(["check-config", "-c", str(path)]) == 2
+    assert f"pdis.pdb_codes_file {bad}, line 2" in capsys.readouterr().err
+
+
+def test_a_pdb_code_from_the_file_that_disagrees_with_fragalysis_needs_a_person():
+    from mirrord.config import PdisSection
+    from tests.test_deposit_job import facts
+
+    listed = decide_one(facts(experiment_code="A71EV2A-x0152", pdb_code="5rgx", listed_pdb="6ABC"))
+    assert (listed.deposit, listed.attention) == (False, True)
+    assert "Fragalysis gives experiment A71EV2A-x0152 PDB code 5RGX, the pdb_codes_file gives 6ABC" in listed.reason
+    agreeing = decide_one(facts(experiment_code="A71EV2A-x0152", pdb_code="5rgx", listed_pdb="5RGX"))
+    assert (agreeing.deposit, agreeing.pdb_code, agreeing.attention) == (True, "5RGX", False)
+    from_file = decide_one(facts(sample_name="x7", listed_pdb="6ABC"), PdisSection())
+    assert (from_file.deposit, from_file.pdb_code) == (True, "6ABC")
+
+
+def decide_one(one: Any, section: Any = None) -> Any:
+    from mirrord.config import PdisSection
+    from mirrord.jobs.deposit_policy import decide
+
+    return decide(one, section or PdisSection())
+
+
+async def test_retry_says_when_it_would_only_repeat_and_what_settles_it(tmp_path, ispyb_emulator_factory,  # noqa: F811
+                                                                        capsys):
+    """`retry deposition` of the demo's corrupt re-collection turned it into not_deposited without a word,
+    and `retry dataset` of a shared-file run went back to needs_attention: now each says so, and names
+    the command that settles it."""
+    async with problem_pipeline(tmp_path, ispyb_emulator_factory) as (campaign, config, emulator, served):
+        path = cli_config(tmp_path, config)
+        await run(config)
+        one, _two = await shared_file_datasets(config, campaign)
+        corrupt = next(d for d in (await depositions(config)).values() if d.state == "needs_attention")
+        code, out = await mirrord(path, "retry", "deposition", str(corrupt.id), capsys=capsys)
+        assert code == 0 and f"already carries PDB {corrupt.pdb_code} (published): the policy will supersede " \
+            f"this one (not_deposited); `mirrord dismiss deposition {corrupt.id} --reason TEXT`" in out
+        code, out = await mirrord(path, "retry", "dataset", str(one.id), capsys=capsys)
+        assert code == 0 and f"`mirrord accept dataset {one.id} --reason TEXT` vouches for them" in out

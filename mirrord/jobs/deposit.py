@@ -181,6 +181,7 @@ class DepositJob(Job):
         if any(needs_equipment(d) for _f, d in decided):
             equipment = await self.client.equipment()  # network, outside any transaction
         now = utcnow()
+        attention: list[tuple[Deposition, str]] = []
         async with self.store.write() as session:
             existing = [facts.deposition_id for facts, _d in decided if facts.deposition_id is not None]
             rows = {row.id: row for row in (await session.scalars(
@@ -194,6 +195,8 @@ class DepositJob(Job):
                     await session.flush()
                     log_event(session, row, None, target, decision.summary, self.ctx.instance)
                     result.count(f"decided_{target}")
+                    if target == NEEDS_ATTENTION:
+                        attention.append((row, decision.reason))
                     continue
                 row = rows.get(facts.deposition_id)
                 if row is None or row.state != facts.deposition_state or (
@@ -210,6 +213,10 @@ class DepositJob(Job):
                     move(session, row, target, decision.summary, instance=self.ctx.instance, release=False)
                     row.next_attempt_at = None
                     result.count(f"decided_{target}")
+                    if target == NEEDS_ATTENTION:
+                        attention.append((row, decision.reason))
+        for row, reason in attention:  # after the commit: the ids are real, the state is recorded
+            self.ctx.notifier.item("deposition", str(row.id), NEEDS_ATTENTION, reason)
 
     def _target(self, decision: Decision) -> str:
         if decision.attention:

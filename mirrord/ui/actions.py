@@ -341,6 +341,7 @@ class Retried:
     id: int
     from_state: str
     to_state: str
+    note: str = ""  # what the retry will likely end in, when a person would rather settle it otherwise
 
 
 async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "operator") -> Retried:
@@ -358,10 +359,25 @@ async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "ope
         if item.state not in FAILED_STATES:
             raise InspectError(f"{kind} {item_id} is {item.state}, not failed or needs_attention: nothing to retry")
         before = item.state
+        note = await _retry_note(session, kind, item)
         to_state = await _restart_state(session, kind, item)
         item.attempts, item.last_error, item.next_attempt_at = 0, None, utcnow()
         move(session, item, to_state, "retried by operator", instance=instance)
-    return Retried(kind, item_id, before, to_state)
+    return Retried(kind, item_id, before, to_state, note)
+
+
+async def _retry_note(session: AsyncSession, kind: str, item: Any) -> str:
+    """Where a retry only repeats the outcome, say so and name what settles it."""
+    from mirrord.ui import remedies
+
+    if kind == "deposition" and (carrier := (await remedies.carriers(session, [item])).get(item.id)):
+        return (f"deposition {carrier[0]} already carries PDB {carrier[2]} ({carrier[1]}): the policy will "
+                f"supersede this one (not_deposited); `mirrord dismiss deposition {item.id} --reason TEXT` "
+                "settles it instead")
+    if kind == "dataset" and item.state == "needs_attention" and item.files_signature:
+        return ("if its files still cannot be shown to be this collection's it will need attention again; "
+                f"`mirrord accept dataset {item.id} --reason TEXT` vouches for them once you have checked")
+    return ""
 
 
 async def _restart_state(session: AsyncSession, kind: str, item: Any) -> str:

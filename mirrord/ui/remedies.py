@@ -11,11 +11,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mirrord.store.models import Deposition
+from mirrord.store.models import Dataset, Deposition, Experiment
 
 # Depositions of a PDB code that leave nothing more to deposit for it (the archive is, or was, on PDIS).
 CARRYING_STATES = ("uploading", "uploaded", "withdrawing", "submitted", "pending", "validated", "published",
                    "already_in_pdis")
+FINAL_STATES = ("submitted", "pending", "validated", "published", "already_in_pdis")  # cannot be taken back
 
 _RETRY_DISMISS = (("retry", "once the cause is fixed"), ("dismiss", "to leave it be"))
 # (kind, state) -> the actions that apply, each with when a person would take it.
@@ -84,26 +85,38 @@ def explain(reason: str, found: list[Remedy]) -> str:
 async def for_items(session: AsyncSession, kind: str, items: Sequence[Any]) -> dict[int, list[Remedy]]:
     """The remedies of each item, by id, with the carrier of each deposition's PDB code looked up."""
     carried = await carriers(session, items) if kind == "deposition" else {}
-    return {item.id: remedies(kind, item.id, item.state, carrier=carried.get(item.id),
-                              superseded="superseded by" in (getattr(item, "status_details", None) or ""))
-            for item in items}
+    found = {}
+    for item in items:
+        carrier = carried.get(item.id)
+        # Choosing a superseded collection is offered while the winner can still be taken back.
+        superseded = ("superseded by" in (getattr(item, "status_details", None) or "")
+                      and (carrier is None or carrier[1] not in FINAL_STATES))
+        found[item.id] = remedies(kind, item.id, item.state, superseded=superseded,
+                                  carrier=f"deposition {carrier[0]} already carries PDB {carrier[2]} ({carrier[1]})"
+                                  if carrier else None)
+    return found
 
 
-async def carriers(session: AsyncSession, deps: Sequence[Any]) -> dict[int, str]:
-    """For each deposition with a PDB code, another deposition that already carries that code on PDIS."""
-    codes = {d.pdb_code.upper() for d in deps if d.pdb_code}
+async def carriers(session: AsyncSession, deps: Sequence[Any]) -> dict[int, tuple[int, str, str]]:
+    """For each deposition, another deposition that already carries its PDB code on PDIS:
+    (its id, its state, the code). A not-deposited row's code is its dataset's experiment's."""
+    codes = {dep.id: code for dep in deps if (code := (dep.pdb_code or await _experiment_code(session, dep)))}
     if not codes:
         return {}
     rows = (await session.execute(
         select(Deposition.id, Deposition.state, func.upper(Deposition.pdb_code))
-        .where(func.upper(Deposition.pdb_code).in_(codes), Deposition.state.in_(CARRYING_STATES))
+        .where(func.upper(Deposition.pdb_code).in_(set(codes.values())), Deposition.state.in_(CARRYING_STATES))
         .order_by(Deposition.id))).all()
     by_code: dict[str, tuple[int, str]] = {}
     for dep_id, state, code in rows:
         by_code.setdefault(code, (dep_id, state))
-    found = {}
-    for dep in deps:
-        other = by_code.get((dep.pdb_code or "").upper())
-        if other is not None and other[0] != dep.id:
-            found[dep.id] = f"deposition {other[0]} already carries PDB {dep.pdb_code.upper()} ({other[1]})"
-    return found
+    return {dep_id: (other[0], other[1], code) for dep_id, code in codes.items()
+            if (other := by_code.get(code)) is not None and other[0] != dep_id}
+
+
+async def _experiment_code(session: AsyncSession, dep: Any) -> str | None:
+    if not hasattr(dep, "dataset_id"):
+        return None
+    code = await session.scalar(select(Experiment.pdb_code).join(Dataset, Dataset.experiment_id == Experiment.id)
+                                .where(Dataset.id == dep.dataset_id))
+    return code.upper() if code else None
