@@ -183,13 +183,15 @@ def cmd_once(args: argparse.Namespace) -> int:
                 outcome = await app.run_once(horizon=args.wait)
         for line in outcome.attention:
             print(f"needs attention: {line}")
+        for line in outcome.approvals:
+            print(f"awaiting approval: {line}")
         for line in outcome.failed:
             print(f"failed: {line}")
         print(f"mirrord once: {outcome.passes} pass(es); {len(outcome.failed)} failed, "
-              f"{len(outcome.attention)} need attention")
+              f"{len(outcome.attention)} need attention, {len(outcome.approvals)} await approval")
         if outcome.failed:
             return EXIT_FAILED
-        return EXIT_ATTENTION if outcome.attention else EXIT_OK
+        return EXIT_ATTENTION if outcome.attention or outcome.approvals else EXIT_OK
 
     return _run_async(main())
 
@@ -415,7 +417,8 @@ exit codes:
   0  done: nothing failed and nothing needs a person
   1  an item or a job failed (each is listed with its error)
   2  configuration error
-  3  done, but items need a person (each is listed with its reason and the command that settles it)"""
+  3  done, but items need a person (each is listed with its reason and the command that settles it), or
+     depositions await a person's approval ([pdis] approval = "required")"""
 ITEM_REF = ("an id (as `status` shows it) or a name: target name (or TAS/name), <target>/<upload index>, "
             "sample name, PDB code or PDIS token, evidence key or experiment code")
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -28,7 +28,7 @@ from mirrord.runner import JobRunner
 from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine, why
-from mirrord.store.models import DISMISSED, FAILED_STATES, ITEM_MODELS, Event, utcnow
+from mirrord.store.models import DISMISSED, FAILED_STATES, ITEM_MODELS, Deposition, Event, utcnow
 from mirrord.ui import remedies
 
 log = structlog.get_logger("mirrord.daemon")
@@ -45,6 +45,7 @@ class Outcome:
     passes: int
     failed: list[str]
     attention: list[str]
+    approvals: list[str] = field(default_factory=list)  # depositions waiting for a person's approval
 
 
 class Mirrord:
@@ -155,7 +156,7 @@ class Mirrord:
         # A job whose last run failed (upstream down, credentials refused) did not finish its work either.
         failed += [f"job {name}: {health.last_error}" for name, health in self.runner.health.items()
                    if health.failing_since is not None]
-        return Outcome(1 if failed else 0, passes, failed, attention)
+        return Outcome(1 if failed else 0, passes, failed, attention, await self.waiting_approval())
 
     async def _event_count(self) -> int:
         async with self.store.read() as session:
@@ -171,6 +172,14 @@ class Mirrord:
                 if value is not None:  # aware: UTCDateTime columns read back in UTC
                     soonest = value if soonest is None else min(soonest, value)
         return soonest
+
+    async def waiting_approval(self) -> list[str]:
+        """Depositions packed and waiting for a person's approval, each with the command that lets it go."""
+        async with self.store.read() as session:
+            rows = (await session.execute(select(Deposition.id, Deposition.pdb_code).where(
+                Deposition.state == "awaiting_approval").order_by(Deposition.id))).all()
+        return [f"deposition {dep_id} (PDB {code or 'other'}): `mirrord approve deposition {dep_id} --reason TEXT`"
+                for dep_id, code in rows]
 
     async def problem_items(self) -> tuple[list[str], list[str]]:
         """Items that failed (gave up, or erred and wait for a retry) and items that need a person,
