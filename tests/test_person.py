@@ -2,6 +2,7 @@
 holds and PDB codes from a person, on SQLite and PostgreSQL, against the real emulators and jobs.
 
 Every test counts the irreversible requests PDIS received (uploads, submits), not only the end state."""
+# ruff: noqa: F401, F811 - the PDIS fixtures come from test_deposit_job, and pytest passes them by name
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ from tests.test_deposit_job import (
     assert_exactly_once,
     config_for,
     depositions,
+    emulator,
     first_reached,
     mirrord_once,
     run,
+    served,
 )
 
 UPLOAD, SUBMIT = "/api/v1/upload/", "/api/v1/submit/"
@@ -78,17 +81,6 @@ async def write(config: Any, statement: Any) -> None:
             await session.execute(statement)
     finally:
         await store.close()
-
-
-@pytest.fixture
-def emulator(tmp_path: Path) -> PdisEmulator:
-    return PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.02)
-
-
-@pytest.fixture
-async def served(emulator: PdisEmulator):
-    async with Served(emulator.app) as served:
-        yield served
 
 
 def crystals(campaign: Campaign, n: int) -> list[Any]:
@@ -267,14 +259,19 @@ async def problem_pipeline(tmp_path: Path, ispyb_factory: Any, db_url: str = "",
     async with Served(FragalysisEmulator(campaign, build_seconds=0.02).app) as fragalysis, \
             Served(emulator.app) as pdis_served:
         config = config_for(tmp_path, pdis_served, database_url=db_url, **pdis)
-        config.fragalysis = type(config.fragalysis).model_validate(
-            {"enabled": True, "url": fragalysis.url, "settle": "0s", "build_poll_interval": "10ms",
-             "targets": [{"name": target.name, "tas": target.tas}]})
-        config.ispyb = type(config.ispyb).model_validate(
-            {"enabled": True, "url": ispyb.url, "login": "mirrord", "password": "mirrord-password",
-             "proposals": [target.proposal], "lookback": "3650d", "quiet_period": 0, "missing_deadline": "1h",
-             "path_map": {"/dls": str(tmp_path / "dls")}, "timezone": campaign.timezone})
+        follow(config, campaign, target, fragalysis.url, ispyb.url, tmp_path / "dls")
         yield campaign, config, emulator, pdis_served
+
+
+def follow(config: Any, campaign: Campaign, target: Any, fragalysis_url: str, ispyb_url: str, dls: Path) -> None:
+    """Add the Fragalysis and ISPyB jobs to `config`, following `target` (its TAS and proposal)."""
+    config.fragalysis = type(config.fragalysis).model_validate(
+        {"enabled": True, "url": fragalysis_url, "settle": "0s", "build_poll_interval": "10ms",
+         "targets": [{"name": target.name, "tas": target.tas}]})
+    config.ispyb = type(config.ispyb).model_validate(
+        {"enabled": True, "url": ispyb_url, "login": "mirrord", "password": "mirrord-password",
+         "proposals": [target.proposal], "lookback": "3650d", "quiet_period": 0, "missing_deadline": "1h",
+         "path_map": {"/dls": str(dls)}, "timezone": campaign.timezone})
 
 
 async def shared_file_datasets(config: Any, campaign: Campaign) -> list[Dataset]:
@@ -296,7 +293,7 @@ def touch(dataset: Dataset, seconds: float = 7.0) -> None:
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + int(seconds * 1e9)))
 
 
-async def test_accept_binds_to_the_files_and_lapses_when_one_changes(tmp_path, ispyb_emulator_factory,  # noqa: F811
+async def test_accept_binds_to_the_files_and_lapses_when_one_changes(tmp_path, ispyb_emulator_factory,
                                                                       db_url, capsys):
     # x0991 is linked to no Fragalysis experiment: deposited, once its files are vouched for, as "other".
     async with problem_pipeline(tmp_path, ispyb_emulator_factory, db_url, deposit="all",
@@ -345,7 +342,7 @@ async def test_accept_binds_to_the_files_and_lapses_when_one_changes(tmp_path, i
                            ("resume", False, ""), ("accept", True, "")]
 
 
-async def test_dismissed_items_leave_the_attention_list_and_once_exits_0(tmp_path, ispyb_emulator_factory,  # noqa: F811
+async def test_dismissed_items_leave_the_attention_list_and_once_exits_0(tmp_path, ispyb_emulator_factory,
                                                                          db_url, capsys):
     async with problem_pipeline(tmp_path, ispyb_emulator_factory, db_url) as (campaign, config, emulator, served):
         path = cli_config(tmp_path, config)
@@ -382,7 +379,7 @@ async def test_dismissed_items_leave_the_attention_list_and_once_exits_0(tmp_pat
 
 # -- PDB codes from a person, on the 2024-10 Fragalysis ------------------------------------------------
 async def test_pdb_codes_file_links_and_deposits_on_the_2024_10_fragalysis(tmp_path,  # noqa: PLR0915
-                                                                            ispyb_emulator_factory):  # noqa: F811
+                                                                            ispyb_emulator_factory):
     from mirrord.emulators.fragalysis import V2024, FragalysisEmulator
 
     campaign = Campaign.demo(seed=0, targets=1, experiments=6)
@@ -395,13 +392,7 @@ async def test_pdb_codes_file_links_and_deposits_on_the_2024_10_fragalysis(tmp_p
     async with Served(FragalysisEmulator(campaign, version=V2024, build_seconds=0.02).app) as fragalysis, \
             Served(emulator.app) as served:
         config = config_for(tmp_path, served, pdb_codes_file=str(codes))
-        config.fragalysis = type(config.fragalysis).model_validate(
-            {"enabled": True, "url": fragalysis.url, "settle": "0s", "build_poll_interval": "10ms",
-             "targets": [{"name": target.name, "tas": target.tas}]})
-        config.ispyb = type(config.ispyb).model_validate(
-            {"enabled": True, "url": ispyb.url, "login": "mirrord", "password": "mirrord-password",
-             "proposals": [target.proposal], "lookback": "3650d", "quiet_period": 0, "missing_deadline": "1h",
-             "path_map": {"/dls": str(tmp_path / "dls")}, "timezone": campaign.timezone})
+        follow(config, campaign, target, fragalysis.url, ispyb.url, tmp_path / "dls")
         outcome = await run(config)
         assert outcome.exit_code == 0, (outcome.failed, outcome.attention)
         store = Store(config.daemon.resolved_database_url)
@@ -516,7 +507,7 @@ def decide_one(one: Any, section: Any = None) -> Any:
     return decide(one, section or PdisSection())
 
 
-async def test_retry_says_when_it_would_only_repeat_and_what_settles_it(tmp_path, ispyb_emulator_factory,  # noqa: F811
+async def test_retry_says_when_it_would_only_repeat_and_what_settles_it(tmp_path, ispyb_emulator_factory,
                                                                         capsys):
     """`retry deposition` of the demo's corrupt re-collection turned it into not_deposited without a word,
     and `retry dataset` of a shared-file run went back to needs_attention: now each says so, and names
