@@ -595,14 +595,7 @@ async def killed_then_restarted(tmp_path: Path, emulator: PdisEmulator, kill_at:
     async with Served(emulator.app) as served:
         config = config_for(tmp_path, served)
         await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
-        (tmp_path / "pdis.pass").write_text(PASSWORD)
-        (tmp_path / "pdis.pass").chmod(0o600)
-        config_path = tmp_path / "mirrord.toml"
-        config_path.write_text(
-            f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\nretry_base = "10ms"\nretry_max = "50ms"\n'
-            f'[log]\nformat = "json"\n'
-            f'[pdis]\nenabled = true\nurl = "{config.pdis.url}"\nusername = "{USER}"\n'
-            f'password_file = "{tmp_path / "pdis.pass"}"\npoll_interval = "50ms"\nspool_margin = 0\n')
+        config_path = once_config(tmp_path, config)
         db = config.daemon.state_dir / "mirrord.db"
         assert await mirrord_once(config_path, db, kill_at=kill_at) == -signal.SIGKILL
         for _ in range(3):
@@ -610,6 +603,19 @@ async def killed_then_restarted(tmp_path: Path, emulator: PdisEmulator, kill_at:
                 break
         assert spool_files(config) == []  # no temp file, no archive left behind
         return list((await depositions(config)).values())
+
+
+def once_config(tmp_path: Path, config: Any, pdis: str = "") -> Path:
+    """A config file for a `mirrord once` subprocess: `config`'s state and PDIS, a password file, `pdis` lines."""
+    (tmp_path / "pdis.pass").write_text(PASSWORD)
+    (tmp_path / "pdis.pass").chmod(0o600)
+    config_path = tmp_path / "mirrord.toml"
+    config_path.write_text(
+        f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\nretry_base = "10ms"\nretry_max = "50ms"\n'
+        f'[log]\nformat = "json"\n'
+        f'[pdis]\nenabled = true\nurl = "{config.pdis.url}"\nusername = "{USER}"\n'
+        f'password_file = "{tmp_path / "pdis.pass"}"\npoll_interval = "50ms"\nspool_margin = 0\n{pdis}')
+    return config_path
 
 
 def slow_emulator(tmp_path: Path) -> PdisEmulator:

@@ -34,6 +34,7 @@ from tests.test_deposit_job import (
     emulator,
     first_reached,
     mirrord_once,
+    once_config,
     run,
     served,
 )
@@ -415,14 +416,7 @@ async def test_sigkill_after_an_approval_then_restart_submits_once(tmp_path, kil
     async with Served(emulator.app) as served:
         config = config_for(tmp_path, served, approval="required")
         await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
-        (tmp_path / "pdis.pass").write_text(PASSWORD)
-        (tmp_path / "pdis.pass").chmod(0o600)
-        config_path = tmp_path / "mirrord.toml"
-        config_path.write_text(
-            f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\nretry_base = "10ms"\nretry_max = "50ms"\n'
-            f'[pdis]\nenabled = true\nurl = "{config.pdis.url}"\nusername = "{USER}"\n'
-            f'password_file = "{tmp_path / "pdis.pass"}"\npoll_interval = "50ms"\nspool_margin = 0\n'
-            'approval = "required"\n')
+        config_path = once_config(tmp_path, config, 'approval = "required"\n')
         db = config.daemon.state_dir / "mirrord.db"
         assert await mirrord_once(config_path, db) == 3  # done, but a deposition waits for a person
         assert not first_reached(db, "uploading") and sent(served, UPLOAD) == 0
