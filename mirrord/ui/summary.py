@@ -105,6 +105,14 @@ async def _approvals(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
             for d, ds in rows]
 
 
+async def waiting_for_a_person(session: AsyncSession, limit: int = 500) -> tuple[list[dict[str, Any]],
+                                                                               list[dict[str, Any]]]:
+    """The items that need a person (each reason ending with its commands) and the approvals waiting,
+    as /status lists them (newest first; approvals oldest first): what the webhook's digest announces."""
+    items = sorted(await _attention_items(session, limit), key=lambda a: a["since"] or "", reverse=True)
+    return items, await _approvals(session, limit)
+
+
 async def _counts(session: AsyncSession) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for kind, model in ITEM_MODELS.items():
