@@ -238,3 +238,33 @@ async def test_dead_webhook_never_blocks_the_pipeline(tmp_path: Path, monkeypatc
     # Shutdown waits a bounded grace for queued messages; this one ran out of attempts first.
     assert time.monotonic() - closing < 2.0
     assert app.notifier.dropped == 1
+
+
+@pytest.mark.postgres
+async def test_two_replicas_never_both_announce(tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas finishing runs at the same moment on one PostgreSQL store: one digest between them for
+    what is new, none for runs that add nothing."""
+    from mirrord.ui import actions
+    from tests.test_web import seed_decisions
+
+    use_job(monkeypatch, QuietJob)
+    receiver = Receiver()
+    async with Served(receiver.app) as served:
+        configs = [make_config(tmp_path / name, fragalysis={"enabled": True},
+                               daemon={"database_url": pg_url, "instance_id": name},
+                               notify={"webhook_url": f"{served.url}/hook"}) for name in ("replica-a", "replica-b")]
+        async with Mirrord(configs[0]) as a, Mirrord(configs[1]) as b:
+            await seed_decisions(a.store)
+            for _ in range(2):
+                await asyncio.gather(a.runner.run("fragalysis"), b.runner.run("fragalysis"))
+            await actions.dismiss(a.store, "deposition", "2", reason="PDIS will sort it", actor="ada")
+            await actions.reopen(a.store, "deposition", "2", reason="it did not", actor="ada")
+            for _ in range(2):  # both see it new; the first to write the announcement tells
+                await asyncio.gather(a.runner.run("fragalysis"), b.runner.run("fragalysis"))
+            a.notifier.item("deposition", "9", "published", "marker")
+            received = await receiver.wait_for(3)
+            await asyncio.sleep(0.3)  # another digest, were there one, would be in by now
+    assert sorted(m["kind"] for m in receiver.received) == ["deposition", "digest", "digest"]  # any order
+    first, second = [m for m in received if m["kind"] == "digest"]
+    assert [(i["kind"], i["id"]) for i in first["items"]] == [("deposition", 2), ("upload", 2)]
+    assert [(i["kind"], i["id"]) for i in second["items"]] == [("deposition", 2)]
