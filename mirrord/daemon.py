@@ -60,7 +60,7 @@ class Mirrord:
         self.lock: InstanceLock | None = None
         self.jobs: dict[str, Job] = {}
         self.runner: JobRunner | None = None
-        self.notifier = WebhookNotifier(config.notify, instance=self.instance)
+        self.notifier = WebhookNotifier(config.notify, instance=self.instance, public_url=config.web.public_url)
 
     async def open(self) -> None:
         config = self.config

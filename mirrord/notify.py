@@ -47,11 +47,17 @@ def payload(kind: str, item_id: str, state: str, detail: str, instance: str) -> 
             "at": utcnow().isoformat(), "text": text}
 
 
-def digest_payload(items: list[dict[str, Any]], approvals: list[dict[str, Any]], instance: str) -> dict[str, Any]:
-    """One message for a run: the items that newly need a person and the approvals newly waiting."""
+def digest_payload(items: list[dict[str, Any]], approvals: list[dict[str, Any]], instance: str,
+                   public_url: str = "") -> dict[str, Any]:
+    """One message for a run: the items that newly need a person and the approvals newly waiting.
+    With `[web] public_url`, each links to its page, where a signed-in person can settle it."""
     counts = [f"{len(items)} item(s) need a person" if items else "",
               f"{len(approvals)} deposition(s) await approval" if approvals else ""]
     headline = ", ".join(c for c in counts if c)
+    base = public_url.rstrip("/")
+    items = [{**{k: i.get(k) for k in ("kind", "id", "label", "state", "reason", "actions", "since")},
+              **({"url": f"{base}/item/{i['kind']}/{i['id']}"} if base else {})} for i in items]
+    approvals = [{**a, **({"url": f"{base}/item/deposition/{a['id']}"} if base else {})} for a in approvals]
     lines = [f"• {i['kind']} {i['id']}" + (f" ({i['label']})" if i.get("label") else "") + f", {i['state']}: "
              + (i["reason"] or "no reason recorded") for i in items]
     lines += [f"• deposition {a['id']} (PDB {a['pdb_code'] or 'none'}, {a['sample'] or '?'}, proposal "
@@ -59,11 +65,11 @@ def digest_payload(items: list[dict[str, Any]], approvals: list[dict[str, Any]],
               "--reason TEXT`" for a in approvals]
     if len(lines) > DIGEST_LINES:
         lines[DIGEST_LINES:] = [f"… and {len(lines) - DIGEST_LINES} more on /status (`mirrord status`)"]
+    if base:
+        lines.append(f"Settle them on {base}/status")
     return {"kind": "digest", "id": "", "state": "needs_person", "detail": redact(headline), "instance": instance,
             "at": utcnow().isoformat(), "text": redact(f"mirrord: {headline}\n" + "\n".join(lines)),
-            "items": [{k: i.get(k) for k in ("kind", "id", "label", "state", "reason", "actions", "since")}
-                      for i in items],
-            "approvals": approvals}
+            "items": items, "approvals": approvals}
 
 
 async def newly_waiting(store: Store, *, limit: int = 500) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -112,9 +118,10 @@ def _key(kind: str, item_id: Any, state: str, entered: dict[tuple[str, str], int
 
 
 class WebhookNotifier:
-    def __init__(self, section: NotifySection, *, instance: str = "", queue_size: int = 1000,
+    def __init__(self, section: NotifySection, *, instance: str = "", public_url: str = "", queue_size: int = 1000,
                  attempts: int = 5, base_delay: float = 2.0, max_delay: float = 60.0) -> None:
         self.url = section.webhook_url
+        self.public_url = public_url  # [web] public_url: where the digest's links point
         self.timeout = section.timeout
         self.instance = instance
         self.attempts = attempts
@@ -136,7 +143,7 @@ class WebhookNotifier:
             return
         items, approvals = await newly_waiting(store)
         if items or approvals:
-            self._put(digest_payload(items, approvals, self.instance))
+            self._put(digest_payload(items, approvals, self.instance, self.public_url))
 
     def _put(self, message: dict[str, Any]) -> None:
         try:

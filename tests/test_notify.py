@@ -190,7 +190,8 @@ async def test_one_digest_per_run_of_what_newly_needs_a_person(tmp_path: Path,
     use_job(monkeypatch, QuietJob)
     receiver = Receiver()
     async with Served(receiver.app) as served:
-        config = make_config(tmp_path, fragalysis={"enabled": True}, notify={"webhook_url": f"{served.url}/hook"})
+        config = make_config(tmp_path, fragalysis={"enabled": True}, notify={"webhook_url": f"{served.url}/hook"},
+                             web={"public_url": "https://mirrord.lab.example.org/"})
         async with Mirrord(config) as app:
             await seed_decisions(app.store)
             await actions.dismiss(app.store, "annotation", "1", reason="not one of ours", actor="ada")
@@ -215,6 +216,10 @@ async def test_one_digest_per_run_of_what_newly_needs_a_person(tmp_path: Path,
     assert "awaits approval: `mirrord approve deposition 3 --reason TEXT`" in first["text"]
     assert "1 deposition(s) await approval" in first["text"]
     assert "annotation" not in first["text"]  # dismissed before the run: never announced
+    # Each links to its page, where a signed-in person settles it.
+    assert first["items"][0]["url"] == "https://mirrord.lab.example.org/item/deposition/2"
+    assert first["approvals"][0]["url"] == "https://mirrord.lab.example.org/item/deposition/3"
+    assert first["text"].endswith("\nSettle them on https://mirrord.lab.example.org/status")
     assert [(i["kind"], i["id"], i["state"]) for i in second["items"]] == [("deposition", 2, "needs_attention")]
     assert second["approvals"] == []
 
