@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from mirrord.daemon import Mirrord
 from mirrord.jobs.base import Job, RunResult
@@ -549,6 +550,14 @@ async def test_a_script_decides_with_the_bearer_header_and_reads_json(deciding: 
                 assert resp.status == 404
             async with http.post(f"{url}/item/deposition/3/approve", data=form) as resp:  # no header, no cookie
                 assert resp.status == 401
+            retry = {"by": "release-bot", "reason": "the upstream archive was rebuilt"}
+            async with http.post(f"{url}/item/upload/2/retry", data=retry, headers=bearer) as resp:
+                assert resp.status == 200 and "upload 2 retried: failed -> " in (await resp.json())["outcome"]
     finally:
         await server.stop()
     assert [d[:4] for d in await decisions_of(deciding.store)] == [("deposition", "3", "approve", "release-bot")]
+    async with deciding.store.read() as session:  # a retry is no decision, but its history says who and why
+        last = (await session.scalars(select(Event).where(Event.item_type == "upload", Event.item_id == "2")
+                                      .order_by(Event.id.desc()).limit(1))).one()
+    assert last.from_state == "failed" and last.instance == "person:release-bot"
+    assert last.reason == "retried by release-bot: 'the upstream archive was rebuilt'"
