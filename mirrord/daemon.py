@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import signal
 from dataclasses import dataclass, field
 
@@ -60,7 +61,7 @@ class Mirrord:
         self.lock: InstanceLock | None = None
         self.jobs: dict[str, Job] = {}
         self.runner: JobRunner | None = None
-        self.notifier = WebhookNotifier(config.notify, instance=self.instance)
+        self.notifier = WebhookNotifier(config.notify, instance=self.instance, public_url=config.web.public_url)
 
     async def open(self) -> None:
         config = self.config
@@ -84,7 +85,7 @@ class Mirrord:
         for name in config.enabled_jobs():
             self.jobs[name] = job_class(name)(ctx)
         # Jobs start in their first run (see runner.py), so nothing here waits for an upstream.
-        self.runner = JobRunner(ctx, self.jobs)
+        self.runner = JobRunner(ctx, self.jobs, after_run=functools.partial(self.notifier.digest, self.store))
 
     async def open_unless(self, stop: asyncio.Event) -> bool:
         """`open`, abandoned when `stop` is set first (SIGTERM while a database is slow to answer).

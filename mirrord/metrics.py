@@ -26,3 +26,13 @@ job_interval = Gauge("mirrord_job_interval_seconds", "Each enabled job's schedul
 oldest_item_age = Gauge("mirrord_oldest_item_age_seconds",
                         "Seconds since the least recently changed item of each kind and state changed",
                         ["kind", "state"], registry=REGISTRY)
+# A person in the loop ([pdis] approval = "required", `mirrord hold`). New labels say `mirrord_job`, never
+# `job`: Prometheus's own `job` label (the scrape job) would overwrite it.
+depositions_awaiting_approval = Gauge("mirrord_depositions_awaiting_approval",
+                                      "Depositions packed and checked, waiting for a person's approval",
+                                      registry=REGISTRY)
+oldest_approval_age = Gauge("mirrord_oldest_approval_age_seconds",
+                            "Seconds the longest-waiting deposition has awaited approval (0: none waits)",
+                            registry=REGISTRY)
+job_held = Gauge("mirrord_job_held", "1 while a person holds the job's outgoing writes (`mirrord hold`), else 0",
+                 ["mirrord_job"], registry=REGISTRY)

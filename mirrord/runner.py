@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -45,6 +46,8 @@ class JobRunner:
     ctx: JobContext
     jobs: dict[str, Job]
     health: dict[str, Health] = field(default_factory=dict)
+    # Called after each run that was not cut short: the webhook's digest of what newly needs a person.
+    after_run: Callable[[], Awaitable[None]] | None = None
     _early_failures: dict[str, JobStartFailed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,6 +97,11 @@ class JobRunner:
                 metrics.job_runs.labels(name, outcome).inc()
                 for key, value in result.counters.items():
                     metrics.job_counters.labels(name, key).inc(value)
+            if self.after_run is not None:
+                try:
+                    await self.after_run()
+                except Exception:  # telling people is never worth failing the run
+                    log.warning("runner.after_run_failed", exc_info=True)
         return result
 
     async def prestart(self, name: str) -> None:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from mirrord.config import load_config
 from mirrord.daemon import Mirrord
@@ -80,3 +81,74 @@ async def test_status_page_in_a_browser(tmp_path: Path, chromium: Path) -> None:
     assert "needs_attention" in attention and corrupt.sample in attention
     assert (ARTIFACTS / "status.png").stat().st_size > 10_000
     assert corrupt.sample in item_title and "History" in item_history and "needs_attention" in item_history
+
+
+async def test_a_person_approves_and_dismisses_from_the_page(tmp_path: Path, chromium: Path) -> None:
+    """With `[pdis] approval = "required"` the demo's depositions wait packed and checked; a person signs
+    in, approves one from /status and dismisses a dataset from its page, typing their name and reason.
+    The store records both, and only the approved deposition goes on to PDIS."""
+    from playwright.async_api import async_playwright
+
+    from mirrord.store import decisions
+    from mirrord.store.models import Dataset, Deposition
+    from mirrord.ui.summary import summary
+
+    async with EmulatorBundle(Campaign.demo(with_problem=True), tmp_path / "upstreams") as bundle:
+        config_path = tmp_path / "mirrord.toml"
+        config_path.write_text(bundle.config_toml(tmp_path / "state"))
+        config = load_config(config_path, env={"MIRRORD_PDIS__APPROVAL": "required"})
+        async with Mirrord(config) as app:
+            await app.run_once(horizon=20)
+            data = await summary(app.store)
+            approved, *waiting = [a["id"] for a in data["approvals"]]
+            [dataset] = [a["id"] for a in data["attention"] if a["kind"] == "dataset"][:1]
+            server = WebServer(make_app(app, token=TOKEN), "127.0.0.1", 0)
+            url = await server.start()
+            try:
+                async with async_playwright() as pw:
+                    browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+                    try:
+                        page = await browser.new_page(viewport={"width": 1400, "height": 900},
+                                                      java_script_enabled=False)  # plain forms
+                        await page.goto(f"{url}/status")
+                        await page.fill("input[name=token]", TOKEN)
+                        await page.click("button[type=submit]")
+                        approvals = await page.inner_text("#approvals ~ table")
+                        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                        await page.screenshot(path=str(ARTIFACTS / "status-approvals.png"))
+                        row = page.locator(f"#approvals ~ table tr:has(a[href='item/deposition/{approved}'])")
+                        await row.locator("input[name=by]").fill("Ada Lovelace")
+                        await row.locator("input[name=reason]").fill("maps and ligand checked")
+                        await row.locator("button", has_text="approve").click()
+                        after_approval = page.url, await page.inner_text("body")
+
+                        await page.click(f"#attention + table a[href='item/dataset/{dataset}']")
+                        await page.fill("#decide ~ form input[name=by]", "Grace Hopper")
+                        await page.fill("#decide ~ form input[name=reason]", "a test collection, not for PDB")
+                        await page.click("#decide ~ form button:text-is('dismiss')")
+                        after_dismissal = page.url, await page.inner_text("body")
+                        await page.screenshot(path=str(ARTIFACTS / "item-dismissed.png"), full_page=True)
+                    finally:
+                        await browser.close()
+            finally:
+                await server.stop()
+            async with app.store.read() as session:
+                recorded = [(r.kind, r.item_id, r.action, r.actor, r.reason) for r in
+                            reversed(await decisions.history(session))]
+                states = {d.id: d.state for d in (await session.scalars(select(Deposition))).all()}
+                dataset_state = (await session.get(Dataset, dataset)).state
+            packed = states[approved]
+            await app.run_once(horizon=20)  # the next runs act on the decisions
+            async with app.store.read() as session:
+                later = {d.id: d.state for d in (await session.scalars(select(Deposition))).all()}
+
+    assert "Awaiting approval" in after_approval[1] and f"deposition {approved}" in approvals
+    assert after_approval[0].startswith(f"{url}/status?done=")
+    assert f"Done: deposition {approved} approve" in after_approval[1]
+    assert after_dismissal[0].startswith(f"{url}/item/dataset/{dataset}?done=")
+    assert f"Done: dataset {dataset} dismiss" in after_dismissal[1] and "dismissed" in after_dismissal[1]
+    assert recorded == [("deposition", str(approved), "approve", "Ada Lovelace", "maps and ligand checked"),
+                        ("dataset", str(dataset), "dismiss", "Grace Hopper", "a test collection, not for PDB")]
+    assert packed == "packed" and dataset_state == "dismissed"
+    assert later[approved] == "published"  # approved: it went on to PDIS
+    assert all(later[w] == "awaiting_approval" for w in waiting)  # nothing else left the host

@@ -3,8 +3,12 @@ Every metric they use must be one mirrord exports, and the gauges the alerts rel
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from mirrord import metrics
 from mirrord.daemon import Mirrord
 from tests.conftest import make_config
 from tests.fakejobs import use_job
-from tests.test_web import BrokenJob, get, metric_samples, seed, serve
+from tests.test_web import BrokenJob, get, metric_samples, seed, seed_decisions, serve
 
 MONITORING = Path(__file__).resolve().parents[1] / "docs" / "monitoring"
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
@@ -25,6 +29,10 @@ def exported_names() -> set[str]:
 
 
 def used_names(text: str) -> set[str]:
+    """The series names an expression reads; label names (`by (mirrord_job)`, `{mirrord_job="x"}`,
+    `{{mirrord_job}}` legends) are not series."""
+    text = re.sub(r"\{[^{}]*\}", "", re.sub(r"\{[^{}]*\}", "", text))
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
     return set(re.findall(r"\bmirrord_[a-z_]+\b", text))
 
 
@@ -43,7 +51,7 @@ def test_alert_rules_cover_what_an_operator_is_woken_for() -> None:
     rules = {r["alert"]: r for g in yaml.safe_load((MONITORING / "prometheus-alerts.yml").read_text())["groups"]
              for r in g["rules"]}
     assert {"MirrordJobFailing", "MirrordItemsNeedAttention", "MirrordNoSuccessfulPoll",
-            "MirrordDepositionStuck"} <= set(rules)
+            "MirrordDepositionStuck", "MirrordApprovalWaiting"} <= set(rules)
     assert all(r["expr"] and r["annotations"]["summary"] for r in rules.values())
 
 
@@ -64,3 +72,48 @@ async def test_the_gauges_the_alerts_read_move(tmp_path: Path, monkeypatch: pyte
     # seed(): the needs_attention deposition changed 2 minutes ago (test_web.ago(2)).
     age = samples[("mirrord_oldest_item_age_seconds", (("kind", "deposition"), ("state", "needs_attention")))]
     assert 100 < age < 600
+
+
+def test_person_alert_rules_pass_their_promtool_tests() -> None:
+    """The approval alert fires after a day and not before; dismissed items and depositions resting in
+    awaiting_approval or dismissed wake nobody (docs/monitoring/prometheus-person-alerts.test.yml)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing in CI (Debian: apt-get install prometheus)")
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    run = subprocess.run([promtool, "test", "rules", "prometheus-person-alerts.test.yml"], cwd=MONITORING,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+async def test_the_approval_and_hold_gauges_move(tmp_path: Path) -> None:
+    from mirrord.store.models import Deposition, utcnow
+    from mirrord.ui import actions
+
+    config = make_config(tmp_path)
+    async with Mirrord(config) as app:
+        await seed_decisions(app.store)
+        async with app.store.write() as session:  # deposition 3 has waited since yesterday
+            (await session.get(Deposition, 3)).updated_at = utcnow() - dt.timedelta(hours=30)
+        await actions.hold(app.store, "pdis", reason="PDIS maintenance", actor="ada")
+        server, url = await serve(app)
+        try:
+            before = metric_samples((await get(f"{url}/metrics"))[2])
+            await actions.approve(app.store, ref="3", reason="checked", actor="ada")
+            await actions.hold(app.store, "pdis", reason="maintenance over", actor="ada", resume=True)
+            await actions.dismiss(app.store, "deposition", "2", reason="PDIS will never read it", actor="ada")
+            after = metric_samples((await get(f"{url}/metrics"))[2])
+        finally:
+            await server.stop()
+    assert before[("mirrord_depositions_awaiting_approval", ())] == 1
+    assert 30 * 3600 - 60 < before[("mirrord_oldest_approval_age_seconds", ())] < 31 * 3600
+    assert before[("mirrord_job_held", (("mirrord_job", "pdis"),))] == 1
+    assert before[("mirrord_job_held", (("mirrord_job", "designhub"),))] == 0
+    assert before[("mirrord_items", (("kind", "deposition"), ("state", "needs_attention")))] == 1
+    assert after[("mirrord_depositions_awaiting_approval", ())] == 0
+    assert after[("mirrord_oldest_approval_age_seconds", ())] == 0
+    assert after[("mirrord_job_held", (("mirrord_job", "pdis"),))] == 0
+    # A dismissed item leaves needs_attention (and so MirrordItemsNeedAttention).
+    assert ("mirrord_items", (("kind", "deposition"), ("state", "needs_attention"))) not in after
+    assert after[("mirrord_items", (("kind", "deposition"), ("state", "dismissed")))] == 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from mirrord.daemon import Mirrord
 from mirrord.jobs.base import Job, RunResult
@@ -357,3 +358,206 @@ async def test_a_run_cut_short_by_shutdown_does_not_hide_a_failing_job(tmp_path:
         assert "start failed" in job["error"]
     finally:
         await store.close()
+
+
+# -- a person's decisions from the page -----------------------------------------------------------------
+TOKEN = "s3cret-token"
+
+
+async def seed_decisions(store: Store) -> None:
+    """seed(), plus a deposition waiting for approval and one the policy superseded (PDB 5RH1 is
+    carried by deposition 1, published: choosing another for it must be refused)."""
+    await seed(store)
+    async with store.write() as s:
+        s.add(Dataset(id=4, group_id=804, collection_id=904, session_id=55, session_name="lb32627-66",
+                      proposal="lb32627", beamline="i04-1", sample_name="A71EV2A-x0789", state="eligible",
+                      experiment_id=1, experiment_type="OSC"))
+    async with store.write() as s:
+        s.add(Deposition(id=3, dataset_id=2, state="awaiting_approval", pdb_code="5RH2", zst_size=3 * 2**20,
+                         tar_md5="0cc175b9c0f1b6a831c399e269772661"))
+        s.add(Deposition(id=4, dataset_id=4, state="not_deposited", pdb_code="5RH1",
+                         status_details="superseded by collection 901 for PDB 5RH1"))
+
+
+async def signed_in(http: aiohttp.ClientSession, url: str) -> None:
+    async with http.post(f"{url}/login", data={"token": TOKEN, "next": "/status"}, allow_redirects=False) as resp:
+        assert resp.status == 303
+
+
+def form_token_of(page: str) -> str:
+    import re
+
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+    assert found, "the page offers no decision form"
+    return found.group(1)
+
+
+async def decisions_of(store: Store) -> list[tuple]:
+    from mirrord.store import decisions
+
+    async with store.read() as session:
+        rows = await decisions.history(session)
+    return [(r.kind, r.item_id, r.action, r.actor, r.reason, r.active) for r in reversed(rows)]
+
+
+async def state_of(store: Store, model: type, item_id: int) -> str:
+    async with store.read() as session:
+        return (await session.get(model, item_id)).state
+
+
+@pytest.fixture
+async def deciding(tmp_path: Path):
+    config = make_config(tmp_path, daemon={"instance_id": "replica-a"})
+    async with Mirrord(config) as app:
+        await seed_decisions(app.store)
+        yield app
+
+
+async def test_an_open_page_offers_no_decision_and_takes_none(deciding: Mirrord) -> None:
+    """No [web] token: anyone who reaches the port reads the page, so it must never act."""
+    server, url = await serve(deciding)
+    try:
+        for path in ("/item/upload/2", "/item/deposition/3", "/status"):
+            page = (await get(f"{url}{path}"))[2]
+            assert 'class="decide"' not in page and 'name="csrf"' not in page, path
+        assert "mirrord approve deposition 3 --reason TEXT" in (await get(f"{url}/status"))[2]  # the command
+        async with aiohttp.ClientSession() as http:
+            for path in ("/item/upload/2/dismiss", "/item/deposition/3/approve", "/job/pdis/hold"):
+                async with http.post(f"{url}{path}", data={"by": "ada", "reason": "r", "csrf": "x"}) as resp:
+                    assert resp.status == 403, path
+    finally:
+        await server.stop()
+    assert await decisions_of(deciding.store) == []
+    assert await state_of(deciding.store, Upload, 2) == "failed"
+    assert await state_of(deciding.store, Deposition, 3) == "awaiting_approval"
+
+
+async def test_a_signed_in_browser_settles_an_item_from_its_page(deciding: Mirrord) -> None:
+    server, url = await serve(deciding, token=TOKEN)
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            await signed_in(http, url)
+            async with http.get(f"{url}/item/upload/2") as resp:
+                page = await resp.text()
+            csrf = form_token_of(page)
+            # The remedies of a failed upload, each a button posting to /item/upload/2/<action>.
+            assert 'formaction="2/retry"' in page and 'formaction="2/dismiss"' in page
+            assert 'formaction="2/accept"' not in page
+            assert 'name="by"' in page and 'name="reason"' in page and "required" in page
+            assert 'http-equiv="refresh"' not in (await (await http.get(f"{url}/status")).text())
+
+            form = {"by": "ada", "reason": "the archive is broken upstream; not ours to fix", "csrf": csrf}
+            for forged in ({**form, "csrf": ""}, {**form, "csrf": "0" * 64}):  # another site's form
+                async with http.post(f"{url}/item/upload/2/dismiss", data=forged, allow_redirects=False) as resp:
+                    assert resp.status == 403
+            assert await decisions_of(deciding.store) == []
+
+            async with http.post(f"{url}/item/upload/2/dismiss", data={**form, "reason": " "},
+                                 allow_redirects=False) as resp:  # a reason is required
+                assert resp.status == 303 and resp.headers["Location"].startswith("../2?refused=")
+            assert await decisions_of(deciding.store) == []
+
+            async with http.post(f"{url}/item/upload/2/dismiss", data=form) as resp:  # follows back to the page
+                assert str(resp.url).startswith(f"{url}/item/upload/2?done=")
+                page = await resp.text()
+            assert "Done:" in page and "upload 2 dismiss" in page and "decided by ada" in page
+            assert 'formaction="2/reopen"' in page and 'formaction="2/dismiss"' not in page
+            assert "the archive is broken upstream" in page  # the decision, on the item's page
+    finally:
+        await server.stop()
+    assert await decisions_of(deciding.store) == [
+        ("upload", "2", "dismiss", "ada", "the archive is broken upstream; not ours to fix", True)]
+    assert await state_of(deciding.store, Upload, 2) == "dismissed"
+
+
+async def test_a_refused_decision_says_why_on_the_page(deciding: Mirrord) -> None:
+    """Choosing a superseded deposition over one PDIS already published is refused, in the words of
+    ui/actions; a link cannot make the page claim an outcome (the message is signed)."""
+    server, url = await serve(deciding, token=TOKEN)
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            await signed_in(http, url)
+            page = await (await http.get(f"{url}/item/deposition/4")).text()
+            assert 'formaction="4/choose"' in page
+            form = {"by": "ada", "reason": "x0789 is the better crystal", "csrf": form_token_of(page)}
+            async with http.post(f"{url}/item/deposition/4/choose", data=form) as resp:
+                page = await resp.text()
+            assert "Refused:" in page and "can no longer be taken back" in page
+            # An action the item's remedies do not offer is refused too (accept is a dataset's).
+            async with http.post(f"{url}/item/deposition/4/approve", data=form) as resp:
+                assert "Refused:" in await resp.text()
+            page = await (await http.get(f"{url}/item/upload/2?done=all%20clear&sig=00")).text()
+            assert "all clear" not in page and "Done:" not in page
+    finally:
+        await server.stop()
+    assert await decisions_of(deciding.store) == []
+    assert await state_of(deciding.store, Deposition, 4) == "not_deposited"
+
+
+async def test_status_lists_approvals_first_and_takes_them_and_holds(deciding: Mirrord) -> None:
+    server, url = await serve(deciding, token=TOKEN)
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            await signed_in(http, url)
+            page = await (await http.get(f"{url}/status")).text()
+            assert page.index('id="approvals"') < page.index('id="attention"')  # at the top
+            assert "Awaiting approval (1)" in page and "5RH2" in page and "3.0 MiB" in page
+            assert 'formaction="item/deposition/3/approve"' in page and 'formaction="item/deposition/3/reject"' in page
+            csrf = form_token_of(page)
+            approve = {"by": "grace", "reason": "checked the maps", "csrf": csrf, "back": "status"}
+            async with http.post(f"{url}/item/deposition/3/approve", data=approve) as resp:
+                assert str(resp.url).startswith(f"{url}/status?done=")
+                page = await resp.text()
+            assert "deposition 3 approve" in page and 'id="approvals"' not in page
+            assert "Decided by a person" in page and "checked the maps" in page and "grace" in page
+
+            # Holds: a form per job that writes upstream; the hold shows at the top until resumed.
+            hold = {"by": "grace", "reason": "PDIS maintenance until Friday", "csrf": csrf}
+            async with http.post(f"{url}/job/pdis/hold", data=hold) as resp:
+                page = await resp.text()
+            assert page.index("job pdis is held") < page.index('id="attention"')
+            assert "PDIS maintenance until Friday" in page and 'formaction="job/pdis/resume"' in page
+            async with http.get(f"{url}/api/status") as resp:
+                data = await resp.json()
+            assert [(h["id"], h["by"]) for h in data["holds"]] == [("pdis", "grace")]
+            assert data["approvals"] == []
+            assert [(d["kind"], d["id"], d["action"]) for d in data["decisions"]] == [
+                ("job", "pdis", "hold"), ("deposition", 3, "approve")]
+            async with http.post(f"{url}/job/pdis/resume", data={**hold, "reason": "maintenance over"}) as resp:
+                assert "job pdis is held" not in await resp.text()
+            async with http.post(f"{url}/job/ispyb/hold", data=hold) as resp:  # reads only: nothing to hold
+                assert "Refused:" in await resp.text() and "cannot be held" in await resp.text()
+    finally:
+        await server.stop()
+    assert await state_of(deciding.store, Deposition, 3) == "packed"
+    assert [d[:4] for d in await decisions_of(deciding.store)] == [
+        ("deposition", "3", "approve", "grace"), ("job", "pdis", "hold", "grace"), ("job", "pdis", "resume", "grace")]
+
+
+async def test_a_script_decides_with_the_bearer_header_and_reads_json(deciding: Mirrord) -> None:
+    server, url = await serve(deciding, token=TOKEN)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            form = {"by": "release-bot", "reason": "nightly approval of lb32627"}
+            async with http.post(f"{url}/item/deposition/3/approve", data=form, headers=bearer) as resp:
+                assert resp.status == 200
+                body = await resp.json()
+            assert body["ok"] and "awaiting_approval -> packed" in body["outcome"]
+            async with http.post(f"{url}/item/deposition/3/approve", data=form, headers=bearer) as resp:
+                assert resp.status == 409 and "does not apply" in (await resp.json())["outcome"]
+            async with http.post(f"{url}/item/deposition/999/approve", data=form, headers=bearer) as resp:
+                assert resp.status == 404
+            async with http.post(f"{url}/item/deposition/3/approve", data=form) as resp:  # no header, no cookie
+                assert resp.status == 401
+            retry = {"by": "release-bot", "reason": "the upstream archive was rebuilt"}
+            async with http.post(f"{url}/item/upload/2/retry", data=retry, headers=bearer) as resp:
+                assert resp.status == 200 and "upload 2 retried: failed -> " in (await resp.json())["outcome"]
+    finally:
+        await server.stop()
+    assert [d[:4] for d in await decisions_of(deciding.store)] == [("deposition", "3", "approve", "release-bot")]
+    async with deciding.store.read() as session:  # a retry is no decision, but its history says who and why
+        last = (await session.scalars(select(Event).where(Event.item_type == "upload", Event.item_id == "2")
+                                      .order_by(Event.id.desc()).limit(1))).one()
+    assert last.from_state == "failed" and last.instance == "person:release-bot"
+    assert last.reason == "retried by release-bot: 'the upstream archive was rebuilt'"

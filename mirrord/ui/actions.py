@@ -344,10 +344,11 @@ class Retried:
     note: str = ""  # what the retry will likely end in, when a person would rather settle it otherwise
 
 
-async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "operator") -> Retried:
+async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "operator",
+                reason: str = "retried by operator") -> Retried:
     """Re-queue a failed or needs-attention item where it failed, with a fresh retry budget.
 
-    `ref` names the item as `show` takes it: an id or a name.
+    `ref` names the item as `show` takes it: an id or a name; `reason` goes in its history.
     """
     model = ITEM_MODELS.get(kind)
     if model is None:
@@ -362,7 +363,7 @@ async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "ope
         note = await _retry_note(session, kind, item)
         to_state = await _restart_state(session, kind, item)
         item.attempts, item.last_error, item.next_attempt_at = 0, None, utcnow()
-        move(session, item, to_state, "retried by operator", instance=instance)
+        move(session, item, to_state, reason, instance=instance)
     return Retried(kind, item_id, before, to_state, note)
 
 

@@ -24,13 +24,23 @@ REFRESH_SECONDS = 60
 
 
 @dataclass(frozen=True)
+class Flash:
+    """The outcome of the decision the browser just sent, shown once on the page it comes back to."""
+
+    ok: bool
+    text: str
+
+
+@dataclass(frozen=True)
 class About:
-    """What the page says about the daemon itself."""
+    """What the page says about the daemon itself, and what the person viewing it may do."""
 
     version: str = ""
     uptime: float | None = None
     upstreams: dict[str, str] = field(default_factory=dict)
     signed_in: bool = False
+    form_token: str = ""  # set when signed in with a web token: the page offers its decision forms
+    flash: Flash | None = None
 
 # -- HTML -------------------------------------------------------------------------------------------
 _CSS = """
@@ -45,6 +55,9 @@ th{background:#f2f2f2}td.why{max-width:50em}
 .none{color:#888;font-style:italic}
 td.id,td.id a{white-space:nowrap}pre{white-space:pre-wrap;max-width:100em;background:#f7f7f7;padding:.5em}
 form.inline{display:inline}
+.held{background:#fff4e5;border:1px solid #e0a040;padding:.4em .8em}
+.flash{padding:.4em .8em;border:1px solid}.flash.ok{background:#eef8f0}.flash.bad{background:#fdecee}
+form.decide input[type=text]{margin-right:.6em}form.decide button{margin-right:.3em}
 """
 # State colours from the lists the terminal colours by too.
 _STATE_CSS = (",".join(f".state-{s}" for s in PROBLEM_STATES) + "{color:#b00020}\n"
@@ -155,6 +168,72 @@ def _why_cell(item: Mapping[str, Any]) -> _Raw:
     return _Raw(cell)
 
 
+def _flash(about: About) -> str:
+    if about.flash is None:
+        return ""
+    css, label = ("ok", "Done") if about.flash.ok else ("bad", "Refused")
+    return f'<p class="flash {css}" role="status"><strong>{label}:</strong> {_esc(about.flash.text)}</p>'
+
+
+def _decision_form(about: About, action: str, buttons: list[str], *, back: str = "", compact: bool = False) -> str:
+    """A person's decision, as the CLI takes it: who decides, why, and one button per action that
+    applies (each posts to `<action>/<button>`). Offered only to a signed-in browser."""
+    if not about.form_token or not buttons:
+        return ""
+    size = 14 if compact else 40
+    fields = (f'<input type="hidden" name="csrf" value="{_esc(about.form_token)}">'
+              + (f'<input type="hidden" name="back" value="{_esc(back)}">' if back else "")
+              + '<label>Your name <input type="text" name="by" size="12" required autocomplete="name"></label> '
+              f'<label>Reason <input type="text" name="reason" size="{size}" required></label> ')
+    pressed = "".join(f'<button type="submit" formaction="{_esc(f"{action}/{b}")}">'
+                      f'{_esc(b)}</button>' for b in buttons)
+    return f'<form class="decide" method="post" action="{_esc(f"{action}/{buttons[0]}")}">{fields}{pressed}</form>'
+
+
+def _held_banner(data: dict[str, Any], about: About) -> str:
+    """Held jobs, at the top: nothing they would write leaves the host until a person resumes them."""
+    lines = []
+    for h in data.get("holds", []):
+        form = _decision_form(about, f"job/{h['id']}", ["resume"], compact=True)
+        lines.append(f'<div class="held"><strong>job {_esc(h["id"])} is held</strong> by {_esc(h["by"])} since '
+                     f'{_esc(_clock(h["at"]))}: {_esc(h["reason"])} · its uploads and other writes wait; polling '
+                     f'goes on. <code>mirrord resume {_esc(h["id"])} --reason TEXT</code>{form}</div>')
+    return "".join(lines)
+
+
+def _approvals(data: dict[str, Any], about: About, when: Any) -> str:
+    waiting = data.get("approvals", [])
+    if not waiting:
+        return ""
+    rows = [[_item_cell("deposition", a["id"]), a["pdb_code"], a["sample"], a["session"], a["proposal"],
+             _size(a["archive_bytes"]), when(a["since"]),
+             _Raw(_decision_form(about, f"item/deposition/{a['id']}", ["approve", "reject"], back="status",
+                                 compact=True) or f"<code>{_esc(a['command'])}</code>")] for a in waiting]
+    return (f'<h2 id="approvals">Awaiting approval ({len(waiting)})</h2>'
+            '<p class="meta">Packed and checked; nothing leaves the host until a person approves it.</p>'
+            + _table(["deposition", "PDB code", "sample", "session", "proposal", "archive", "waiting since",
+                      "decide"], rows))
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return ""
+
+
+def _job_hold_cell(job: str, held: set[str], about: About) -> _Raw:
+    from mirrord.ui.actions import HOLDABLE_JOBS
+
+    if job not in HOLDABLE_JOBS:
+        return _Raw("")
+    state = '<span class="state state-failed">held</span> ' if job in held else ""
+    return _Raw(state + _decision_form(about, f"job/{job}", ["resume" if job in held else "hold"], compact=True))
+
+
 def render_html(data: dict[str, Any], about: About | None = None) -> str:
     about = about or About()
     now = dt.datetime.fromisoformat(data["generated_at"])
@@ -166,22 +245,32 @@ def render_html(data: dict[str, Any], about: About | None = None) -> str:
         return _Raw(_state(value))
 
     attention = data["attention"]
+    held = {str(h["id"]) for h in data.get("holds", [])}
     headline = (f'<p class="bad"><strong>{len(attention)} thing(s) need attention.</strong></p>' if attention
                 else '<p class="ok"><strong>Nothing needs attention.</strong></p>')
     totals = "; ".join(f"{kind}: " + ", ".join(f"{n} {s}" for s, n in states.items())
                        for kind, states in data["items"].items() if states)
     sections = [
+        _flash(about),
+        _held_banner(data, about),
         headline,
         f'<p class="meta">{_esc(totals or "no items yet")}</p>',
+        _approvals(data, about, when),
         '<h2 id="attention">Needs attention</h2>' + _table(
             ["item", "what", "state", "why", "since"],
             [[_item_cell(a["kind"], a["id"]), a["label"], state(a["state"]), _why_cell(a), when(a["since"])]
              for a in attention], empty="nothing needs a person"),
         '<h2 id="jobs">Jobs</h2>' + _table(
-            ["job", "state", "upstream", "last success", "failing since", "error"],
+            ["job", "state", "upstream", "last success", "failing since", "error", "hold"],
             [[j["job"], state(j.get("state")), about.upstreams.get(j["job"], ""), when(j["last_success"]),
-              when(j["failing_since"]), _error_cell(j["error"], "job", j["job"])] for j in data["jobs"]],
+              when(j["failing_since"]), _error_cell(j["error"], "job", j["job"]),
+              _job_hold_cell(j["job"], held, about)] for j in data["jobs"]],
             empty="no job has run"),
+        '<h2 id="decisions">Decided by a person</h2>' + _table(
+            ["when", "item", "decision", "by", "reason", "in force"],
+            [[when(d["at"]), _item_cell(d["kind"], d["id"]), d["action"], d["by"], d["reason"],
+              "yes" if d["active"] else (f"ended: {d['ended_why']}" if d["ended_why"] else "")]
+             for d in data.get("decisions", [])], empty="no decisions yet"),
         '<h2 id="targets">Targets</h2>' + _table(
             ["target", "TAS", "latest upload", "mirrored version", "mirrored"],
             [[_item_cell("target", t["id"], t["name"]), t["tas"], t["latest_upload"], t["mirrored_upload"],
@@ -219,11 +308,14 @@ def render_html(data: dict[str, Any], about: About | None = None) -> str:
     upstreams = " · ".join(f"{name}: {url}" for name, url in about.upstreams.items())
     sign_out = ('<form class="inline" method="post" action="logout"><button type="submit">sign out</button></form>'
                 if about.signed_in else "")
+    # A page with decision forms is not reloaded under the person typing into it.
+    refresh = None if about.form_token else REFRESH_SECONDS
+    refreshing = f"refreshes every {REFRESH_SECONDS} s" if refresh else "reload to update"
     return _document("mirrord status", f"""<h1>mirrord</h1>
 <p class="meta">{_esc(' · '.join(facts))} · <a href="api/status">JSON</a> · <a href="metrics">metrics</a>
-· refreshes every {REFRESH_SECONDS} s {sign_out}</p>
+· {refreshing} {sign_out}</p>
 <p class="meta">{_esc(upstreams)}</p>
-{''.join(sections)}""", refresh=REFRESH_SECONDS)
+{''.join(sections)}""", refresh=refresh)
 
 
 def _event_item(item: str) -> _Raw:
@@ -231,16 +323,22 @@ def _event_item(item: str) -> _Raw:
     return _item_cell(kind, ref) if kind in ITEM_KINDS else _Raw(_esc(item))
 
 
-def render_lineage(lineage: Lineage) -> str:
-    """An item's page: the facts each system holds, the full error text, and its history."""
+def render_lineage(lineage: Lineage, about: About | None = None) -> str:
+    """An item's page: the facts each system holds, the full error text, what a person can do (as forms,
+    when signed in), and its history."""
+    about = about or About()
     sections = [f"<h2>{_esc(s.title)}</h2>" + _table(["", ""], [[label, _fact(value)] for label, value in s.facts])
                 for s in lineage.sections]
+    # Relative to /item/<kind>/<ref>: posts to /item/<kind>/<id>/<action>.
+    form = _decision_form(about, str(lineage.id), lineage.actions)
+    if form:
+        sections.append(f'<h2 id="decide">Decide</h2>{form}')
     history = _table(["when", "item", "from", "to", "reason", "instance"],
                      [[_clock(h.at), _event_item(h.item), h.from_state, _Raw(_state(h.to_state)), h.reason,
                        h.instance] for h in lineage.history], empty="no events")
     state = f" {_state(lineage.state)}" if lineage.state else ""
     return _document(f"{lineage.title} - mirrord", f"""<p class="meta"><a href="../../status">status</a></p>
-<h1>{_esc(lineage.title)}{state}</h1>
+{_flash(about)}<h1>{_esc(lineage.title)}{state}</h1>
 <p class="meta">{_esc(lineage.kind)} {_esc(lineage.id)} · the same as <code>mirrord show {_esc(lineage.kind)}
 {_esc(lineage.id)}</code></p>
 {''.join(sections)}<h2>History</h2>{history}""")

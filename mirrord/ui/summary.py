@@ -105,6 +105,14 @@ async def _approvals(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
             for d, ds in rows]
 
 
+async def waiting_for_a_person(session: AsyncSession, limit: int = 500) -> tuple[list[dict[str, Any]],
+                                                                               list[dict[str, Any]]]:
+    """The items that need a person (each reason ending with its commands) and the approvals waiting,
+    as /status lists them (newest first; approvals oldest first): what the webhook's digest announces."""
+    items = sorted(await _attention_items(session, limit), key=lambda a: a["since"] or "", reverse=True)
+    return items, await _approvals(session, limit)
+
+
 async def _counts(session: AsyncSession) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for kind, model in ITEM_MODELS.items():
@@ -264,6 +272,7 @@ async def _events(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
 
 async def refresh_item_gauges(store: Store) -> None:
     from mirrord import metrics  # here, not at the top: `mirrord status` has no use for prometheus_client
+    from mirrord.ui.actions import AWAITING_APPROVAL, HOLDABLE_JOBS
 
     rows = []
     async with store.read() as session:
@@ -271,10 +280,17 @@ async def refresh_item_gauges(store: Store) -> None:
             found = await session.execute(
                 select(model.state, func.count(), func.min(model.updated_at)).group_by(model.state))
             rows += [(kind, state, n, oldest) for state, n, oldest in found]
+        held = await decisions.holds(session)
+    for job in HOLDABLE_JOBS:
+        metrics.job_held.labels(job).set(1 if job in held else 0)
+    waiting = next(((n, oldest) for kind, state, n, oldest in rows
+                    if (kind, state) == ("deposition", AWAITING_APPROVAL)), (0, None))
+    metrics.depositions_awaiting_approval.set(waiting[0])
     # Cleared first: a state that emptied must read 0 (absent), not its last count.
     metrics.items_by_state.clear()
     metrics.oldest_item_age.clear()
     now = utcnow()
+    metrics.oldest_approval_age.set(max(0.0, (now - waiting[1]).total_seconds()) if waiting[1] else 0)
     for kind, state, n, oldest in rows:
         metrics.items_by_state.labels(kind, state).set(n)
         if oldest is not None:

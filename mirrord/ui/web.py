@@ -3,6 +3,11 @@
 Served on loopback unless configured otherwise. An optional token protects all but /healthz and /login:
 scripts and probes send it as `Authorization: Bearer`; a browser signs in once at /login, which sets an
 HttpOnly, SameSite=Strict cookie holding an HMAC of the token (never the token itself).
+
+A person's decisions (approve, dismiss, hold...) are POSTs to /item/<kind>/<id>/<action> and
+/job/<job>/<hold|resume>, taken only when a token is set: an open page never acts. A signed-in browser's
+form carries a CSRF token; a script's bearer header is proof enough. Both go through ui/actions, as the
+CLI does.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import hmac
 import ipaddress
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import structlog
 from aiohttp import web
@@ -43,11 +48,24 @@ def session_value(token: str) -> str:
     return hmac.new(token.encode(), b"mirrord status page session", hashlib.sha256).hexdigest()
 
 
-def _authorised(request: web.Request, token: str) -> bool:
+def form_token(token: str) -> str:
+    """The CSRF token every form of a signed-in page carries. Another site's page can neither read it
+    nor derive it (it needs the web token), so a forged form is refused."""
+    return hmac.new(token.encode(), b"mirrord form:" + session_value(token).encode(), hashlib.sha256).hexdigest()
+
+
+def _by_bearer(request: web.Request, token: str) -> bool:
     bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    return bool(token) and hmac.compare_digest(bearer.encode(), token.encode())
+
+
+def _signed_in(request: web.Request, token: str) -> bool:
     cookie = request.cookies.get(SESSION_COOKIE, "")
-    return (hmac.compare_digest(bearer.encode(), token.encode())
-            or hmac.compare_digest(cookie.encode(), session_value(token).encode()))
+    return bool(token) and hmac.compare_digest(cookie.encode(), session_value(token).encode())
+
+
+def _authorised(request: web.Request, token: str) -> bool:
+    return _by_bearer(request, token) or _signed_in(request, token)
 
 
 @web.middleware
@@ -110,6 +128,8 @@ def make_app(app_state: Mirrord, *, token: str | None = None) -> web.Application
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_get("/item/{kind}/{ref}", item_html)
+    app.router.add_post("/item/{kind}/{ref}/{action}", item_decision)
+    app.router.add_post("/job/{job}/{action}", job_decision)
     app.router.add_get("/status", status_html)
     app.router.add_get("/api/status", status_json)
     app.router.add_post("/designhub/open/{annotation_id:\\d+}", open_in_designhub)
@@ -191,13 +211,20 @@ async def status_json(request: web.Request) -> web.Response:
     return web.json_response(await _summary_for(request))
 
 
+def _about(request: web.Request) -> page.About:
+    """What the page says about the daemon and the person viewing it: whether its forms are offered."""
+    app_state, token = request.app[MIRRORD_KEY], request.app[TOKEN_KEY]
+    signed_in = _signed_in(request, token)
+    return page.About(version=__version__, uptime=time.monotonic() - request.app[STARTED_KEY],
+                      upstreams={name: section.url for name, section in app_state.config.jobs().items()
+                                 if section.enabled},
+                      signed_in=signed_in, form_token=form_token(token) if signed_in else "",
+                      flash=_read_flash(request, token))
+
+
 async def status_html(request: web.Request) -> web.Response:
-    app_state = request.app[MIRRORD_KEY]
-    about = page.About(version=__version__, uptime=time.monotonic() - request.app[STARTED_KEY],
-                       upstreams={name: section.url for name, section in app_state.config.jobs().items()
-                                  if section.enabled},
-                       signed_in=bool(request.app[TOKEN_KEY]) and SESSION_COOKIE in request.cookies)
-    return web.Response(text=page.render_html(await _summary_for(request), about), content_type="text/html")
+    return web.Response(text=page.render_html(await _summary_for(request), _about(request)),
+                        content_type="text/html")
 
 
 async def item_html(request: web.Request) -> web.Response:
@@ -209,7 +236,119 @@ async def item_html(request: web.Request) -> web.Response:
         found = await lineage(request.app[MIRRORD_KEY].store, kind, ref)
     except InspectError as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
-    return web.Response(text=page.render_lineage(found), content_type="text/html")
+    return web.Response(text=page.render_lineage(found, _about(request)), content_type="text/html")
+
+
+# -- a person's decisions ------------------------------------------------------------------------------
+async def item_decision(request: web.Request) -> web.Response:
+    """One of the actions the item's page offers (its remedies), taken as the person typed it."""
+    from mirrord.ui.actions import InspectError, lineage
+
+    kind, ref, action = (request.match_info[k] for k in ("kind", "ref", "action"))
+    form, by_script = await _decision_form(request)
+    try:
+        found = await lineage(request.app[MIRRORD_KEY].store, kind, ref)
+    except InspectError as exc:
+        raise web.HTTPNotFound(text=str(exc)) from None
+    back = "../../../status" if form.get("back") == "status" else f"../{found.id}"
+    return await _decided(request, by_script, back, form, lambda who: _decide_item(request, found, action, who))
+
+
+async def job_decision(request: web.Request) -> web.Response:
+    """Hold or resume a job's outgoing writes, from the Jobs table of /status."""
+    from mirrord.ui import actions
+
+    job, action = request.match_info["job"], request.match_info["action"]
+    if action not in ("hold", "resume"):
+        raise web.HTTPNotFound(text=f"a job is held or resumed, not {action!r}")
+    form, by_script = await _decision_form(request)
+    store = request.app[MIRRORD_KEY].store
+    return await _decided(request, by_script, "../../status", form,
+                          lambda who: actions.hold(store, job, resume=action == "resume", **who))
+
+
+async def _decision_form(request: web.Request) -> tuple[Any, bool]:
+    """The form of a person allowed to decide here: (its fields, whether a script sent it)."""
+    token = request.app[TOKEN_KEY]
+    if not token:
+        raise web.HTTPForbidden(text="decisions are taken only with [web] token set: an open page never acts; "
+                                     "use the mirrord commands on the host")
+    form = await request.post()
+    if _by_bearer(request, token):
+        return form, True
+    if not _signed_in(request, token) or not hmac.compare_digest(
+            str(form.get("csrf", "")).encode(), form_token(token).encode()):
+        log.warning("web.form_refused", peer=request.remote, path=request.path)
+        raise web.HTTPForbidden(text="this form did not come from this status page (or the token changed): "
+                                     "reload the page and try again")
+    return form, False
+
+
+async def _decided(request: web.Request, by_script: bool, back: str, form: Any, decide: Any) -> web.Response:
+    """Take the decision; a script reads the outcome as JSON, a browser goes back to the page that shows it."""
+    from mirrord.store.decisions import DecisionError
+    from mirrord.ui.actions import InspectError
+
+    who = {"actor": str(form.get("by", "")).strip(), "reason": str(form.get("reason", "")).strip()}
+    try:
+        if not who["actor"] or not who["reason"]:
+            raise DecisionError("type your name and a reason: they are what the next person reads")
+        done = await decide(who)
+        ok, outcome = True, f"{_describe(done)}; recorded as decided by {who['actor']}; the next run acts on it"
+    except (InspectError, DecisionError) as exc:
+        ok, outcome = False, str(exc)
+    log.info("web.decision", path=request.path, actor=who["actor"], ok=ok, outcome=outcome)
+    if by_script:
+        return web.json_response({"ok": ok, "outcome": outcome}, status=200 if ok else 409)
+    raise web.HTTPSeeOther(location=f"{back}?{_flash_query(request.app[TOKEN_KEY], ok, outcome)}")
+
+
+async def _decide_item(request: web.Request, found: Any, action: str, who: dict[str, str]) -> Any:
+    """The ui/actions call behind each remedy; only the actions the item's remedies offer now."""
+    from mirrord.ui import actions
+
+    app_state = request.app[MIRRORD_KEY]
+    store, kind, ref = app_state.store, found.kind, str(found.id)
+    if action not in found.actions:
+        offered = ", ".join(found.actions) or "none"
+        raise actions.InspectError(f"{kind} {ref} is {found.state}: {action} does not apply to it now "
+                                   f"(what applies: {offered})")
+    if action == "retry":
+        return await actions.retry(store, kind, ref, instance=f"person:{who['actor']}",
+                                   reason=f"retried by {who['actor']}: {who['reason']!r}")
+    if action == "accept":
+        return await actions.accept(store, ref, **who)
+    if action in ("dismiss", "reopen"):
+        return await (actions.dismiss if action == "dismiss" else actions.reopen)(store, kind, ref, **who)
+    if action == "choose":
+        return await actions.choose(store, app_state.config, ref, **who)
+    return await actions.approve(store, ref=ref, action=action, **who)  # approve, reject
+
+
+def _describe(done: Any) -> str:
+    items = done if isinstance(done, list) else [done]
+    return "; ".join(d.describe() if hasattr(d, "describe") else
+                     f"{d.kind} {d.id} retried: {d.from_state} -> {d.to_state}" for d in items)
+
+
+def _flash_query(token: str, ok: bool, text: str) -> str:
+    """The outcome, for the page the browser goes back to; signed, so no link can make the page say
+    something mirrord did not."""
+    key = "done" if ok else "refused"
+    return urlencode({key: text, "sig": _flash_sig(token, key, text)}, quote_via=quote)
+
+
+def _flash_sig(token: str, key: str, text: str) -> str:
+    return hmac.new(token.encode(), f"mirrord flash:{key}:{text}".encode(), hashlib.sha256).hexdigest()
+
+
+def _read_flash(request: web.Request, token: str) -> page.Flash | None:
+    for key in ("done", "refused"):
+        text = request.query.get(key)
+        if text and token and hmac.compare_digest(request.query.get("sig", "").encode(),
+                                                  _flash_sig(token, key, text).encode()):
+            return page.Flash(ok=key == "done", text=text)
+    return None
 
 
 class WebServer:
