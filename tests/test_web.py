@@ -471,18 +471,19 @@ async def test_a_signed_in_browser_settles_an_item_from_its_page(deciding: Mirro
 
 
 async def test_a_refused_decision_says_why_on_the_page(deciding: Mirrord) -> None:
-    """Choosing a superseded deposition over one PDIS already published is refused, in the words of
-    ui/actions; a link cannot make the page claim an outcome (the message is signed)."""
+    """Choosing a superseded deposition over one PDIS already published is not offered, and a forged
+    POST of it is refused, saying why; a link cannot make the page claim an outcome (the message is signed)."""
     server, url = await serve(deciding, token=TOKEN)
     try:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             await signed_in(http, url)
             page = await (await http.get(f"{url}/item/deposition/4")).text()
-            assert 'formaction="4/choose"' in page
-            form = {"by": "ada", "reason": "x0789 is the better crystal", "csrf": form_token_of(page)}
+            assert 'formaction="4/choose"' not in page  # the winner is published: nothing to choose
+            csrf = form_token_of(await (await http.get(f"{url}/item/upload/2")).text())  # the session's token
+            form = {"by": "ada", "reason": "x0789 is the better crystal", "csrf": csrf}
             async with http.post(f"{url}/item/deposition/4/choose", data=form) as resp:
                 page = await resp.text()
-            assert "Refused:" in page and "can no longer be taken back" in page
+            assert "Refused:" in page and "choose does not apply to it now" in page
             # An action the item's remedies do not offer is refused too (accept is a dataset's).
             async with http.post(f"{url}/item/deposition/4/approve", data=form) as resp:
                 assert "Refused:" in await resp.text()
