@@ -224,3 +224,24 @@ async def test_choose_is_offered_only_while_the_winner_can_be_taken_back(store):
         offered = await remedies.for_items(session, "deposition", [SimpleNamespace(
             id=loser.id, state="not_deposited", pdb_code="5ABC", status_details=loser.status_details)])
     assert offered[loser.id] == []
+
+
+async def test_an_item_a_worker_holds_is_not_dismissed_under_it(store, tmp_path):
+    """Kills: the lease check dropped, so a packer's next step (`queued` -> `packing`) overwrote the
+    dismissal and the deposition went on to PDIS."""
+    import datetime as dt
+
+    from mirrord.store.models import utcnow
+    from mirrord.ui import actions
+
+    _dataset, dep = await seeded(store, tmp_path)
+    async with store.write() as session:
+        row = await session.get(Deposition, dep.id)
+        row.state, row.lease_owner, row.lease_until = "queued", "host:1", utcnow() + dt.timedelta(minutes=5)
+    with pytest.raises(actions.InspectError, match="is being worked on by host:1"):
+        await actions.dismiss(store, "deposition", str(dep.id), reason="no", actor="ada")
+    assert await rows(store) == []
+    async with store.write() as session:
+        (await session.get(Deposition, dep.id)).lease_until = utcnow() - dt.timedelta(seconds=1)  # expired
+    done = await actions.dismiss(store, "deposition", str(dep.id), reason="no", actor="ada")
+    assert (done.from_state, done.to_state) == ("queued", "dismissed")

@@ -527,6 +527,10 @@ async def dismiss(store: Store, kind: str, ref: str, *, reason: str, actor: str,
         if item.state not in DISMISSABLE[kind]:
             raise InspectError(f"{kind} {item.id} is {item.state}: only one in {', '.join(DISMISSABLE[kind])} "
                                "can be dismissed")
+        if item.lease_until is not None and item.lease_until > utcnow():
+            # A worker's next step would overwrite the dismissal: wait until it lets go.
+            raise InspectError(f"{kind} {item.id} is being worked on by {item.lease_owner} right now; dismiss it "
+                               "once that step is over (a few seconds to minutes)")
         row = await decisions.record(session, kind, item.id, action, reason=reason, actor=actor,
                                      bound={"state": item.state})
         return _moved(session, item, DISMISSED, row)
