@@ -248,6 +248,7 @@ class SilentServer:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.held: list[socket.socket] = []
+        self.first_connection: float | None = None  # time.monotonic() of the first accept
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -255,6 +256,7 @@ class SilentServer:
         with contextlib.suppress(OSError):
             while True:
                 self.held.append(self.sock.accept()[0])
+                self.first_connection = self.first_connection or time.monotonic()
 
     def close(self) -> None:
         self.sock.close()
@@ -292,8 +294,12 @@ def http_get(url: str) -> tuple[int, str]:
 
 
 def test_a_silent_upstream_delays_only_its_own_job_and_sigterm_is_honoured(tmp_path: Path) -> None:
-    """Fragalysis and Design Hub accept and never answer: /healthz within 5 s, /readyz 503 naming them,
-    PDIS (credentials checked at its start) runs ok meanwhile, SIGTERM exits 0 within shutdown_grace."""
+    """Fragalysis and Design Hub accept and never answer: /healthz comes up while their starts still wait,
+    /readyz 503 names them, PDIS (credentials checked at its start) runs ok meanwhile, and SIGTERM exits 0
+    after shutdown_grace, not after the starts' timeout.
+
+    The bounds are the start timeout (120 s), not a guess at how fast a machine is: on a quiet machine
+    /healthz answers after about 1 s and SIGTERM takes grace + 0.3 s, so a loaded one has ample room."""
     silent = SilentServer()
     port = free_port()
     with ServedInThread(PdisEmulator(storage_dir=tmp_path / "pdis").app) as pdis:
@@ -301,21 +307,20 @@ def test_a_silent_upstream_delays_only_its_own_job_and_sigterm_is_honoured(tmp_p
             "fragalysis": {"url": silent.url, "interval": "1s"},
             "designhub": {"url": silent.url, "interval": "1s"},
             "pdis": {"url": PdisEmulator.api_url(pdis.url), "interval": "1s", "username": "you@lab.edu"},
-        }, shutdown_grace="3s")
-        started = time.monotonic()
+        }, shutdown_grace="3s", start_timeout="120s")
         proc = mirrord(config, "run", MIRRORD_DESIGNHUB__API_KEY="k", MIRRORD_PDIS__PASSWORD="secret")
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_for(lambda: _answers(f"{base}/healthz"), timeout=5)
-            assert time.monotonic() - started < 5
-            status, body = http_get(f"{base}/readyz")
+            wait_for(lambda: _answers(f"{base}/healthz"), timeout=30)
+            status, body = http_get(f"{base}/readyz")  # still starting: /healthz did not wait for them
             assert status == 503 and "fragalysis: starting" in body and "designhub: starting" in body, body
-            wait_for(lambda: _job_states(base).get("pdis") == "ok", timeout=15)
+            wait_for(lambda: _job_states(base).get("pdis") == "ok", timeout=30)
             assert _job_states(base) == {"fragalysis": "starting", "designhub": "starting", "pdis": "ok"}
             proc.send_signal(signal.SIGTERM)
             stopping = time.monotonic()
-            _, err = proc.communicate(timeout=15)
-            assert time.monotonic() - stopping < 3 + 2, "SIGTERM took longer than shutdown_grace (3 s) to act"
+            _, err = proc.communicate(timeout=60)
+            took = time.monotonic() - stopping
+            assert took < 3 + 15, f"SIGTERM took {took:.1f} s: it waited for the silent starts (120 s)"
         finally:
             proc.kill()
             silent.close()
@@ -381,18 +386,24 @@ async def test_sigterm_while_opening_stops_at_once(tmp_path: Path, monkeypatch: 
 
 
 def test_once_with_silent_upstreams_waits_one_start_timeout_and_names_them(tmp_path: Path) -> None:
-    """Starts run side by side: two silent upstreams cost one start_timeout (5 s), not two, and are reported."""
-    silent = SilentServer()
-    config = real_config(tmp_path, free_port(), {"fragalysis": {"url": silent.url},
-                                                 "designhub": {"url": silent.url}}, start_timeout="5s")
-    started = time.monotonic()
+    """Starts run side by side: two silent upstreams are both asked at once, and both are reported.
+
+    Measured between the two upstreams' first connections rather than over the whole process, whose start-up
+    a loaded machine stretches: side by side they come about 0.01 s apart, one after the other almost the
+    whole start timeout (5 s) apart."""
+    frag, hub = SilentServer(), SilentServer()
+    config = real_config(tmp_path, free_port(), {"fragalysis": {"url": frag.url},
+                                                 "designhub": {"url": hub.url}}, start_timeout="5s")
     proc = mirrord(config, "once", MIRRORD_DESIGNHUB__API_KEY="k")
     try:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-        silent.close()
-    assert time.monotonic() - started < 10, "the starts ran one after the other"
+        frag.close()
+        hub.close()
     assert proc.returncode == 1, err[-2000:]
     for job in ("fragalysis", "designhub"):
         assert f"failed: job {job}: start did not finish within 5 s" in out, out
+    assert frag.first_connection and hub.first_connection, "a start did not ask its upstream"
+    gap = abs(frag.first_connection - hub.first_connection)
+    assert gap < 2.5, f"the second start began {gap:.1f} s after the first: the starts ran one after the other"
