@@ -120,6 +120,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.append(f"no configuration file at {path} and no MIRRORD_<SECTION>__<KEY> variables "
                         "(give --config FILE or set MIRRORD_CONFIG)")
     problems += missing_credentials(config)
+    from mirrord.workdirs import directory_problems
+
+    problems += directory_problems(config)
     for warning in [*config.warnings, *link_warnings(config)]:
         print(f"warning: {warning}")
     enabled = config.enabled_jobs()

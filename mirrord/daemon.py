@@ -29,6 +29,7 @@ from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine, why
 from mirrord.store.models import FAILED_STATES, ITEM_MODELS, Event, utcnow
+from mirrord.workdirs import check_directories
 
 log = structlog.get_logger("mirrord.daemon")
 
@@ -61,6 +62,7 @@ class Mirrord:
 
     async def open(self) -> None:
         config = self.config
+        check_directories(config)  # before the lock and the database write there
         self.store = Store(config.daemon.resolved_database_url)
         if self.store.is_sqlite:
             # One process per SQLite state; nobody else can hold a lease, so stale ones are ours.

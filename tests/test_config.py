@@ -252,7 +252,8 @@ def test_check_config_refuses_a_missing_file_and_warns_of_an_http_link_base(tmp_
     assert check_config("check-config", "--config", str(nowhere)).returncode == 2
     default = check_config("check-config", env={"MIRRORD_CONFIG": ""})
     assert default.returncode == 2 and "no configuration file" in default.stderr
-    ok = check_config("check-config", env={"MIRRORD_DESIGNHUB__ENABLED": "true",
+    ok = check_config("check-config", env={"MIRRORD_DAEMON__STATE_DIR": str(tmp_path / "state"),
+                                           "MIRRORD_DESIGNHUB__ENABLED": "true",
                                            "MIRRORD_DESIGNHUB__URL": "https://designhub.lab",
                                            "MIRRORD_DESIGNHUB__API_KEY": "k",
                                            "MIRRORD_FRAGALYSIS__URL": "http://fragalysis.lab"})
@@ -267,3 +268,35 @@ def test_a_bad_environment_value_names_the_variable_and_its_form() -> None:
     text = str(err.value)
     assert "MIRRORD_ISPYB__PROPOSALS (ispyb.proposals)" in text and "JSON" in text
     assert "MIRRORD_ISPYB__BEAMLINES: not valid JSON" in text
+
+
+# -- directories mirrord writes (issue 21) -----------------------------------------------------------------
+def test_check_config_tries_the_state_mirror_and_spool_directories(tmp_path: Path) -> None:
+    """A directory mirrord cannot create or write is a configuration problem naming its key, found before
+    `run` or `once` would die at its first write."""
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(f"""
+[daemon]
+state_dir = "/proc/nope"
+[fragalysis]
+enabled = true
+url = "http://127.0.0.1:9"
+[pdis]
+enabled = true
+url = "https://pdis.invalid/api/v1"
+spool_dir = "{tmp_path / 'a-file' / 'spool'}"
+""")
+    proc = check_config("check-config", "--config", str(path), env={"MIRRORD_PDIS__USERNAME": "me",
+                                                                    "MIRRORD_PDIS__PASSWORD": "pw"})
+    assert proc.returncode == 2, proc.stdout
+    assert "daemon.state_dir: cannot create /proc/nope" in proc.stderr
+    assert f"pdis.spool_dir: {tmp_path / 'a-file'} is not a directory" in proc.stderr
+    assert "fragalysis.mirror_root" not in proc.stderr  # inside the state directory, already reported
+    # Usable directories pass, and trying them leaves nothing behind.
+    path.write_text(path.read_text().replace("/proc/nope", str(tmp_path / "new" / "state"))
+                    .replace(str(tmp_path / "a-file" / "spool"), str(tmp_path / "spool")))
+    proc = check_config("check-config", "--config", str(path), env={"MIRRORD_PDIS__USERNAME": "me",
+                                                                    "MIRRORD_PDIS__PASSWORD": "pw"})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "c.toml"]

@@ -127,6 +127,18 @@ def test_second_daemon_on_same_state_is_refused(tmp_path: Path) -> None:
         first.communicate()
 
 
+@pytest.mark.parametrize("command", ["run", "once"])
+def test_an_unusable_state_directory_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    """Exit 2 is a configuration error, which systemd does not restart (RestartPreventExitStatus=2)."""
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(str(tmp_path / "state"), "/proc/nope"))
+    proc = launch("SlowJob", config, command)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mirrord: daemon.state_dir: cannot create /proc/nope: "), err
+
+
 def test_once_exit_codes(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     done = launch("QuietJob", config, "once")

@@ -34,6 +34,13 @@ def test_units_have_the_essentials() -> None:
     assert "Conflicts=mirrord.service" in (UNITS / "mirrord-once.service").read_text()
 
 
+def test_the_daemon_unit_does_not_restart_on_a_configuration_error() -> None:
+    """A bad setting (an unusable state directory, say) exits 2: restarting would only loop."""
+    from mirrord.cli import EXIT_CONFIG
+
+    assert f"RestartPreventExitStatus={EXIT_CONFIG}" in (UNITS / "mirrord.service").read_text()
+
+
 def test_once_unit_takes_needs_attention_as_a_finished_run() -> None:
     from mirrord.cli import EXIT_ATTENTION
 
