@@ -394,8 +394,32 @@ def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list
     return overrides, problems
 
 
+CREDENTIAL = "credential:"  # `<key>_file = "credential:NAME"`: systemd's LoadCredential=NAME:<file>
+
+
+def _secret_path(value: str, env: dict[str, str]) -> Path:
+    """The file a `<key>_file` value names; `credential:NAME` is NAME in systemd's $CREDENTIALS_DIRECTORY.
+
+    Raises ValueError naming what is missing (said after the key by the caller)."""
+    if not value.startswith(CREDENTIAL):
+        return Path(value)
+    name = value.removeprefix(CREDENTIAL)
+    if not name or "/" in name:
+        raise ValueError(f"{value!r}: a credential's name follows 'credential:', without '/'")
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ValueError(f"{value!r} needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit with "
+                         f"LoadCredential={name}:<file>; it is not set here (to check by hand: "
+                         f"CREDENTIALS_DIRECTORY=<directory holding {name}> mirrord check-config)")
+    path = Path(directory) / name
+    if not path.exists():
+        raise ValueError(f"credential {name} is not in $CREDENTIALS_DIRECTORY ({directory}): the unit needs "
+                         f"LoadCredential={name}:<file>")
+    return path
+
+
 def _read_secret_files(data: dict[str, dict[str, Any]], env_keys: set[tuple[str, str]],
-                       warnings: list[str]) -> list[str]:
+                       warnings: list[str], env: dict[str, str]) -> list[str]:
     problems = []
     for section, key in SECRETS:
         table = data.get(section, {})
@@ -405,15 +429,22 @@ def _read_secret_files(data: dict[str, dict[str, Any]], env_keys: set[tuple[str,
             table.pop(key)
         path_value = table.get(f"{key}_file")
         if path_value and key not in table:
-            path = Path(path_value)
+            option = f"{section}.{key}_file"
             try:
+                path = _secret_path(str(path_value), env)
                 mode = path.stat().st_mode
                 table[key] = path.read_text().strip()
+            except ValueError as exc:
+                problems.append(f"{option}: {exc}")
+                continue
             except OSError as exc:
-                problems.append(f"{section}.{key}_file: cannot read {path}: {exc.strerror}")
+                problems.append(f"{option}: cannot read {exc.filename or path_value}: {exc.strerror}")
+                continue
+            if not table[key]:
+                problems.append(f"{option} is empty ({path})")
                 continue
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                warnings.append(f"{section}.{key}_file: {path} is readable by others (mode "
+                warnings.append(f"{option}: {path} is readable by others (mode "
                                 f"{stat.S_IMODE(mode):o}); chmod 600 it")
     return problems
 
@@ -467,7 +498,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     data = {k: v for k, v in data.items() if isinstance(v, dict)}
     warnings: list[str] = []
     env_keys = {(s, k) for s, values in overrides.items() for k in values}
-    problems += _read_secret_files(data, env_keys, warnings)
+    problems += _read_secret_files(data, env_keys, warnings, env)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

@@ -300,3 +300,77 @@ spool_dir = "{tmp_path / 'a-file' / 'spool'}"
                                                                     "MIRRORD_PDIS__PASSWORD": "pw"})
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "c.toml"]
+
+
+# -- secrets under the shipped systemd unit (issue 21) ---------------------------------------------------
+UNIT = EXAMPLE.parent / "systemd" / "mirrord.service"
+
+
+def unit_credentials() -> dict[str, str]:
+    """The unit's (commented) LoadCredential= lines: credential name -> the file systemd reads."""
+    lines = [line.removeprefix("#") for line in UNIT.read_text().splitlines()]
+    return dict(line.removeprefix("LoadCredential=").split(":", 1) for line in lines
+                if line.startswith("LoadCredential="))
+
+
+def test_the_units_credentials_reach_every_secret_as_credential_names(tmp_path: Path) -> None:
+    """What the unit documents, simulated: systemd copies each LoadCredential= file into a private
+    $CREDENTIALS_DIRECTORY (mode 0400, the service user's), and `<key>_file = "credential:<name>"` reads it."""
+    from mirrord.config import SECRETS
+
+    named = unit_credentials()
+    assert 'password_file = "credential:pdis.password"' in UNIT.read_text()
+    # Every secret but ISPyB's Keycloak token and the bearer alternatives has its line, named <section>.<key>.
+    assert set(named) == {"fragalysis.token", "ispyb.password", "pdis.password", "designhub.api_key", "web.token"}
+    assert all(source == f"/etc/mirrord/{name}" for name, source in named.items())
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name in named:
+        (credentials / name).write_text(f"secret-of-{name}\n")
+        (credentials / name).chmod(0o400)
+    config = tmp_path / "c.toml"
+    sections = {section: [f'{key}_file = "credential:{section}.{key}"' for s, key in SECRETS
+                          if s == section and f"{section}.{key}" in named] for section, _ in SECRETS}
+    sections["pdis"] += ["enabled = true", 'url = "https://pdis.lab/api"', 'username = "me"']
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n' + "".join(
+        f"[{section}]\n" + "\n".join(lines) + "\n" for section, lines in sections.items()))
+    loaded = load_config(config, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    for section, key in SECRETS:
+        if f"{section}.{key}" in named:
+            assert getattr(getattr(loaded, section), key).get_secret_value() == f"secret-of-{section}.{key}"
+    assert loaded.warnings == []
+    # check-config, as the operator runs it by hand (the unit's comment says how).
+    proc = check_config("check-config", "--config", str(config), env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert proc.returncode == 0, proc.stderr
+    assert "secret-of" not in proc.stdout + proc.stderr
+
+
+def test_a_credential_without_its_directory_or_file_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[pdis]\npassword_file = "credential:pdis.password"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env={})
+    assert err.value.problems == [
+        "pdis.password_file: 'credential:pdis.password' needs $CREDENTIALS_DIRECTORY, which systemd sets for a "
+        "unit with LoadCredential=pdis.password:<file>; it is not set here (to check by hand: "
+        "CREDENTIALS_DIRECTORY=<directory holding pdis.password> mirrord check-config)"]
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert err.value.problems == [f"pdis.password_file: credential pdis.password is not in $CREDENTIALS_DIRECTORY "
+                                  f"({tmp_path}): the unit needs LoadCredential=pdis.password:<file>"]
+    config.write_text('[pdis]\npassword_file = "credential:../etc/shadow"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert err.value.problems[0].startswith("pdis.password_file: 'credential:../etc/shadow': a credential's name")
+
+
+def test_an_empty_secret_file_says_so(tmp_path: Path) -> None:
+    """Not "pdis: no credentials", which sends the operator looking for a missing setting."""
+    secret = tmp_path / "pdis.password"
+    secret.write_text("\n")
+    secret.chmod(0o600)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[pdis]\nenabled = true\nusername = "me"\npassword_file = "{secret}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env={})
+    assert err.value.problems == [f"pdis.password_file is empty ({secret})"]
