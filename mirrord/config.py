@@ -7,6 +7,7 @@ and registered with the redactor so no log line or exception can carry them.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -73,6 +75,7 @@ class JobSection(Section):
     interval: Duration = 900.0
     jitter: Duration = 30.0
     cron: str | None = Field(default=None, description="crontab expression; overrides interval")
+    allow_insecure_http: bool = False  # send credentials over http:// to a host other than loopback
 
     @property
     def period(self) -> float:
@@ -345,6 +348,26 @@ def missing_credentials(config: Config) -> list[str]:
     return problems
 
 
+def credentials_in_clear(config: Config) -> list[str]:
+    """Enabled jobs that would send credentials over plain http to another machine (refused at load)."""
+    problems = []
+    for name, section in config.jobs().items():
+        keys = [f"{name}.{key}" for s, key in SECRETS if s == name and getattr(section, key) is not None]
+        url = urlsplit(section.url)
+        if (section.enabled and keys and url.scheme == "http" and not section.allow_insecure_http
+                and not _is_loopback(url.hostname or "")):
+            problems.append(f"{name}.url: plain http to {url.hostname} would send {' and '.join(keys)} in clear; "
+                            f"use https://, or set {name}.allow_insecure_http = true")
+    return problems
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def link_warnings(config: Config) -> list[str]:
     """Settings that work, but not as a user would expect."""
     warnings = []
@@ -504,6 +527,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     except ValidationError as exc:
         problems += [_format_error(e, env_keys) for e in exc.errors()]
         raise ConfigError(problems) from None
+    problems += credentials_in_clear(config)
     if problems:
         raise ConfigError(problems)
     config.warnings = warnings

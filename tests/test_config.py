@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -320,8 +321,7 @@ def test_the_units_credentials_reach_every_secret_as_credential_names(tmp_path: 
 
     named = unit_credentials()
     assert 'password_file = "credential:pdis.password"' in UNIT.read_text()
-    # Every secret but ISPyB's Keycloak token and the bearer alternatives has its line, named <section>.<key>.
-    assert set(named) == {"fragalysis.token", "ispyb.password", "pdis.password", "designhub.api_key", "web.token"}
+    assert set(named) == {f"{section}.{key}" for section, key in SECRETS}  # each secret, named <section>.<key>
     assert all(source == f"/etc/mirrord/{name}" for name, source in named.items())
     credentials = tmp_path / "credentials"
     credentials.mkdir()
@@ -339,6 +339,8 @@ def test_the_units_credentials_reach_every_secret_as_credential_names(tmp_path: 
         if f"{section}.{key}" in named:
             assert getattr(getattr(loaded, section), key).get_secret_value() == f"secret-of-{section}.{key}"
     assert loaded.warnings == []
+    once_unit = (UNIT.parent / "mirrord-once.service").read_text()  # the same lines, but the web's
+    assert all(f"#LoadCredential={n}:{src}" in once_unit for n, src in named.items() if n != "web.token")
     # check-config, as the operator runs it by hand (the unit's comment says how).
     proc = check_config("check-config", "--config", str(config), env={"CREDENTIALS_DIRECTORY": str(credentials)})
     assert proc.returncode == 0, proc.stderr
@@ -374,3 +376,58 @@ def test_an_empty_secret_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(config, env={})
     assert err.value.problems == [f"pdis.password_file is empty ({secret})"]
+
+
+# -- credentials over plain http (issue 21) --------------------------------------------------------------
+@pytest.mark.parametrize("url", ["http://pdis.lab/api/v1", "http://10.0.0.5:8000/api/v1"])
+def test_credentials_over_plain_http_to_another_machine_are_refused(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[pdis]\nenabled = true\nusername = "me"\nurl = "{url}"\n')
+    env = {"MIRRORD_PDIS__PASSWORD": "hunter2-in-clear"}
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env=env)
+    host = url.split("/")[2].split(":")[0]
+    assert err.value.problems == [f"pdis.url: plain http to {host} would send pdis.password in clear; "
+                                  "use https://, or set pdis.allow_insecure_http = true"]
+    proc = check_config("check-config", "--config", str(config), env=env)
+    assert proc.returncode == 2 and "pdis.url: plain http" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stderr
+    # Said explicitly, it is allowed.
+    config.write_text(config.read_text() + "allow_insecure_http = true\n")
+    assert load_config(config, env=env).pdis.allow_insecure_http
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/api", "http://localhost/api", "http://[::1]:8000/api"])
+def test_plain_http_to_loopback_or_without_credentials_is_fine(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[pdis]\nenabled = true\nusername = "me"\nurl = "{url}"\n'
+                      '[designhub]\nurl = "http://designhub.lab"\n')  # disabled: sends nothing
+    load_config(config, env={"MIRRORD_PDIS__PASSWORD": "pw", "MIRRORD_DESIGNHUB__API_KEY": "k"})
+    config.write_text('[fragalysis]\nenabled = true\nurl = "http://fragalysis.lab"\n')  # public targets: no token
+    load_config(config, env={})
+
+
+def test_every_commented_setting_of_the_example_parses_once_uncommented(tmp_path: Path) -> None:
+    """A user uncomments a line of config.example.toml: it must load as it stands (secrets as credentials)."""
+    from mirrord.config import SECRETS
+
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for section, key in SECRETS:
+        (credentials / f"{section}.{key}").write_text("a-secret")
+    lines = EXAMPLE.read_text().splitlines()
+    body = next(i for i, line in enumerate(lines) if line.startswith("["))  # the header's examples are env
+    path, failures, tried = tmp_path / "c.toml", [], 0
+    for i in range(body, len(lines)):
+        setting = re.fullmatch(r"#\s*(\w+\s*=.*)", lines[i])
+        if not setting:
+            continue
+        tried += 1
+        path.write_text("\n".join([*lines[:i], setting.group(1), *lines[i + 1:]]))
+        try:
+            load_config(path, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+        except ConfigError as exc:
+            failures.append(f"line {i + 1} {lines[i]!r}: {exc.problems}")
+    assert failures == []
+    assert tried >= 20
