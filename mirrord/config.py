@@ -7,6 +7,7 @@ and registered with the redactor so no log line or exception can carry them.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
@@ -15,7 +16,7 @@ import socket
 import stat
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -472,12 +473,33 @@ def _read_secret_files(data: dict[str, dict[str, Any]], env_keys: set[tuple[str,
     return problems
 
 
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """`; did you mean X?` naming the nearest valid key (or [section]) to an unknown one, or ''."""
+    model: Any = Config
+    for part in loc[:-1]:  # down to the table the unknown key is in: sections, then tables in lists
+        if isinstance(part, int) or part not in model.model_fields:
+            continue
+        annotation = model.model_fields[part].annotation
+        model = next((a for a in (annotation, *get_args(annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    names = set(model.model_fields) - {"warnings"}
+    if model is not Config:
+        # A secret is set by its <key>_file, never by the key itself.
+        names = {f"{name}_file" if f"{name}_file" in names else name for name in names}
+    close = difflib.get_close_matches(str(loc[-1]), sorted(names), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean [{close[0]}]?" if model is Config else f"; did you mean {close[0]}?"
+
+
 def _format_error(err: dict[str, Any], env_keys: set[tuple[str, str]]) -> str:
     parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
     loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = ("unknown section" if len(parts) == 1 else "unknown key") + _did_you_mean(err["loc"])
     if len(parts) >= 2 and (parts[0], parts[1]) in env_keys:
         # Name what the user typed: the variable, and the form it takes.
         variable = f"{ENV_PREFIX}{parts[0].upper()}__{parts[1].upper()}"

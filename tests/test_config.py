@@ -431,3 +431,18 @@ def test_every_commented_setting_of_the_example_parses_once_uncommented(tmp_path
             failures.append(f"line {i + 1} {lines[i]!r}: {exc.problems}")
     assert failures == []
     assert tried >= 20
+
+
+def test_an_unknown_key_or_section_suggests_the_nearest_valid_one(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[logging]\nlevel = "info"\n[daemon]\nretry_bse = "1m"\nzzzz = 1\n'
+                    '[pdis]\npasword_file = "x"\n[[fragalysis.targets]]\nname = "A"\ntas = "lb32627-66"\npdb_inf = true\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert sorted(err.value.problems) == [
+        "daemon.retry_bse: unknown key; did you mean retry_base?",
+        "daemon.zzzz: unknown key",  # nothing near it
+        "fragalysis.targets.0.pdb_inf: unknown key; did you mean pdb_info?",
+        "logging: unknown section; did you mean [log]?",
+        "pdis.pasword_file: unknown key; did you mean password_file?",
+    ]
