@@ -1,6 +1,7 @@
 """The `mirrord` command. Parses arguments, loads config, hands over to the daemon or a view.
 
-Exit codes: 0 done, 1 something failed (listed), 2 configuration error, 3 (`once`) done, but items need a person.
+Exit codes: 0 done, 1 something failed (listed), 2 configuration error, 3 (`once`) done, but items need a person,
+4 another mirrord process is using this state directory (a second instance on one SQLite state).
 Each command imports what it needs when it runs: `mirrord --help` loads no database, web or job code.
 """
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from mirrord.config import Config
     from mirrord.store import Store
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ATTENTION = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ATTENTION, EXIT_ALREADY_RUNNING = 0, 1, 2, 3, 4
 
 
 class NothingRecorded(Exception):
@@ -344,7 +345,8 @@ exit codes:
   0  done: nothing failed and nothing needs a person
   1  an item or a job failed (each is listed with its error)
   2  configuration error
-  3  done, but items need a person (each is listed with its reason; `mirrord show` and `mirrord retry`)"""
+  3  done, but items need a person (each is listed with its reason; `mirrord show` and `mirrord retry`)
+  4  another mirrord is using this state directory (nothing was done)"""
 ITEM_REF = ("an id (as `status` shows it) or a name: target name (or TAS/name), <target>/<upload index>, "
             "sample name, PDB code or PDIS token, evidence key or experiment code")
 
@@ -393,11 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
             "credentials an enabled job needs. Contacts no upstream (that is `mirrord check`).")
     db = command("db", "database schema", "Show or migrate the database schema.")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION", help="what to do")
-    db_sub.add_parser("upgrade", help="migrate the schema to the newest revision",
+    db_sub.add_parser("upgrade", help="migrate the schema to the newest revision", parents=common,
                       description="Migrate the schema to the newest revision (creates the database if needed).")
-    db_sub.add_parser("current", help="show the schema revision", description="Show the schema revision.")
+    db_sub.add_parser("current", help="show the schema revision", description="Show the schema revision.",
+                      parents=common)
     rev = db_sub.add_parser("revision", help="(developers) autogenerate a migration from the models",
-                            description="(developers) Autogenerate a migration from the models.")
+                            description="(developers) Autogenerate a migration from the models.", parents=common)
     rev.add_argument("-m", "--message", required=True, help="the migration's one-line description")
     status = command("status", "what mirrord did and what needs a person",
                      "Print targets, items by state, what needs a person (with ids for `show` and `retry`), "
@@ -471,7 +474,10 @@ def _known_error(exc: Exception) -> int:
     from mirrord.lock import AlreadyRunning
     from mirrord.store.migrate import SchemaError
 
-    if isinstance(exc, AlreadyRunning | SchemaError):
+    if isinstance(exc, AlreadyRunning):
+        print(f"mirrord: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    if isinstance(exc, SchemaError):
         print(f"mirrord: {exc}", file=sys.stderr)
         return EXIT_FAILED
     from sqlalchemy.exc import DBAPIError

@@ -120,8 +120,11 @@ def test_second_daemon_on_same_state_is_refused(tmp_path: Path) -> None:
         wait_for(lambda: (markers / "started-0").exists())
         second = launch("SlowJob", config, "run", env=env)
         _, err = second.communicate(timeout=30)
-        assert second.returncode == 1
+        assert second.returncode == 4, err  # its own code: not 1, "items failed"
         assert "already using the state directory" in err
+        once = launch("SlowJob", config, "once", env=env)
+        _, err = once.communicate(timeout=30)
+        assert once.returncode == 4 and "already using the state directory" in err, err
     finally:
         first.kill()
         first.communicate()
