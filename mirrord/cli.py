@@ -12,6 +12,7 @@ import asyncio
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -170,14 +171,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_once(args: argparse.Namespace) -> int:
     config = _load(args)
+    stopped_by: list[signal.Signals] = []
 
     async def main() -> int:
         from mirrord.daemon import Mirrord
         from mirrord.progress import terminal_progress
 
-        with terminal_progress() as progress:
-            async with Mirrord(config, progress=progress) as app:
-                outcome = await app.run_once(horizon=args.wait)
+        _cancel_on_signals(stopped_by)
+        try:
+            with terminal_progress() as progress:
+                async with Mirrord(config, progress=progress) as app:
+                    outcome = await app.run_once(horizon=args.wait)
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+            print(f"mirrord once: stopped by {stopped_by[0].name}; runs in progress are recorded as interrupted, "
+                  "and the next run resumes what they were doing", file=sys.stderr)
+            return EXIT_FAILED
         for line in outcome.attention:
             print(f"needs attention: {line}")
         for line in outcome.failed:
@@ -188,7 +198,24 @@ def cmd_once(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         return EXIT_ATTENTION if outcome.attention else EXIT_OK
 
-    return _run_async(main())
+    code = _run_async(main())
+    if stopped_by:  # end as the signal would have, once everything is closed (systemd: a clean stop)
+        signal.signal(stopped_by[0], signal.SIG_DFL)
+        os.kill(os.getpid(), stopped_by[0])
+    return code
+
+
+def _cancel_on_signals(received: list[signal.Signals]) -> None:
+    """SIGTERM or SIGINT cancels the running command at once; its cleanup (leases released, runs
+    recorded as interrupted) still runs. The signal is noted in `received`."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+    def cancel(sig: signal.Signals) -> None:
+        received.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, cancel, sig)
 
 
 def cmd_db(args: argparse.Namespace) -> int:

@@ -199,6 +199,8 @@ class Mirrord:
             running.add(task)
             try:
                 await self.runner.run(name)
+            except asyncio.CancelledError:
+                pass  # the drain's doing, and the run is recorded as interrupted: not the scheduler's error
             finally:
                 running.discard(task)
 
@@ -226,6 +228,12 @@ class Mirrord:
         grace = self.config.daemon.shutdown_grace
         log.info("daemon.draining", running=len(running), grace=grace)
         if running:
+            # A start or poll holds no item and may wait minutes on a silent upstream: stop it now; its
+            # next run repeats it. Steps on items get the grace.
+            for task in running:
+                if task.get_name() in self.runner.waiting_on_upstream:
+                    log.info("daemon.interrupting_job", job=task.get_name(), at=_awaiting(task))
+                    task.cancel()
             done, pending = await asyncio.wait(set(running), timeout=grace)
             for task in pending:
                 # Say where each straggler was: a job that ignores the drain is a bug worth seeing.

@@ -45,6 +45,8 @@ class JobRunner:
     ctx: JobContext
     jobs: dict[str, Job]
     health: dict[str, Health] = field(default_factory=dict)
+    # Jobs in their start or poll: waiting on an upstream and holding no item, so a drain need not wait.
+    waiting_on_upstream: set[str] = field(default_factory=set)
     _early_failures: dict[str, JobStartFailed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,11 +73,15 @@ class JobRunner:
         with structlog.contextvars.bound_contextvars(job=name, run_id=run_id):
             polled = False
             try:
-                await self._start(name, job)
-                polled = force_poll or await claim_tick(store, name, self.slot(name), self.ctx.instance)
-                if polled:
-                    metrics.job_polls.labels(name).inc()
-                    await job.poll(result)
+                self.waiting_on_upstream.add(name)
+                try:
+                    await self._start(name, job)
+                    polled = force_poll or await claim_tick(store, name, self.slot(name), self.ctx.instance)
+                    if polled:
+                        metrics.job_polls.labels(name).inc()
+                        await job.poll(result)
+                finally:
+                    self.waiting_on_upstream.discard(name)
                 await job.work(result)
             except asyncio.CancelledError:
                 outcome, error = "interrupted", "cancelled at shutdown"

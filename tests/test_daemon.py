@@ -422,3 +422,56 @@ def test_once_with_silent_upstreams_waits_one_start_timeout_and_names_them(tmp_p
     assert frag.first_connection and hub.first_connection, "a start did not ask its upstream"
     gap = abs(frag.first_connection - hub.first_connection)
     assert gap < 2.5, f"the second start began {gap:.1f} s after the first: the starts ran one after the other"
+
+
+def test_a_silent_ispyb_is_starting_never_ok_and_sigterm_does_not_wait_for_it(tmp_path: Path) -> None:
+    """ISPyB accepts and never answers its login. It was shown ok (its start made no request) while its
+    first poll retried the login for minutes, and SIGTERM then waited the whole shutdown_grace (60 s) and
+    logged the cancelled job's traceback at error level."""
+    silent = SilentServer()
+    port = free_port()
+    config = real_config(tmp_path, port, {"ispyb": {"url": silent.url, "interval": "1h", "login": "me"}},
+                         start_timeout="120s")
+    config.write_text(config.read_text() + 'proposals = ["lb32627"]\n')
+    proc = mirrord(config, "run", MIRRORD_ISPYB__PASSWORD="secret")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: silent.first_connection is not None, timeout=30)  # the login is waiting
+        wait_for(lambda: _answers(f"{base}/healthz"), timeout=30)
+        assert _job_states(base) == {"ispyb": "starting"}
+        status, body = http_get(f"{base}/readyz")
+        assert status == 503 and "ispyb: starting" in body, body
+        proc.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - stopping
+    finally:
+        proc.kill()
+        silent.close()
+    assert proc.returncode == 0, err[-2000:]
+    assert took < 15, f"SIGTERM took {took:.1f} s: it waited for the stuck start (quiet machine: about 1.5 s)"
+    assert "Traceback" not in err and '"level": "error"' not in err, err[-3000:]
+    db = sqlite3.connect(tmp_path / "state" / "mirrord.db")
+    assert db.execute("SELECT job, outcome FROM job_runs").fetchall() == [("ispyb", "interrupted")]
+
+
+def test_sigterm_stops_once_at_once_and_records_the_run_interrupted(tmp_path: Path) -> None:
+    """`once` had no handler: SIGTERM killed it mid-run and left its job_runs row running for ever."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = write_config(tmp_path)
+    proc = launch("SlowJob", config, "once", env={"FAKEJOB_MARKERS": str(markers), "FAKEJOB_SECONDS": "60"})
+    try:
+        wait_for(lambda: (markers / "started-0").exists())
+        proc.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - stopping
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err[-2000:]  # ended by the signal, as systemd expects of a stop
+    assert took < 15, f"SIGTERM took {took:.1f} s (quiet machine: about 0.2 s)"
+    assert "mirrord once: stopped by SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    db = sqlite3.connect(tmp_path / "state" / "mirrord.db")
+    assert db.execute("SELECT job, outcome, finished_at IS NOT NULL FROM job_runs").fetchall() == [
+        ("fragalysis", "interrupted", 1)]

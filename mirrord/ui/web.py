@@ -136,11 +136,8 @@ async def readiness(app_state: Mirrord, uptime: float) -> list[str]:
         if health.failing_since is not None:
             problems.append(f"{name}: failing since {health.failing_since.isoformat(timespec='seconds')}: "
                             f"{health.last_error}")
-        elif not health.started:
-            problems.append(f"{name}: starting")
-        elif health.last_success is None:
-            if uptime > window:
-                problems.append(f"{name}: no successful run since start")
+        elif health.last_success is None:  # a start that passed is no success yet
+            problems.append(f"{name}: no successful run since start" if uptime > window else f"{name}: starting")
         elif (now - health.last_success).total_seconds() > window:
             problems.append(f"{name}: last success {health.last_success.isoformat()} (no run since)")
     return problems
