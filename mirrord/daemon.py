@@ -109,6 +109,9 @@ class Mirrord:
             with contextlib.suppress(Exception):
                 await job.close()
         await self.notifier.close()
+        if self.runner is not None:
+            with contextlib.suppress(Exception):
+                await self.runner.catch_up()  # outcomes the database missed, if it answers now
         if self.store is not None:
             for model in ITEM_MODELS.values():
                 with contextlib.suppress(Exception):

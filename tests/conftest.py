@@ -20,10 +20,11 @@ def skip_unless_required(missing: str, require_var: str) -> NoReturn:
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url():
-    """A PostgreSQL server for the session, or a skip naming why there is none."""
+def pg_server():
+    """The throwaway PostgreSQL server of this session (None when MIRRORD_TEST_PG_URL names one of
+    yours), or a skip naming why there is none."""
     if os.environ.get("MIRRORD_TEST_PG_URL"):
-        yield os.environ["MIRRORD_TEST_PG_URL"]
+        yield None
         return
     bindir = find_binaries()
     if bindir is None:
@@ -31,9 +32,14 @@ def pg_admin_url():
     server = PostgresServer(bindir)
     server.start()
     try:
-        yield server.admin_url
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(pg_server: PostgresServer | None) -> str:
+    return pg_server.admin_url if pg_server is not None else os.environ["MIRRORD_TEST_PG_URL"]
 
 
 @pytest.fixture
