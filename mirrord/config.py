@@ -356,13 +356,14 @@ def credentials_in_clear(config: Config) -> list[str]:
         keys = [f"{name}.{key}" for s, key in SECRETS if s == name and getattr(section, key) is not None]
         url = urlsplit(section.url)
         if (section.enabled and keys and url.scheme == "http" and not section.allow_insecure_http
-                and not _is_loopback(url.hostname or "")):
+                and not is_loopback(url.hostname or "")):
             problems.append(f"{name}.url: plain http to {url.hostname} would send {' and '.join(keys)} in clear; "
                             f"use https://, or set {name}.allow_insecure_http = true")
     return problems
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the machine."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

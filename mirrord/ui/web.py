@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -21,6 +20,7 @@ from sqlalchemy import text
 
 from mirrord import __version__, metrics
 from mirrord.clients.errors import UpstreamError
+from mirrord.config import is_loopback
 from mirrord.store.models import Annotation, Experiment, utcnow
 from mirrord.ui import page
 from mirrord.ui.summary import refresh_item_gauges, summary
@@ -215,7 +215,7 @@ class WebServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
-        if not _is_loopback(self.host) and not self.app.get(TOKEN_KEY):
+        if not is_loopback(self.host) and not self.app.get(TOKEN_KEY):
             log.warning("web.unprotected", listen=self.host,
                         problem="listening beyond loopback without [web] token: anyone who can reach "
                                 "this port reads the status page")
@@ -229,12 +229,3 @@ class WebServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
