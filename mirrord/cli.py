@@ -125,6 +125,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from mirrord.workdirs import directory_problems
 
     problems += directory_problems(config)
+    if config.pdis.enabled and config.pdis.pdb_codes_file is not None:
+        from mirrord.jobs.pdb_codes import PdbCodesError, load
+
+        try:
+            load(config.pdis.pdb_codes_file)
+        except PdbCodesError as exc:
+            problems.append(str(exc))
     for warning in [*config.warnings, *link_warnings(config)]:
         print(f"warning: {warning}")
     enabled = config.enabled_jobs()
@@ -190,13 +197,15 @@ def cmd_once(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         for line in outcome.attention:
             print(f"needs attention: {line}")
+        for line in outcome.approvals:
+            print(f"awaiting approval: {line}")
         for line in outcome.failed:
             print(f"failed: {line}")
         print(f"mirrord once: {outcome.passes} pass(es); {len(outcome.failed)} failed, "
-              f"{len(outcome.attention)} need attention")
+              f"{len(outcome.attention)} need attention, {len(outcome.approvals)} await approval")
         if outcome.failed:
             return EXIT_FAILED
-        return EXIT_ATTENTION if outcome.attention else EXIT_OK
+        return EXIT_ATTENTION if outcome.attention or outcome.approvals else EXIT_OK
 
     code = _run_async(main())
     if stopped_by:  # end as the signal would have, once everything is closed (systemd: a clean stop)
@@ -326,6 +335,72 @@ def cmd_retry(args: argparse.Namespace) -> int:
             print(f"mirrord retry: {exc}", file=sys.stderr)
             return EXIT_FAILED
         print(f"{done.kind} {done.id}: {done.from_state} -> {done.to_state}; the next run picks it up")
+        if done.note:
+            print(f"note: {done.note}")
+        return EXIT_OK
+
+    return _run_async(main())
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    """accept, dismiss, reopen, choose, approve, reject, hold, resume: a person's decision, recorded."""
+    config = _load(args, logs=False)
+
+    async def main() -> int:
+        from mirrord.store.decisions import DecisionError, check_who, default_actor
+        from mirrord.ui import actions
+
+        who = {"reason": args.reason, "actor": args.by or default_actor()}
+        command = args.command
+        try:
+            check_who(**who)
+            async with _recorded_store(config) as store:
+                if command == "accept":
+                    done = [await actions.accept(store, args.ref, **who)]
+                elif command in ("dismiss", "reopen"):
+                    act = actions.dismiss if command == "dismiss" else actions.reopen
+                    done = [await act(store, args.kind, args.ref, **who)]
+                elif command == "choose":
+                    done = [await actions.choose(store, config, args.ref, **who)]
+                elif command in ("approve", "reject"):
+                    done = await actions.approve(store, ref=args.ref, pdb=args.pdb, proposal=args.proposal,
+                                                 every=args.all, action=command, **who)
+                else:
+                    done = [await actions.hold(store, args.job, resume=command == "resume", **who)]
+        except DecisionError as exc:
+            print(f"mirrord {command}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except (actions.InspectError, NothingRecorded) as exc:
+            print(f"mirrord {command}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        for decided in done:
+            print(decided.describe())
+        print(f"recorded as decided by {who['actor']}; the next run acts on it")
+        return EXIT_OK
+
+    return _run_async(main())
+
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    config = _load(args, logs=False)
+
+    async def main() -> int:
+        from mirrord.ui.actions import list_decisions
+
+        try:
+            async with _recorded_store(config) as store:
+                rows = await list_decisions(store, kind=args.kind, limit=args.limit)
+        except NothingRecorded as exc:
+            rows = []
+            if not args.json:
+                print(f"mirrord decisions: {exc}")
+                return EXIT_OK
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return EXIT_OK
+        from mirrord.ui.terminal import print_decisions
+
+        print_decisions(rows)
         return EXIT_OK
 
     return _run_async(main())
@@ -364,7 +439,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "show": cmd_show, "retry": cmd_retry, "check": cmd_check,
     "run": cmd_run, "once": cmd_once, "check-config": cmd_check_config, "db": cmd_db, "status": cmd_status,
-    "demo": cmd_demo, "emulate": cmd_emulate, "plan": cmd_plan,
+    "demo": cmd_demo, "emulate": cmd_emulate, "plan": cmd_plan, "decisions": cmd_decisions,
+    **dict.fromkeys(("accept", "dismiss", "reopen", "choose", "approve", "reject", "hold", "resume"), cmd_decide),
 }
 
 ONCE_EXIT_CODES = """\
@@ -372,7 +448,8 @@ exit codes:
   0  done: nothing failed and nothing needs a person
   1  an item or a job failed (each is listed with its error)
   2  configuration error
-  3  done, but items need a person (each is listed with its reason; `mirrord show` and `mirrord retry`)
+  3  done, but items need a person (each is listed with its reason and the command that settles it), or
+     depositions await a person's approval ([pdis] approval = "required")
   4  another mirrord is using this state directory (nothing was done)"""
 ITEM_REF = ("an id (as `status` shows it) or a name: target name (or TAS/name), <target>/<upload index>, "
             "sample name, PDB code or PDIS token, evidence key or experiment code")
@@ -444,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "budget; the next run (of a daemon or `once`) picks it up.")
     retry.add_argument("kind", choices=["upload", "dataset", "deposition", "annotation"], help="what kind of item")
     retry.add_argument("ref", help=ITEM_REF)
+    _decision_commands(command)
     command("check", "can each enabled upstream be reached with our credentials? (exit 1 if not)",
             "Contact each enabled upstream with the configured credentials, read-only, and say what works.")
     plan = command("plan", "what the PDIS job would deposit, and why not (from the store; no upload)",
@@ -462,6 +540,65 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--port", type=int, default=0, help="first port (default: free ports)")
     emulate.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests that fail")
     return parser
+
+
+ITEM_KINDS = ["upload", "dataset", "deposition", "annotation"]
+
+
+def _decision_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The commands with which a person settles what mirrord will not decide alone."""
+
+    def decision(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        parser = command(name, summary, description + " Recorded with who, when and why (`mirrord decisions`).")
+        parser.add_argument("--reason", required=True, metavar="TEXT", help="why: what the next person reads")
+        parser.add_argument("--by", metavar="NAME", help="who decides (default: $SUDO_USER, else the login name)")
+        return parser
+
+    accept = decision("accept", "vouch that a dataset's files on disk are its collection's own",
+                      "Override the attribution rule for a dataset that needs attention, for exactly the files "
+                      "on disk now (names, sizes, mtimes): if they change, the accept lapses and the dataset "
+                      "needs attention again. Preflight, policy, one per PDB code and PDIS's verdict still apply.")
+    accept.add_argument("kind", choices=["dataset"], help="what kind of item")
+    accept.add_argument("ref", help=ITEM_REF)
+    for name, summary, description in (
+            ("dismiss", "settle an item without acting", "Settle an item without acting: it leaves the attention "
+             "list, the metrics, the alerts and `once`'s exit code, and is never deposited, attached or "
+             "mirrored again. `mirrord reopen` undoes it."),
+            ("reopen", "undo a dismissal", "Put a dismissed item back in the state it was dismissed from.")):
+        parser = decision(name, summary, description)
+        parser.add_argument("kind", choices=ITEM_KINDS, help="what kind of item")
+        parser.add_argument("ref", help=ITEM_REF)
+    choose = decision("choose", "make a deposition the one for its PDB code",
+                      "Make this deposition the winner for its PDB code, over pdis.prefer; a rival not yet "
+                      "submitted is withdrawn. Refused (exit 1) when another deposition of the code can no "
+                      "longer be taken back.")
+    choose.add_argument("kind", choices=["deposition"], help="what kind of item")
+    choose.add_argument("ref", help=ITEM_REF)
+    for name, summary, description in (
+            ("approve", "let depositions waiting for approval go to PDIS",
+             "With [pdis] approval = \"required\", let depositions waiting in awaiting_approval be uploaded "
+             "and submitted. Each approval is bound to the dataset, PDB code and archive md5: if any changes, "
+             "it lapses."),
+            ("reject", "dismiss depositions waiting for approval", "Dismiss depositions waiting for approval: "
+             "they are never uploaded (`mirrord reopen` undoes it).")):
+        parser = decision(name, summary, description)
+        parser.add_argument("kind", nargs="?", choices=["deposition"], help="what kind of item")
+        parser.add_argument("ref", nargs="?", help=ITEM_REF)
+        parser.add_argument("--pdb", metavar="CODE", help="every waiting deposition of this PDB code")
+        parser.add_argument("--proposal", metavar="P", help="every waiting deposition of this proposal")
+        parser.add_argument("--all", action="store_true", help="every waiting deposition")
+    for name, summary, description in (
+            ("hold", "pause a job's outgoing writes", "Pause a job's uploads, submits, attaches and downloads "
+             "(e.g. during PDIS maintenance or an embargo) without stopping the daemon: polling goes on."),
+            ("resume", "end a hold", "Let a held job write upstream again.")):
+        parser = decision(name, summary, description)
+        parser.add_argument("job", choices=["pdis", "fragalysis", "designhub"], help="which job")
+    listing = command("decisions", "what people decided, newest first",
+                      "List the decisions people recorded (accept, dismiss, choose, approve, hold, ...) with who, "
+                      "when, why and whether each still holds.")
+    listing.add_argument("--kind", choices=[*ITEM_KINDS, "job"], help="only decisions about this kind")
+    listing.add_argument("--limit", type=int, default=None, help="at most this many (newest first)")
+    listing.add_argument("--json", action="store_true", help="print as JSON")
 
 
 # Commands that read, print and exit. Their time is mostly imports, which allocate much and free

@@ -264,6 +264,12 @@ class PdisSection(JobSection):
     token_cache: Path | None = None  # default: <state_dir>/pdis.token (0600)
     deposit: Literal["linked", "all", "none"] = "linked"
     dry_run: bool = False
+    # "required": nothing is uploaded until a person approves it (`mirrord approve`); packed archives wait
+    # in `awaiting_approval`. "none": the policy alone decides.
+    approval: Literal["none", "required"] = "none"
+    # CSV of `sample or experiment code, PDB code` rows, re-read every run: PDB codes a person knows where
+    # the Fragalysis experiments carry none.
+    pdb_codes_file: Path | None = None
     include_proposals: list[str] = Field(default_factory=list)
     exclude_proposals: list[str] = Field(default_factory=list)
     include_beamlines: list[str] = Field(default_factory=list)
@@ -390,7 +396,7 @@ ENV_FORMS = "lists and tables are JSON (MIRRORD_ISPYB__PROPOSALS='[\"lb32627\"]'
 def _coerce_env(value: str) -> Any:
     """Environment values are strings; lists and tables are given as JSON (ValueError if it is not)."""
     stripped = value.strip()
-    return json.loads(stripped) if stripped[:1] in "[{" else value
+    return json.loads(stripped) if stripped[:1] and stripped[:1] in "[{" else value
 
 
 def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list[str]]:

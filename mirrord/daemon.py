@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -28,14 +28,16 @@ from mirrord.runner import JobRunner
 from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine, why
-from mirrord.store.models import FAILED_STATES, ITEM_MODELS, Event, utcnow
+from mirrord.store.models import DISMISSED, FAILED_STATES, ITEM_MODELS, Deposition, Event, utcnow
+from mirrord.ui import remedies
 from mirrord.workdirs import check_directories
 
 log = structlog.get_logger("mirrord.daemon")
 
 # States in which an item is done for good or waits for a person: `once` does not wait for these.
 RESTING_STATES = {"mirrored", "pruned", "superseded", "skipped", "eligible", "published", "attached", "unmatched",
-                  "failed", "needs_attention", "dry_run", "not_deposited", "already_in_pdis", "complete", "missing"}
+                  "failed", "needs_attention", "dry_run", "not_deposited", "already_in_pdis", "complete", "missing",
+                  "dismissed", "awaiting_approval"}
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Outcome:
     passes: int
     failed: list[str]
     attention: list[str]
+    approvals: list[str] = field(default_factory=list)  # depositions waiting for a person's approval
 
 
 class Mirrord:
@@ -158,7 +161,7 @@ class Mirrord:
         # A job whose last run failed (upstream down, credentials refused) did not finish its work either.
         failed += [f"job {name}: {health.last_error}" for name, health in self.runner.health.items()
                    if health.failing_since is not None]
-        return Outcome(1 if failed else 0, passes, failed, attention)
+        return Outcome(1 if failed else 0, passes, failed, attention, await self.waiting_approval())
 
     async def _event_count(self) -> int:
         async with self.store.read() as session:
@@ -175,6 +178,14 @@ class Mirrord:
                     soonest = value if soonest is None else min(soonest, value)
         return soonest
 
+    async def waiting_approval(self) -> list[str]:
+        """Depositions packed and waiting for a person's approval, each with the command that lets it go."""
+        async with self.store.read() as session:
+            rows = (await session.execute(select(Deposition.id, Deposition.pdb_code).where(
+                Deposition.state == "awaiting_approval").order_by(Deposition.id))).all()
+        return [f"deposition {dep_id} (PDB {code or 'other'}): `mirrord approve deposition {dep_id} --reason TEXT`"
+                for dep_id, code in rows]
+
     async def problem_items(self) -> tuple[list[str], list[str]]:
         """Items that failed (gave up, or erred and wait for a retry) and items that need a person,
         each with its id (for `mirrord show` and `retry`) and its reason."""
@@ -182,10 +193,15 @@ class Mirrord:
         async with self.store.read() as session:
             for kind, model in ITEM_MODELS.items():
                 items = (await session.scalars(
-                    select(model).where((model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None)))
+                    select(model).where((model.state.in_(FAILED_STATES))
+                                        | (model.last_error.is_not(None) & (model.state != DISMISSED)))
                     .order_by(model.id))).all()
+                advice = await remedies.for_items(session, kind, items)
                 for item in items:
-                    line = f"{kind} {item.id} [{item.state}]: {why(kind, item) or 'no reason recorded'}"
+                    reason = why(kind, item) or "no reason recorded"
+                    if item.state in FAILED_STATES:
+                        reason = remedies.explain(reason, advice[item.id])
+                    line = f"{kind} {item.id} [{item.state}]: {reason}"
                     (attention if item.state == "needs_attention" else failed).append(line)
         return failed, attention
 

@@ -227,8 +227,9 @@ def test_reading_commands_on_a_fresh_state_create_nothing(tmp_path: Path, capsys
 def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An older schema: say what to run (a running daemon may own the database, so no migration here).
 
-    The schema is looked at only when a query fails, which keeps `status` quick: one behind by an
-    index alone still answers; behind by a column the queries read, the commands say to upgrade."""
+    The schema is looked at only when a query fails, which keeps `status` quick: behind by a table or
+    a column the queries read (the person-decisions table, depositions.detected_pdb), the commands say
+    to upgrade."""
     from alembic.script import ScriptDirectory
 
     def downgrade(revision: str) -> None:
@@ -242,14 +243,12 @@ def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.C
         asyncio.run(run())
 
     scripts = ScriptDirectory.from_config(migrate._alembic_config())
-    assert scripts.get_revision(migrate.head_revision()).down_revision == "dd5a1c7e9b42"  # the index is the head
-    downgrade("dd5a1c7e9b42")  # without the datasets.local_dir index
-    assert main(["status", "-c", str(seeded)]) == 0
-    capsys.readouterr()
-    downgrade(scripts.get_revision("dd5a1c7e9b42").down_revision)  # without depositions.detected_pdb
-    for command in (["status"], ["plan"], ["show", "dataset", "1"]):
-        assert main([*command, "-c", str(seeded)]) == 1, command
-        assert "run `mirrord db upgrade`" in capsys.readouterr().err
+    assert scripts.get_revision(migrate.head_revision()).down_revision == "c41d7e2b8f05"  # decisions is the head
+    for revision in ("c41d7e2b8f05", "dd5a1c7e9b42"):  # without the decisions table; then without detected_pdb
+        downgrade(revision)
+        for command in (["status"], ["plan"]):
+            assert main([*command, "-c", str(seeded)]) == 1, command
+            assert "run `mirrord db upgrade`" in capsys.readouterr().err
     downgrade("base")  # no tables at all: nothing recorded
     assert main(["status", "-c", str(seeded)]) == 0
     assert "nothing recorded yet" in capsys.readouterr().out

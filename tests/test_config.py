@@ -446,3 +446,13 @@ def test_an_unknown_key_or_section_suggests_the_nearest_valid_one(tmp_path: Path
         "logging: unknown section; did you mean [log]?",
         "pdis.pasword_file: unknown key; did you mean password_file?",
     ]
+
+
+def test_an_empty_environment_value_is_an_empty_string_not_bad_json():
+    """`MIRRORD_PDIS__PASSWORD=` was read as JSON (the empty prefix is "in" any string) and refused."""
+    from mirrord.config import missing_credentials
+
+    config = load_config(None, env={"MIRRORD_PDIS__ENABLED": "true", "MIRRORD_PDIS__USERNAME": "u",
+                                    "MIRRORD_PDIS__PASSWORD": ""})
+    assert missing_credentials(config) == ["pdis: no credentials: set pdis.username and pdis.password_file "
+                                           "(or MIRRORD_PDIS__PASSWORD)"]

@@ -270,7 +270,8 @@ async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campa
     ids = await add_datasets(config, campaign, tmp_path / "dls", [first, again])
     assert (await run(config)).exit_code == 0
     rows = await depositions(config)
-    superseded = f"superseded by collection {again.collection_id} for PDB {crystal.pdb_code}"
+    superseded = (f"superseded by collection {again.collection_id} (deposition {rows[ids[1]].id}, published) "
+                  f"for PDB {crystal.pdb_code}")
     assert (rows[ids[1]].state, rows[ids[1]].pdb_code) == ("published", crystal.pdb_code)
     assert (rows[ids[0]].state, rows[ids[0]].status_details) == ("not_deposited", superseded)
     assert_exactly_once(emulator, [rows[ids[1]]])
@@ -594,14 +595,7 @@ async def killed_then_restarted(tmp_path: Path, emulator: PdisEmulator, kill_at:
     async with Served(emulator.app) as served:
         config = config_for(tmp_path, served)
         await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
-        (tmp_path / "pdis.pass").write_text(PASSWORD)
-        (tmp_path / "pdis.pass").chmod(0o600)
-        config_path = tmp_path / "mirrord.toml"
-        config_path.write_text(
-            f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\nretry_base = "10ms"\nretry_max = "50ms"\n'
-            f'[log]\nformat = "json"\n'
-            f'[pdis]\nenabled = true\nurl = "{config.pdis.url}"\nusername = "{USER}"\n'
-            f'password_file = "{tmp_path / "pdis.pass"}"\npoll_interval = "50ms"\nspool_margin = 0\n')
+        config_path = once_config(tmp_path, config)
         db = config.daemon.state_dir / "mirrord.db"
         assert await mirrord_once(config_path, db, kill_at=kill_at) == -signal.SIGKILL
         for _ in range(3):
@@ -609,6 +603,19 @@ async def killed_then_restarted(tmp_path: Path, emulator: PdisEmulator, kill_at:
                 break
         assert spool_files(config) == []  # no temp file, no archive left behind
         return list((await depositions(config)).values())
+
+
+def once_config(tmp_path: Path, config: Any, pdis: str = "") -> Path:
+    """A config file for a `mirrord once` subprocess: `config`'s state and PDIS, a password file, `pdis` lines."""
+    (tmp_path / "pdis.pass").write_text(PASSWORD)
+    (tmp_path / "pdis.pass").chmod(0o600)
+    config_path = tmp_path / "mirrord.toml"
+    config_path.write_text(
+        f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\nretry_base = "10ms"\nretry_max = "50ms"\n'
+        f'[log]\nformat = "json"\n'
+        f'[pdis]\nenabled = true\nurl = "{config.pdis.url}"\nusername = "{USER}"\n'
+        f'password_file = "{tmp_path / "pdis.pass"}"\npoll_interval = "50ms"\nspool_margin = 0\n{pdis}')
+    return config_path
 
 
 def slow_emulator(tmp_path: Path) -> PdisEmulator:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 import structlog
 
 from mirrord.config import Config
-from mirrord.store import Store
+from mirrord.store import Store, decisions
 from mirrord.store.items import backoff, claim, clear_retries, heartbeat, item_kind, move, release_these
 from mirrord.store.models import FAILED_STATES, WorkItem, utcnow
 
@@ -88,6 +88,12 @@ class Job:
 
     async def work(self, result: RunResult) -> None:
         """Advance claimable items. Runs on every replica, every tick."""
+
+    async def held(self) -> str | None:
+        """Why a person paused this job's outgoing writes (`mirrord hold`), or None: asked before each one."""
+        async with self.store.read() as session:
+            hold = await decisions.active(session, "job", self.name, decisions.HOLD)
+        return decisions.describe(hold) if hold is not None else None
 
     # -- helpers for item steps ---------------------------------------------------------------------
     @property

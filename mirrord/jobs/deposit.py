@@ -5,6 +5,8 @@
       └─► not_deposited (policy, superseded)                └─► withdrawing ─► already_in_pdis | needs_attention
           / dry_run (what would happen)                         (PDIS's upload answer says stop)
                                                              failed: gave up after retries
+    packed ⇄ awaiting_approval ([pdis] approval = "required": a person approves, `mirrord approve`)
+    any of queued … awaiting_approval, needs_attention, failed ─► dismissed (a person, `mirrord dismiss`)
 
 `poll` decides (see `deposit_policy`): one `Deposition` per complete dataset, re-decided while nothing
 has left the host, one per PDB code; then it reads the status of submissions in flight whose check is due.
@@ -28,6 +30,11 @@ Exactly once. Submitting is irreversible, so every step checks its postcondition
   its submission's status before submitting, so a submit whose answer was lost is not sent again;
 - the server's md5/size must equal what packing computed, or nothing is submitted.
 A crash while packing leaves only pack_dataset's temp file, which `start()` removes.
+
+A person's decisions (`jobs.person`) are asked at the same re-check points as the policy: an accepted
+dataset whose files changed, or an approval whose grounds changed, stops the deposition before anything
+(more) leaves the host; an upload made before such a stop is deleted. A held job (`mirrord hold pdis`)
+packs, reads statuses and decides, but uploads, submits and deletes nothing until resumed.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from mirrord.archive import (
 from mirrord.clients import pdis
 from mirrord.clients.errors import BadRequest, Conflict, NotFound, UpstreamError
 from mirrord.clients.pdis import PdisClient, Submission, SubmitMetadata
+from mirrord.jobs import person
 from mirrord.jobs.base import Job, JobContext, LeaseLost, RunResult
 from mirrord.jobs.deposit_policy import (
     DatasetFacts,
@@ -72,12 +80,13 @@ QUEUED, PACKING, PACKED, UPLOADING, UPLOADED = "queued", "packing", "packed", "u
 SUBMITTED, PUBLISHED = "submitted", "published"
 NEEDS_ATTENTION, NOT_DEPOSITED, DRY_RUN = "needs_attention", "not_deposited", "dry_run"
 WITHDRAWING, ALREADY_IN_PDIS = "withdrawing", "already_in_pdis"
+AWAITING_APPROVAL = person.AWAITING_APPROVAL
 PACK_STATES = (QUEUED, PACKING)
 UPLOAD_STATES = (PACKED, UPLOADING)
 SUBMIT_STATES = (UPLOADED, WITHDRAWING)  # after the upload: submit, or withdraw what PDIS's answer stopped
 IN_FLIGHT_STATES = tuple(sorted(pdis.IN_FLIGHT))  # local state == PDIS status while PDIS works on it
 # States in which the spool file is (or may soon be) needed; anywhere else it is removed.
-SPOOL_STATES = frozenset({QUEUED, PACKING, PACKED, UPLOADING, UPLOADED, *IN_FLIGHT_STATES})
+SPOOL_STATES = frozenset({QUEUED, PACKING, PACKED, AWAITING_APPROVAL, UPLOADING, UPLOADED, *IN_FLIGHT_STATES})
 SPOOL_FILE = re.compile(r"^deposition-(\d+)\.tar\.zst$")
 STALE_TEMP_AGE = 120.0  # seconds: a temp file this quiet belongs to a dead packer (PostgreSQL replicas)
 STATUS_BATCH = 20
@@ -172,31 +181,49 @@ class DepositJob(Job):
         if any(needs_equipment(d) for _f, d in decided):
             equipment = await self.client.equipment()  # network, outside any transaction
         now = utcnow()
+        attention: list[tuple[Deposition, str]] = []
         async with self.store.write() as session:
             existing = [facts.deposition_id for facts, _d in decided if facts.deposition_id is not None]
             rows = {row.id: row for row in (await session.scalars(
                 select(Deposition).where(Deposition.id.in_(existing)))).all()} if existing else {}
             for facts, decision in decided:
                 values = self._decision_values(facts, decision, equipment)
-                target = (DRY_RUN if self.section.dry_run else QUEUED) if decision.deposit else NOT_DEPOSITED
+                target = self._target(decision)
                 if facts.deposition_id is None:
                     row = Deposition(dataset_id=facts.dataset_id, state=target, **values)
                     session.add(row)
                     await session.flush()
                     log_event(session, row, None, target, decision.summary, self.ctx.instance)
                     result.count(f"decided_{target}")
+                    if target == NEEDS_ATTENTION:
+                        attention.append((row, decision.reason))
                     continue
                 row = rows.get(facts.deposition_id)
                 if row is None or row.state != facts.deposition_state or (
                         row.lease_until is not None and row.lease_until > now):
                     continue  # a worker has it now; it re-checks the policy itself
-                if row.state in (QUEUED, PACKED) and target == QUEUED:
+                if row.state in (QUEUED, PACKED, AWAITING_APPROVAL) and target == QUEUED:
                     target = row.state  # still wanted: keep the progress made, refresh the metadata
+                    if row.state == AWAITING_APPROVAL and self.section.approval == "none":
+                        target = PACKED  # the gate was lifted: the upload re-checks the rest
+                if target == AWAITING_APPROVAL:
+                    values.pop("status_details")  # it says why a person is asked (waiting, or a lapse)
                 self._apply(row, values)
                 if row.state != target:
                     move(session, row, target, decision.summary, instance=self.ctx.instance, release=False)
                     row.next_attempt_at = None
                     result.count(f"decided_{target}")
+                    if target == NEEDS_ATTENTION:
+                        attention.append((row, decision.reason))
+        for row, reason in attention:  # after the commit: the ids are real, the state is recorded
+            self.ctx.notifier.item("deposition", str(row.id), NEEDS_ATTENTION, reason)
+
+    def _target(self, decision: Decision) -> str:
+        if decision.attention:
+            return NEEDS_ATTENTION
+        if decision.deposit:
+            return DRY_RUN if self.section.dry_run else QUEUED
+        return NOT_DEPOSITED
 
     def _decision_values(self, facts: DatasetFacts, decision: Decision, equipment: list) -> dict[str, Any]:
         values: dict[str, Any] = {"dataset_type": decision.dataset_type, "pdb_code": decision.pdb_code,
@@ -257,6 +284,15 @@ class DepositJob(Job):
                    for _ in range(self.section.upload_concurrency)], uploaded),
             self._stage_worker(SUBMIT_STATES, self._submit_or_withdraw, result, uploaded, _Wake()))
 
+    async def _held(self, result: RunResult) -> bool:
+        """A person paused PDIS writes (`mirrord hold pdis`): asked before each upload, submit or delete."""
+        if (why := await self.held()) is None:
+            return False
+        if not result.counters["held"]:
+            self.log.info("pdis.held", hold=why)
+        result.count("held")
+        return True
+
     async def _pack_worker(self, result: RunResult, packed: _Wake) -> None:
         while items := await self.claim(Deposition, PACK_STATES):
             await self._step(items[0], self._pack, result)
@@ -264,8 +300,11 @@ class DepositJob(Job):
 
     async def _stage_worker(self, states: tuple[str, ...], step: Callable[[Deposition, RunResult], Any],
                             result: RunResult, before: _Wake, after: _Wake) -> None:
-        """Claim and run items in `states` until the stage before is over and none is left."""
+        """Claim and run items in `states` until the stage before is over and none is left (or a person
+        holds the job: these stages write to PDIS)."""
         while True:
+            if await self._held(result):
+                return
             items = await self.claim(Deposition, states)
             if items:
                 await self._step(items[0], step, result)
@@ -292,6 +331,8 @@ class DepositJob(Job):
         facts, decision = await self._current(dep)
         if not decision.deposit:
             return await self._not_deposited(dep, decision)
+        if (stop := await self._person(dep, facts, decision, "pack")) is not None:
+            return await self._stop(dep, stop)
         files = [Path(facts.local_dir) / name for name in facts.files]  # type: ignore[arg-type]
         needed = facts.total_bytes or await asyncio.to_thread(dataset_size, files)
         if not await asyncio.to_thread(free_space_ok, self.spool_dir, needed + self.section.spool_margin):
@@ -342,6 +383,9 @@ class DepositJob(Job):
         facts, decision = await self._current(dep)
         if not decision.deposit:
             return await self._not_deposited(dep, decision)
+        # An interrupted upload (UPLOADING) was allowed when it began; the submit asks again.
+        if dep.state == PACKED and (stop := await self._person(dep, facts, decision, "upload")) is not None:
+            return await self._stop(dep, stop)
         if dep.state == UPLOADING:
             # An earlier attempt was interrupted: its archive may have reached PDIS (postcondition first).
             found = await self.client.find_by_md5(dep.tar_md5)
@@ -424,6 +468,8 @@ class DepositJob(Job):
         if not decision.deposit:
             await self._delete_remote(dep.upload_token)
             return await self._not_deposited(dep, decision)
+        if (stop := await self._person(dep, facts, decision, "submit")) is not None:
+            return await self._stop(dep, stop, uploaded=True)
         if dep.pdb_exists is None and not self.section.allow_additional_datasets:
             return await self._upload_again(dep)
         # The upload answer's detected id; for an adopted upload (allowed extra datasets) the submission's.
@@ -522,7 +568,27 @@ class DepositJob(Job):
         self.log.warning("deposition.needs_attention", deposition=dep_id, detail=detail)
         self.ctx.notifier.item("deposition", str(dep_id), NEEDS_ATTENTION, detail)
 
+    async def _person(self, dep: Deposition, facts: DatasetFacts, decision: Decision, step: str
+                      ) -> person.Stop | None:
+        return await person.stop_for(self.store, self.section, dep, facts, decision, step=step,
+                                     instance=self.ctx.instance)
+
+    async def _stop(self, dep: Deposition, stop: person.Stop, *, uploaded: bool = False) -> None:
+        """Rest where a person's decision (or its lapse) says; an upload made already is deleted first."""
+        values: dict[str, Any] = {}
+        if uploaded:
+            await self._delete_upload(dep.upload_token)
+            values = dict(upload_token=None, server_md5=None, server_size=None, pdis_status=None,
+                          detected_pdb=None, pdb_exists=None)
+        if stop.state == NOT_DEPOSITED:
+            values["spool_removed_at"] = await self._remove_spool_file(dep)
+        await self.transition(Deposition, dep.id, stop.state, stop.reason, status_details=stop.reason, **values)
+        if stop.state == AWAITING_APPROVAL:
+            self.log.info("deposition.awaiting_approval", deposition=dep.id)
+
     async def _not_deposited(self, dep: Deposition, decision: Decision) -> None:
+        if decision.attention:  # a person must settle it (the reason says how); nothing is removed
+            return await self._attention(dep.id, decision.reason)
         removed = await self._remove_spool_file(dep)
         await self.transition(Deposition, dep.id, NOT_DEPOSITED, decision.summary, status_details=decision.reason,
                               spool_removed_at=removed)

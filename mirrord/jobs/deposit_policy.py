@@ -14,11 +14,15 @@ it) is not deposited until ISPyB says what it is: nothing irreversible happens o
 One deposition per PDB code. All complete rotation collections linked to experiments with one PDB
 code compete; one goes, the others are `not_deposited`, "superseded by collection N for PDB XXXX".
 The winner is, in this order: one that already reached PDIS and can no longer be taken back
-(submitted or beyond, or PDIS said the code has a dataset); else one whose archive may be on PDIS
-(uploading, uploaded, withdrawing); else the preferred candidate (`pdis.prefer`: the "newest" or
-"oldest" collection by its end time). A candidate whose deposition stopped before anything left the
+(submitted or beyond, or PDIS said the code has a dataset); else the one a person chose (`mirrord
+choose deposition`); else one whose archive may be on PDIS (uploading, uploaded, withdrawing); else the
+preferred candidate (`pdis.prefer`: the "newest" or "oldest" collection by its end time). A candidate whose deposition stopped before anything left the
 host (preflight, packing) drops out, so the next one goes. A collection linked later therefore never
 causes a second submission, and the check right before the submit settles a race between replicas.
+
+PDB codes come from the Fragalysis experiment, or from a person's `pdb_codes_file` (by sample or
+experiment code) where the experiment carries none; when both give one and they differ, the deposition
+needs a person, who is told both.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import datetime as dt
 import re
 import string
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -35,11 +39,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mirrord.clients.pdis import Synchrotron
 from mirrord.config import PdisSection
+from mirrord.jobs import pdb_codes
+from mirrord.store import decisions
 from mirrord.store.models import Dataset, Deposition, Experiment
 
 COMPLETE_DATASET_STATES = ("complete", "eligible")
 # Deposition states in which the decision may still change what happens (nothing has left the host).
-UNDECIDED_STATES = ("queued", "packed", "not_deposited", "dry_run")
+UNDECIDED_STATES = ("queued", "packed", "awaiting_approval", "not_deposited", "dry_run")
 LOCAL_STATES = (*UNDECIDED_STATES, "packing")
 # Nothing can be taken back: submitted (or beyond), or PDIS already holds the PDB code.
 FINAL_STAGE_STATES = ("submitted", "pending", "validated", "published", "already_in_pdis")
@@ -72,6 +78,13 @@ class DatasetFacts:
     deposition_state: str | None = None
     uploaded: bool = False  # the deposition holds an upload token: PDIS has (or had) its archive
     submitted: bool = False  # the deposition was submitted: nothing can take it back
+    listed_pdb: str | None = None  # the PDB code a person's pdb_codes_file gives its sample or experiment
+    chosen: bool = False  # a person chose this deposition for its PDB code (`mirrord choose`)
+
+    @property
+    def code(self) -> str | None:
+        """The PDB code it would be deposited under: Fragalysis's, else the person's file's."""
+        return (self.pdb_code or self.listed_pdb or "").upper() or None
 
     @property
     def stage(self) -> int:
@@ -98,6 +111,7 @@ class Decision:
     pdb_code: str | None = None
     title: str | None = None
     authors: str | None = None
+    attention: bool = False  # not deposited until a person settles it (the reason says what to do)
 
     @property
     def summary(self) -> str:
@@ -166,9 +180,17 @@ def decide(facts: DatasetFacts, section: PdisSection) -> Decision:
         return Decision(False, why)
     if (why := _filtered_out(facts, section)) is not None:
         return Decision(False, why)
+    if facts.pdb_code and facts.listed_pdb and facts.pdb_code.upper() != facts.listed_pdb:
+        return Decision(False, f"Fragalysis gives experiment {facts.experiment_code} PDB code "
+                        f"{facts.pdb_code.upper()}, the pdb_codes_file gives {facts.listed_pdb}: correct the file, "
+                        "or dismiss the deposition", attention=True)
     if facts.pdb_code:
         return Decision(True, f"linked to {facts.experiment_code} with PDB code {facts.pdb_code}",
                         "pdb", facts.pdb_code.upper())
+    if facts.listed_pdb:
+        named = facts.experiment_code or facts.sample_name
+        return Decision(True, f"{named} has PDB code {facts.listed_pdb} in the pdb_codes_file", "pdb",
+                        facts.listed_pdb)
     if section.deposit == "linked":
         if facts.experiment_code:
             return Decision(False, f"experiment {facts.experiment_code} has no PDB code yet (policy: linked)")
@@ -189,11 +211,12 @@ def decide_all(facts: Sequence[DatasetFacts], section: PdisSection) -> dict[int,
     decisions = {f.dataset_id: decide(f, section) for f in facts}
     rivals: dict[str, list[DatasetFacts]] = {}
     for f in facts:
-        code = (f.pdb_code or "").upper()
+        code = f.code
         if code and (f.stage >= 1 or (f.stage == 0 and decisions[f.dataset_id].deposit)):
             rivals.setdefault(code, []).append(f)
     for code, group in rivals.items():
-        winner = max(group, key=lambda f: (f.stage, *_preference(f, section)))
+        # What cannot be taken back wins; then a person's choice (an upload not yet submitted is withdrawn).
+        winner = max(group, key=lambda f: (f.stage >= 2, f.chosen, f.stage, *_preference(f, section)))
         for f in group:
             if f is not winner and decisions[f.dataset_id].deposit:
                 decisions[f.dataset_id] = Decision(False, _superseded(winner, code))
@@ -209,7 +232,10 @@ def _preference(facts: DatasetFacts, section: PdisSection) -> tuple[float, int]:
 def _superseded(winner: DatasetFacts, code: str) -> str:
     if winner.deposition_state == "already_in_pdis":
         return f"PDB {code} already has a dataset on PDIS (said when collection {winner.collection_id} was uploaded)"
-    return f"superseded by collection {winner.collection_id} for PDB {code}"
+    carrier = (f" (deposition {winner.deposition_id}, {winner.deposition_state})"
+               if winner.deposition_id is not None else "")
+    chosen = ", chosen by a person" if winner.chosen else ""
+    return f"superseded by collection {winner.collection_id}{carrier}{chosen} for PDB {code}"
 
 
 def resolve_equipment(beamline: str | None, section: PdisSection, equipment: Iterable[Synchrotron]) -> Equipment:
@@ -263,14 +289,35 @@ async def _rows(session: AsyncSession, *where: Any) -> list[DatasetFacts]:
     return [_facts(*row) for row in (await session.execute(query)).all()]
 
 
-async def _with_rivals(session: AsyncSession, facts: list[DatasetFacts]) -> list[DatasetFacts]:
+async def _with_person(session: AsyncSession, facts: list[DatasetFacts], listed: pdb_codes.PdbCodes
+                       ) -> list[DatasetFacts]:
+    """`facts` with what a person said: PDB codes from their file, and the depositions they chose."""
+    chosen = await decisions.active_by_item(session, "deposition", decisions.CHOOSE,
+                                            [f.deposition_id for f in facts if f.deposition_id is not None])
+    result = []
+    for f in facts:
+        listed_pdb = listed.lookup(f.experiment_code, f.sample_name)
+        f = replace(f, listed_pdb=listed_pdb) if listed_pdb else f
+        choice = chosen.get(str(f.deposition_id))
+        if choice is not None and (choice.bound.get("pdb_code") or "").upper() == (f.code or ""):
+            f = replace(f, chosen=True)
+        result.append(f)
+    return result
+
+
+async def _with_rivals(session: AsyncSession, facts: list[DatasetFacts], listed: pdb_codes.PdbCodes
+                       ) -> list[DatasetFacts]:
     """`facts` plus every other dataset competing for one of their PDB codes."""
-    codes = {f.pdb_code.upper() for f in facts if f.pdb_code}
+    facts = await _with_person(session, facts, listed)
+    codes = {f.code for f in facts if f.code}
     if not codes:
         return facts
     known = {f.dataset_id for f in facts}
-    rivals = await _rows(session, func.upper(Experiment.pdb_code).in_(codes), _considered())
-    return facts + [f for f in rivals if f.dataset_id not in known]
+    by_code = [Experiment.pdb_code.is_not(None) & func.upper(Experiment.pdb_code).in_(codes)]
+    if keys := [key for key, code in listed.by_code.items() if code in codes]:
+        by_code += [func.upper(Experiment.code).in_(keys), func.upper(Dataset.sample_name).in_(keys)]
+    rivals = await _with_person(session, await _rows(session, or_(*by_code), _considered()), listed)
+    return facts + [f for f in rivals if f.dataset_id not in known and f.code in codes]
 
 
 async def undecided(session: AsyncSession, section: PdisSection) -> list[tuple[DatasetFacts, Decision]]:
@@ -281,8 +328,9 @@ async def undecided(session: AsyncSession, section: PdisSection) -> list[tuple[D
         (Deposition.id.is_(None)) & Dataset.state.in_(COMPLETE_DATASET_STATES),
         Deposition.state.in_(states),
     ))
-    decisions = decide_all(await _with_rivals(session, candidates), section)
-    return [(f, decisions[f.dataset_id]) for f in candidates]
+    considered = await _with_rivals(session, candidates, pdb_codes.load(section.pdb_codes_file))
+    decided = decide_all(considered, section)
+    return [(f, decided[f.dataset_id]) for f in considered[:len(candidates)]]
 
 
 async def decision_for(session: AsyncSession, dataset_id: int, section: PdisSection
@@ -291,7 +339,8 @@ async def decision_for(session: AsyncSession, dataset_id: int, section: PdisSect
     found = await _rows(session, Dataset.id == dataset_id)
     if not found:
         return None
-    return found[0], decide_all(await _with_rivals(session, found), section)[dataset_id]
+    considered = await _with_rivals(session, found, pdb_codes.load(section.pdb_codes_file))
+    return considered[0], decide_all(considered, section)[dataset_id]
 
 
 @dataclass(frozen=True)
@@ -302,6 +351,7 @@ class PlanEntry:
 
 async def plan(session: AsyncSession, section: PdisSection) -> list[PlanEntry]:
     """The policy's decision for every complete (or already considered) dataset; no network."""
-    facts = await _rows(session, _considered())
-    decisions = decide_all(facts, section)
-    return [PlanEntry(f, decisions[f.dataset_id]) for f in facts]
+    facts = await _with_person(session, await _rows(session, _considered()),
+                               pdb_codes.load(section.pdb_codes_file))
+    decided = decide_all(facts, section)
+    return [PlanEntry(f, decided[f.dataset_id]) for f in facts]

@@ -484,8 +484,8 @@ class DesignHubJob(Job):
             if not self._annotating(features):
                 return
             index: CompoundIndex | None = None
-            while self._annotating(self.features) and (items := await self.claim(Annotation, WORKABLE,
-                                                                                   limit=WORK_BATCH)):
+            while self._annotating(self.features) and not await self._held(result) and (
+                    items := await self.claim(Annotation, WORKABLE, limit=WORK_BATCH)):
                 index = index or await self._load_index()
                 for item in items:
                     try:
@@ -497,6 +497,13 @@ class DesignHubJob(Job):
         except AuthError:
             self.features = None
             raise
+
+    async def _held(self, result: RunResult) -> bool:
+        """A person paused attaches (`mirrord hold designhub`); the compound mirror goes on."""
+        if await self.held():
+            result.count("held")
+            return True
+        return False
 
     async def _load_index(self) -> CompoundIndex:
         async with self.store.read() as session:

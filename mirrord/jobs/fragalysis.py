@@ -304,6 +304,9 @@ class FragalysisJob(Job):
     # -- work -------------------------------------------------------------------------------------------
     async def work(self, result: RunResult) -> None:
         for _ in range(MAX_UPLOADS_PER_RUN):
+            if await self.held():  # a person paused builds and downloads; polling goes on
+                result.count("held")
+                return
             claimed = await self.claim(Upload, WORKABLE, limit=1)
             if not claimed:
                 return

@@ -55,6 +55,7 @@ from mirrord.clients.ispyb import DataCollection, GroupEvent, IspybClient, Ispyb
 from mirrord.config import IspybSection
 from mirrord.jobs.base import Job, JobContext, RunResult, aware
 from mirrord.jobs.datafiles import DirScan, Run, attribution_problem, map_path, scan_dataset, sharing
+from mirrord.store import decisions
 from mirrord.store.items import clear_retries, move
 from mirrord.store.models import Dataset, Event, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
@@ -505,8 +506,22 @@ class IspybJob(Job):
                 Dataset.local_dir == item.local_dir, Dataset.id != item.id,
                 Dataset.file_template.is_not(None)))).all()
         others = sharing(scan, [_run(row) for row in neighbours])
-        return attribution_problem(scan, _run(item), others, self.section.zone, self.section.mtime_slack,
-                                   trust_overwrites=self.section.trust_overwrites)
+        problem = attribution_problem(scan, _run(item), others, self.section.zone, self.section.mtime_slack,
+                                      trust_overwrites=self.section.trust_overwrites)
+        return problem and await self._unless_accepted(item, scan, problem)
+
+    async def _unless_accepted(self, item: Dataset, scan: DirScan, problem: str) -> str | None:
+        """A person vouched that these files are this collection's (`mirrord accept dataset`): that
+        overrides the rule while they are the same files (names, sizes, mtimes). Once they changed the
+        accept lapses, and the person is asked again, told so."""
+        async with self.store.write() as session:
+            accept = await decisions.active(session, "dataset", item.id, decisions.ACCEPT)
+            if accept is None:
+                return problem
+            if accept.bound.get("files_signature") == scan.signature:
+                return None
+            decisions.end(accept, "lapsed: the files changed")
+        return f"the files changed after they were {decisions.describe(accept)}: {problem}"
 
     @staticmethod
     def _stable_since(item: Dataset, scan: DirScan, now: dt.datetime) -> dt.datetime:

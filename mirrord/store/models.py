@@ -134,6 +134,33 @@ class KeyValue(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class PersonDecision(Base):
+    """What a person decided about an item or a job, with who, when and why: the audit trail of the
+    irreversible work mirrord did not decide alone. Never pruned.
+
+    `bound` holds what the decision rests on (a file fingerprint, a PDB code, an archive md5); a job
+    that finds it changed ends the decision (`ended_at`, `ended_why`) and asks again. Only `active`
+    rows are honoured; replaced, undone and lapsed ones stay as history.
+    """
+
+    __tablename__ = "decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(40))  # dataset, deposition, upload, annotation, job
+    item_id: Mapped[str] = mapped_column(String(200))  # the item's id, or the job's name
+    action: Mapped[str] = mapped_column(String(20))  # accept, dismiss, reopen, choose, approve, reject, hold, resume
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(200))
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    bound: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    active: Mapped[bool] = mapped_column(default=True)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    ended_why: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (Index("ix_decisions_item", "kind", "item_id"),
+                      Index("ix_decisions_active", "active", "action"),
+                      Index("ix_decisions_at", "at"))
+
+
 # -- Fragalysis -------------------------------------------------------------------------------------
 class Target(Timestamps, Base):
     __tablename__ = "targets"
@@ -318,6 +345,8 @@ class Annotation(WorkItem, Base):
 
 # Item states that need a person or gave up: `once` fails on them, status lists them, `retry` resets them.
 FAILED_STATES = ("failed", "needs_attention")
+# A person settled the item without acting (`mirrord dismiss`): no job touches it until `mirrord reopen`.
+DISMISSED = "dismissed"
 
 # Item kinds the generic views (`status`, `show`, `retry`) know about.
 ITEM_MODELS: dict[str, type[Base]] = {"upload": Upload, "dataset": Dataset, "deposition": Deposition,

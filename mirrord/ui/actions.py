@@ -21,9 +21,10 @@ from mirrord.clients.errors import UpstreamError
 from mirrord.clients.http import RetryPolicy, Timeouts
 from mirrord.config import Config
 from mirrord.redact import redact
-from mirrord.store import Store
-from mirrord.store.items import move
+from mirrord.store import Store, decisions
+from mirrord.store.items import log_event, move
 from mirrord.store.models import (
+    DISMISSED,
     FAILED_STATES,
     ITEM_MODELS,
     Annotation,
@@ -44,6 +45,7 @@ SHOW_KINDS = ("target", *ITEM_MODELS)
 RESTART_STATES = {"upload": "waiting_settle", "dataset": "discovered", "deposition": "queued",
                   "annotation": "pending"}
 _TAS = re.compile(r"^[a-z]{2}\d+-\d+$")
+AWAITING_APPROVAL = "awaiting_approval"
 
 
 class InspectError(Exception):
@@ -81,6 +83,7 @@ class Lineage:
     state: str | None
     sections: list[Section]
     history: list[HistoryLine]
+    actions: list[str] = field(default_factory=list)  # what a person can do about it now (remedies)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -97,7 +100,33 @@ async def lineage(store: Store, kind: str, ref: str) -> Lineage:
         builder = _BUILDERS[kind]
         title, state, sections, related = await builder(session, item)
         history = await _history(session, [(kind, item.id), *related])
-    return Lineage(kind=kind, id=item.id, title=title, state=state, sections=sections, history=history)
+        actions: list[str] = []
+        if kind in ITEM_MODELS:
+            person, actions = await _person_sections(session, kind, item)
+            sections += person
+    return Lineage(kind=kind, id=item.id, title=title, state=state, sections=sections, history=history,
+                   actions=actions)
+
+
+async def _person_sections(session: AsyncSession, kind: str, item: Any) -> tuple[list[Section], list[str]]:
+    """What people decided about the item, newest first, and what a person can do about it now."""
+    from mirrord.ui import remedies
+
+    sections = []
+    rows = await decisions.history(session, kind, item.id)
+    if rows:
+        decided = Section("Decided by a person")
+        for row in rows:
+            status = ("in force" if row.active else "" if row.ended_at is None  # a one-off: reopen, resume
+                      else f"ended {row.ended_at:%Y-%m-%d %H:%M} UTC: {row.ended_why}")
+            decided.add(f"{row.action} ({row.at:%Y-%m-%d %H:%M} UTC)",
+                        f"by {row.actor}: {row.reason!r}" + (f"; {status}" if status else ""))
+        sections.append(decided)
+    found = (await remedies.for_items(session, kind, [item]))[item.id]
+    if found:
+        sections.append(Section("What you can do", [(r.action, redact(f"{r.command}  ({r.when})"))
+                                                    for r in found]))
+    return sections, [r.action for r in found]
 
 
 async def resolve(session: AsyncSession, kind: str, ref: str) -> Any:
@@ -312,6 +341,7 @@ class Retried:
     id: int
     from_state: str
     to_state: str
+    note: str = ""  # what the retry will likely end in, when a person would rather settle it otherwise
 
 
 async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "operator") -> Retried:
@@ -329,10 +359,25 @@ async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "ope
         if item.state not in FAILED_STATES:
             raise InspectError(f"{kind} {item_id} is {item.state}, not failed or needs_attention: nothing to retry")
         before = item.state
+        note = await _retry_note(session, kind, item)
         to_state = await _restart_state(session, kind, item)
         item.attempts, item.last_error, item.next_attempt_at = 0, None, utcnow()
         move(session, item, to_state, "retried by operator", instance=instance)
-    return Retried(kind, item_id, before, to_state)
+    return Retried(kind, item_id, before, to_state, note)
+
+
+async def _retry_note(session: AsyncSession, kind: str, item: Any) -> str:
+    """Where a retry only repeats the outcome, say so and name what settles it."""
+    from mirrord.ui import remedies
+
+    if kind == "deposition" and (carrier := (await remedies.carriers(session, [item])).get(item.id)):
+        return (f"deposition {carrier[0]} already carries PDB {carrier[2]} ({carrier[1]}): the policy will "
+                f"supersede this one (not_deposited); `mirrord dismiss deposition {item.id} --reason TEXT` "
+                "settles it instead")
+    if kind == "dataset" and item.state == "needs_attention" and item.files_signature:
+        return ("if its files still cannot be shown to be this collection's it will need attention again; "
+                f"`mirrord accept dataset {item.id} --reason TEXT` vouches for them once you have checked")
+    return ""
 
 
 async def _restart_state(session: AsyncSession, kind: str, item: Any) -> str:
@@ -425,3 +470,193 @@ async def _check_designhub(config: Config) -> tuple[bool, str]:
     # Attach, data and upload are write endpoints: learnt on first use, never by writing here.
     note = f"; {features.summary()}" if features.missing else ""
     return True, f"user {user.display_name}{note}"
+
+
+# -- a person's decisions -------------------------------------------------------------------------------
+# What a person may settle without acting, per kind: what needs a person, and what is still local.
+# Depositions that reached PDIS are not dismissed here: an upload is withdrawn by the policy's re-check.
+DISMISSABLE = {
+    "upload": (*FAILED_STATES, "waiting_settle"),
+    "dataset": (*FAILED_STATES, "discovered", "waiting", "missing", "skipped", "complete", "eligible"),
+    "deposition": (*FAILED_STATES, "queued", "packed", AWAITING_APPROVAL, "not_deposited", "dry_run"),
+    "annotation": (*FAILED_STATES, "pending", "unmatched"),
+}
+HOLDABLE_JOBS = ("pdis", "fragalysis", "designhub")  # the jobs that write upstream (ISPyB is read only)
+
+
+@dataclass(frozen=True)
+class Decided:
+    """One item (or job) a decision was recorded for, and the state it moved to."""
+
+    kind: str
+    id: int | str
+    action: str
+    decision: int
+    from_state: str | None = None
+    to_state: str | None = None
+
+    def describe(self) -> str:
+        moved = f": {self.from_state} -> {self.to_state}" if self.from_state != self.to_state else ""
+        return f"{self.kind} {self.id} {self.action} (decision {self.decision}){moved}"
+
+
+async def accept(store: Store, ref: str, *, reason: str, actor: str) -> Decided:
+    """A person vouches that the files on disk are this collection's own: the attribution rule is
+    overridden for exactly these files (names, sizes, mtimes); any change and the accept lapses."""
+    async with store.write() as session:
+        dataset = await _locked(session, "dataset", ref)
+        if dataset.state != "needs_attention":
+            raise InspectError(f"dataset {dataset.id} is {dataset.state}: only a dataset that needs attention "
+                               "is accepted")
+        if not dataset.files_signature:
+            raise InspectError(f"dataset {dataset.id} has no files recorded to vouch for: `mirrord retry dataset "
+                               f"{dataset.id}` to look at its directory again")
+        row = await decisions.record(session, "dataset", dataset.id, decisions.ACCEPT, reason=reason, actor=actor,
+                                     bound={"files_signature": dataset.files_signature,
+                                            "files": len(dataset.files or ()), "local_dir": dataset.local_dir})
+        return _moved(session, dataset, "discovered", row, retry_now=True)
+
+
+async def dismiss(store: Store, kind: str, ref: str, *, reason: str, actor: str,
+                  action: str = decisions.DISMISS) -> Decided:
+    """Settle an item without acting: it leaves the attention list and no job touches it again."""
+    _known_kind(kind)
+    async with store.write() as session:
+        item = await _locked(session, kind, ref)
+        if item.state not in DISMISSABLE[kind]:
+            raise InspectError(f"{kind} {item.id} is {item.state}: only one in {', '.join(DISMISSABLE[kind])} "
+                               "can be dismissed")
+        row = await decisions.record(session, kind, item.id, action, reason=reason, actor=actor,
+                                     bound={"state": item.state})
+        return _moved(session, item, DISMISSED, row)
+
+
+async def reopen(store: Store, kind: str, ref: str, *, reason: str, actor: str) -> Decided:
+    """Undo a dismissal: the item goes back to the state it was dismissed from."""
+    _known_kind(kind)
+    async with store.write() as session:
+        item = await _locked(session, kind, ref)
+        if item.state != DISMISSED:
+            raise InspectError(f"{kind} {item.id} is {item.state}, not dismissed: nothing to reopen")
+        earlier = (await decisions.active(session, kind, item.id, decisions.DISMISS)
+                   or await decisions.active(session, kind, item.id, decisions.REJECT))
+        back = (earlier.bound.get("state") if earlier else None) or RESTART_STATES[kind]
+        row = await decisions.record(session, kind, item.id, decisions.REOPEN, reason=reason, actor=actor,
+                                     bound={"state": back})
+        return _moved(session, item, back, row, retry_now=True)
+
+
+async def choose(store: Store, config: Config, ref: str, *, reason: str, actor: str) -> Decided:
+    """Make this deposition the one for its PDB code, over `pdis.prefer`; refused when another
+    deposition of that code can no longer be taken back."""
+    from mirrord.jobs.deposit_policy import decision_for
+
+    async with store.write() as session:
+        dep = await _locked(session, "deposition", ref)
+        found = await decision_for(session, dep.dataset_id, config.pdis)
+        facts = found[0] if found else None
+        if facts is None or not facts.code:
+            raise InspectError(f"deposition {dep.id} has no PDB code: there is nothing to choose it over")
+        if facts.stage < 0:
+            raise InspectError(f"deposition {dep.id} is {dep.state}: `mirrord retry` or `mirrord reopen` it first")
+        rivals = await _rivals(session, config, facts)
+        final = [r for r in rivals if r.stage >= 2 and r.dataset_id != facts.dataset_id]
+        if final:
+            other = final[0]
+            raise InspectError(f"deposition {other.deposition_id} ({other.deposition_state}) already carries PDB "
+                               f"{facts.code} on PDIS and can no longer be taken back: deposition {dep.id} "
+                               "cannot be chosen over it")
+        for earlier in (await decisions.active_by_item(session, "deposition", decisions.CHOOSE)).values():
+            if (earlier.bound.get("pdb_code") or "").upper() == facts.code and earlier.item_id != str(dep.id):
+                decisions.end(earlier, f"deposition {dep.id} was chosen for PDB {facts.code} instead")
+        row = await decisions.record(session, "deposition", dep.id, decisions.CHOOSE, reason=reason, actor=actor,
+                                     bound={"pdb_code": facts.code})
+        return _moved(session, dep, dep.state, row, retry_now=True)
+
+
+async def _rivals(session: AsyncSession, config: Config, facts: Any) -> list[Any]:
+    from mirrord.jobs import pdb_codes
+    from mirrord.jobs.deposit_policy import _with_rivals
+
+    return await _with_rivals(session, [facts], pdb_codes.load(config.pdis.pdb_codes_file))
+
+
+async def approve(store: Store, *, reason: str, actor: str, ref: str | None = None, pdb: str | None = None,
+                  proposal: str | None = None, every: bool = False, action: str = decisions.APPROVE
+                  ) -> list[Decided]:
+    """Let depositions waiting for approval go (or, as `reject`, dismiss them). Each approval is bound to
+    the dataset, PDB code and archive md5 approved: if any of them changes, it lapses."""
+    if sum(x is not None and x is not False for x in (ref, pdb, proposal, every or None)) != 1:
+        raise InspectError("name what to approve: a deposition, --pdb CODE, --proposal P or --all")
+    async with store.write() as session:
+        if ref is not None:
+            dep = await _locked(session, "deposition", ref)
+            if dep.state != AWAITING_APPROVAL:
+                raise InspectError(f"deposition {dep.id} is {dep.state}, not awaiting approval"
+                                   + (": it waits for approval once packed" if dep.state in ("queued", "packing")
+                                      else ""))
+            waiting = [dep]
+        else:
+            query = (select(Deposition).where(Deposition.state == AWAITING_APPROVAL)
+                     .order_by(Deposition.id).with_for_update())
+            if pdb is not None:
+                query = query.where(func.upper(Deposition.pdb_code) == pdb.strip().upper())
+            if proposal is not None:
+                query = query.join(Dataset, Dataset.id == Deposition.dataset_id).where(
+                    Dataset.proposal == proposal.strip())
+            waiting = list((await session.scalars(query)).all())
+            if not waiting:
+                raise InspectError("no deposition awaiting approval matches")
+        done = []
+        for dep in waiting:
+            bound = {"dataset_id": dep.dataset_id, "pdb_code": dep.pdb_code, "tar_md5": dep.tar_md5}
+            row = await decisions.record(session, "deposition", dep.id, action, reason=reason, actor=actor,
+                                         bound=bound if action == decisions.APPROVE else {"state": dep.state})
+            done.append(_moved(session, dep, "packed" if action == decisions.APPROVE else DISMISSED, row,
+                               retry_now=True))
+        return done
+
+
+async def hold(store: Store, job: str, *, reason: str, actor: str, resume: bool = False) -> Decided:
+    """Pause (or resume) a job's outgoing writes; its polling goes on."""
+    if job not in HOLDABLE_JOBS:
+        raise InspectError(f"{job!r} cannot be held: one of {', '.join(HOLDABLE_JOBS)} (the jobs that write "
+                           "upstream)")
+    async with store.write() as session:
+        current = await decisions.active(session, "job", job, decisions.HOLD)
+        if resume and current is None:
+            raise InspectError(f"{job} is not held: nothing to resume")
+        row = await decisions.record(session, "job", job, decisions.RESUME if resume else decisions.HOLD,
+                                     reason=reason, actor=actor)
+        return Decided("job", job, row.action, row.id, "held" if current else "running",
+                       "running" if resume else "held")
+
+
+async def list_decisions(store: Store, *, kind: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    async with store.read() as session:
+        return [decisions.as_dict(row) for row in await decisions.history(session, kind, limit=limit)]
+
+
+def _known_kind(kind: str) -> None:
+    if kind not in ITEM_MODELS:
+        raise InspectError(f"unknown kind {kind!r}; one of: {', '.join(ITEM_MODELS)}")
+
+
+async def _locked(session: AsyncSession, kind: str, ref: str) -> Any:
+    found = await resolve(session, kind, str(ref))
+    return await session.get(ITEM_MODELS[kind], found.id, with_for_update=True)
+
+
+def _moved(session: AsyncSession, item: Any, to_state: str, row: Any, *, retry_now: bool = False) -> Decided:
+    """Move the item as the decision says (one write with the decision), logging who decided and why."""
+    before = item.state
+    kind = type(item).__tablename__.removesuffix("s")
+    if retry_now:
+        item.attempts, item.last_error, item.next_attempt_at = 0, None, utcnow()
+    item.updated_at = utcnow()  # a decision is a change the next decision pass must look at
+    note = decisions.describe(row)
+    if before != to_state:
+        move(session, item, to_state, note, instance=f"person:{row.actor}")
+    else:
+        log_event(session, item, before, to_state, note, f"person:{row.actor}")
+    return Decided(kind, item.id, row.action, row.id, before, to_state)

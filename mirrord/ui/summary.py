@@ -13,7 +13,7 @@ from sqlalchemy import desc, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mirrord.redact import redact
-from mirrord.store import Store
+from mirrord.store import Store, decisions
 from mirrord.store.items import why
 from mirrord.store.keyvalue import IDENTITY_KEY
 from mirrord.store.models import (
@@ -31,12 +31,14 @@ from mirrord.store.models import (
     utcnow,
 )
 from mirrord.store.scans import short_sessions
+from mirrord.ui import remedies
 
 # The order work flows in, so tables read top to bottom; problems first, unknown states last.
 PIPELINE = ("needs_attention", "failed", "waiting_settle", "building", "fetching", "extracting", "mirrored",
             "discovered", "waiting", "missing", "complete", "eligible", "skipped", "queued", "packing",
-            "packed", "uploading", "uploaded", "withdrawing", "submitted", "pending", "validated", "published",
-            "already_in_pdis", "dry_run", "not_deposited", "attaching", "tagging", "attached", "unmatched", "superseded")
+            "packed", "awaiting_approval", "uploading", "uploaded", "withdrawing", "submitted", "pending", "validated", "published",
+            "already_in_pdis", "dry_run", "not_deposited", "attaching", "tagging", "attached", "unmatched", "superseded",
+            "dismissed")
 _RANK = {state: n for n, state in enumerate(PIPELINE)}
 # How a state reads at a glance, on the page and in the terminal: a problem, or work done.
 PROBLEM_STATES = ("failed", "needs_attention", "failing", "identity", "unmatched", "short_scan")
@@ -76,6 +78,9 @@ async def summary(store: Store, *, health: Mapping[str, Any] | None = None, inst
             "depositions": await _depositions(session, rows),
             "datasets": await _datasets(session, rows),
             "attention": attention,
+            "approvals": await _approvals(session, rows),
+            "holds": [decisions.as_dict(h) for h in (await decisions.holds(session)).values()],
+            "decisions": [decisions.as_dict(d) for d in await decisions.history(session, limit=recent)],
             "jobs": jobs,
             "runs": await _runs(session, recent),
             "events": await _events(session, recent),
@@ -85,7 +90,19 @@ async def summary(store: Store, *, health: Mapping[str, Any] | None = None, inst
 def empty_summary(note: str) -> dict[str, Any]:
     """The shape of `summary` when there is no store to read yet; `note` says why."""
     return {"generated_at": utcnow().isoformat(), "instance": None, "note": note, "items": {}, "targets": [],
-            "depositions": [], "datasets": [], "attention": [], "jobs": [], "runs": [], "events": []}
+            "depositions": [], "datasets": [], "attention": [], "approvals": [], "holds": [], "decisions": [],
+            "jobs": [], "runs": [], "events": []}
+
+
+async def _approvals(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
+    """Depositions waiting for a person's approval, oldest first: what `mirrord approve` lets go."""
+    rows = (await session.execute(
+        select(Deposition, Dataset).join(Dataset, Dataset.id == Deposition.dataset_id)
+        .where(Deposition.state == "awaiting_approval").order_by(Deposition.updated_at).limit(limit))).all()
+    return [{"id": d.id, "pdb_code": d.pdb_code, "sample": ds.sample_name, "session": ds.session_name,
+             "proposal": ds.proposal, "dataset": ds.id, "archive_bytes": d.zst_size, "tar_md5": d.tar_md5,
+             "since": _iso(d.updated_at), "command": f"mirrord approve deposition {d.id} --reason TEXT"}
+            for d, ds in rows]
 
 
 async def _counts(session: AsyncSession) -> dict[str, dict[str, int]]:
@@ -158,8 +175,11 @@ async def _attention_items(session: AsyncSession, limit: int) -> list[dict[str, 
             select(model).where(model.state.in_(FAILED_STATES))
             .order_by(desc(model.updated_at)).limit(limit))).all())
         labels = await _labels(session, kind, items)
+        advice = await remedies.for_items(session, kind, items)
         found += [{"kind": kind, "id": item.id, "label": labels.get(item.id, ""), "state": item.state,
-                   "reason": why(kind, item), "since": _iso(item.updated_at)} for item in items]
+                   "reason": remedies.explain(why(kind, item), advice[item.id]),
+                   "actions": [r.action for r in advice[item.id]], "since": _iso(item.updated_at)}
+                  for item in items]
     return found
 
 

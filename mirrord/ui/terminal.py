@@ -71,6 +71,15 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                                _t(a["since"])) for a in data["attention"]], title_style="bold red"))
     else:
         console.print("[green]Nothing needs attention.[/green]")
+    if data.get("approvals"):
+        console.print(_table("Awaiting approval", ("deposition", "PDB code", "sample", "proposal", "since", "approve with"),
+                             [(a["id"], a["pdb_code"], a["sample"], a["proposal"], _t(a["since"]), a["command"])
+                              for a in data["approvals"]], title_style="bold yellow"))
+    for hold in data.get("holds", []):
+        console.print(f"[bold yellow]job {escape(hold['id'])} is held[/bold yellow] by {escape(hold['by'])} since "
+                      f"{_t(hold['at'])}: {escape(hold['reason'])} (`mirrord resume {escape(hold['id'])} --reason TEXT`)")
+    if data.get("decisions"):
+        print_decisions(data["decisions"][:10], console, title="Decided by a person (latest)")
     failing = [j for j in data.get("jobs", []) if j["failing_since"]]
     if failing:
         console.print(_table("Failing jobs", ("job", "since", "error", "last success"),
@@ -101,3 +110,14 @@ def print_checks(results: list[CheckResult], console: Console | None = None) -> 
     for result in results:
         mark = "[green]OK  [/green]" if result.ok else "[red]FAIL[/red]"
         console.print(f"{mark} {escape(result.upstream.ljust(width))}  {escape(result.detail)}", soft_wrap=True)
+
+
+def print_decisions(rows: list[dict[str, Any]], console: Console | None = None, *,
+                    title: str = "Decisions") -> None:
+    console = console or Console()
+    if not rows:
+        console.print("no decisions recorded")
+        return
+    console.print(_table(title, ("when (UTC)", "item", "action", "by", "reason", "holds"),
+                         [(_t(r["at"]), f"{r['kind']} {r['id']}", r["action"], r["by"], r["reason"],
+                           "yes" if r["active"] else (r["ended_why"] or "no")) for r in rows]))
