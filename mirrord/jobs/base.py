@@ -106,7 +106,8 @@ class Job:
             return []
         items = await claim(self.store, model, states, owner=self.ctx.instance, lease=self.lease,
                             limit=limit, extra=extra)
-        self._claimed.setdefault(model, set()).update(item.id for item in items)
+        if items:
+            self._claimed.setdefault(model, set()).update(item.id for item in items)
         return items
 
     async def release_leftovers(self) -> int:
