@@ -1,6 +1,7 @@
 """The `mirrord` command. Parses arguments, loads config, hands over to the daemon or a view.
 
-Exit codes: 0 done, 1 something failed (listed), 2 configuration error, 3 (`once`) done, but items need a person.
+Exit codes: 0 done, 1 something failed (listed), 2 configuration error, 3 (`once`) done, but items need a person,
+4 another mirrord process is using this state directory (a second instance on one SQLite state).
 Each command imports what it needs when it runs: `mirrord --help` loads no database, web or job code.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     from mirrord.config import Config
     from mirrord.store import Store
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ATTENTION = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_ATTENTION, EXIT_ALREADY_RUNNING = 0, 1, 2, 3, 4
 
 
 class NothingRecorded(Exception):
@@ -120,6 +122,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.append(f"no configuration file at {path} and no MIRRORD_<SECTION>__<KEY> variables "
                         "(give --config FILE or set MIRRORD_CONFIG)")
     problems += missing_credentials(config)
+    from mirrord.workdirs import directory_problems
+
+    problems += directory_problems(config)
     if config.pdis.enabled and config.pdis.pdb_codes_file is not None:
         from mirrord.jobs.pdb_codes import PdbCodesError, load
 
@@ -173,14 +178,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_once(args: argparse.Namespace) -> int:
     config = _load(args)
+    stopped_by: list[signal.Signals] = []
 
     async def main() -> int:
         from mirrord.daemon import Mirrord
         from mirrord.progress import terminal_progress
 
-        with terminal_progress() as progress:
-            async with Mirrord(config, progress=progress) as app:
-                outcome = await app.run_once(horizon=args.wait)
+        _cancel_on_signals(stopped_by)
+        try:
+            with terminal_progress() as progress:
+                async with Mirrord(config, progress=progress) as app:
+                    outcome = await app.run_once(horizon=args.wait)
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+            print(f"mirrord once: stopped by {stopped_by[0].name}; runs in progress are recorded as interrupted, "
+                  "and the next run resumes what they were doing", file=sys.stderr)
+            return EXIT_FAILED
         for line in outcome.attention:
             print(f"needs attention: {line}")
         for line in outcome.approvals:
@@ -193,7 +207,24 @@ def cmd_once(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         return EXIT_ATTENTION if outcome.attention or outcome.approvals else EXIT_OK
 
-    return _run_async(main())
+    code = _run_async(main())
+    if stopped_by:  # end as the signal would have, once everything is closed (systemd: a clean stop)
+        signal.signal(stopped_by[0], signal.SIG_DFL)
+        os.kill(os.getpid(), stopped_by[0])
+    return code
+
+
+def _cancel_on_signals(received: list[signal.Signals]) -> None:
+    """SIGTERM or SIGINT cancels the running command at once; its cleanup (leases released, runs
+    recorded as interrupted) still runs. The signal is noted in `received`."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+    def cancel(sig: signal.Signals) -> None:
+        received.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, cancel, sig)
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -418,7 +449,8 @@ exit codes:
   1  an item or a job failed (each is listed with its error)
   2  configuration error
   3  done, but items need a person (each is listed with its reason and the command that settles it), or
-     depositions await a person's approval ([pdis] approval = "required")"""
+     depositions await a person's approval ([pdis] approval = "required")
+  4  another mirrord is using this state directory (nothing was done)"""
 ITEM_REF = ("an id (as `status` shows it) or a name: target name (or TAS/name), <target>/<upload index>, "
             "sample name, PDB code or PDIS token, evidence key or experiment code")
 
@@ -467,11 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
             "credentials an enabled job needs. Contacts no upstream (that is `mirrord check`).")
     db = command("db", "database schema", "Show or migrate the database schema.")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION", help="what to do")
-    db_sub.add_parser("upgrade", help="migrate the schema to the newest revision",
+    db_sub.add_parser("upgrade", help="migrate the schema to the newest revision", parents=common,
                       description="Migrate the schema to the newest revision (creates the database if needed).")
-    db_sub.add_parser("current", help="show the schema revision", description="Show the schema revision.")
+    db_sub.add_parser("current", help="show the schema revision", description="Show the schema revision.",
+                      parents=common)
     rev = db_sub.add_parser("revision", help="(developers) autogenerate a migration from the models",
-                            description="(developers) Autogenerate a migration from the models.")
+                            description="(developers) Autogenerate a migration from the models.", parents=common)
     rev.add_argument("-m", "--message", required=True, help="the migration's one-line description")
     status = command("status", "what mirrord did and what needs a person",
                      "Print targets, items by state, what needs a person (with ids for `show` and `retry`), "
@@ -605,7 +638,10 @@ def _known_error(exc: Exception) -> int:
     from mirrord.lock import AlreadyRunning
     from mirrord.store.migrate import SchemaError
 
-    if isinstance(exc, AlreadyRunning | SchemaError):
+    if isinstance(exc, AlreadyRunning):
+        print(f"mirrord: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    if isinstance(exc, SchemaError):
         print(f"mirrord: {exc}", file=sys.stderr)
         return EXIT_FAILED
     from sqlalchemy.exc import DBAPIError

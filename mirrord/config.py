@@ -7,6 +7,8 @@ and registered with the redactor so no log line or exception can carry them.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import json
 import os
 import re
@@ -14,7 +16,8 @@ import socket
 import stat
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -73,6 +76,7 @@ class JobSection(Section):
     interval: Duration = 900.0
     jitter: Duration = 30.0
     cron: str | None = Field(default=None, description="crontab expression; overrides interval")
+    allow_insecure_http: bool = False  # send credentials over http:// to a host other than loopback
 
     @property
     def period(self) -> float:
@@ -351,6 +355,27 @@ def missing_credentials(config: Config) -> list[str]:
     return problems
 
 
+def credentials_in_clear(config: Config) -> list[str]:
+    """Enabled jobs that would send credentials over plain http to another machine (refused at load)."""
+    problems = []
+    for name, section in config.jobs().items():
+        keys = [f"{name}.{key}" for s, key in SECRETS if s == name and getattr(section, key) is not None]
+        url = urlsplit(section.url)
+        if (section.enabled and keys and url.scheme == "http" and not section.allow_insecure_http
+                and not is_loopback(url.hostname or "")):
+            problems.append(f"{name}.url: plain http to {url.hostname} would send {' and '.join(keys)} in clear; "
+                            f"use https://, or set {name}.allow_insecure_http = true")
+    return problems
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def link_warnings(config: Config) -> list[str]:
     """Settings that work, but not as a user would expect."""
     warnings = []
@@ -400,8 +425,32 @@ def _env_overrides(env: dict[str, str]) -> tuple[dict[str, dict[str, Any]], list
     return overrides, problems
 
 
+CREDENTIAL = "credential:"  # `<key>_file = "credential:NAME"`: systemd's LoadCredential=NAME:<file>
+
+
+def _secret_path(value: str, env: dict[str, str]) -> Path:
+    """The file a `<key>_file` value names; `credential:NAME` is NAME in systemd's $CREDENTIALS_DIRECTORY.
+
+    Raises ValueError naming what is missing (said after the key by the caller)."""
+    if not value.startswith(CREDENTIAL):
+        return Path(value)
+    name = value.removeprefix(CREDENTIAL)
+    if not name or "/" in name:
+        raise ValueError(f"{value!r}: a credential's name follows 'credential:', without '/'")
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ValueError(f"{value!r} needs $CREDENTIALS_DIRECTORY, which systemd sets for a unit with "
+                         f"LoadCredential={name}:<file>; it is not set here (to check by hand: "
+                         f"CREDENTIALS_DIRECTORY=<directory holding {name}> mirrord check-config)")
+    path = Path(directory) / name
+    if not path.exists():
+        raise ValueError(f"credential {name} is not in $CREDENTIALS_DIRECTORY ({directory}): the unit needs "
+                         f"LoadCredential={name}:<file>")
+    return path
+
+
 def _read_secret_files(data: dict[str, dict[str, Any]], env_keys: set[tuple[str, str]],
-                       warnings: list[str]) -> list[str]:
+                       warnings: list[str], env: dict[str, str]) -> list[str]:
     problems = []
     for section, key in SECRETS:
         table = data.get(section, {})
@@ -411,17 +460,45 @@ def _read_secret_files(data: dict[str, dict[str, Any]], env_keys: set[tuple[str,
             table.pop(key)
         path_value = table.get(f"{key}_file")
         if path_value and key not in table:
-            path = Path(path_value)
+            option = f"{section}.{key}_file"
             try:
+                path = _secret_path(str(path_value), env)
                 mode = path.stat().st_mode
                 table[key] = path.read_text().strip()
+            except ValueError as exc:
+                problems.append(f"{option}: {exc}")
+                continue
             except OSError as exc:
-                problems.append(f"{section}.{key}_file: cannot read {path}: {exc.strerror}")
+                problems.append(f"{option}: cannot read {exc.filename or path_value}: {exc.strerror}")
+                continue
+            if not table[key]:
+                problems.append(f"{option} is empty ({path})")
                 continue
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                warnings.append(f"{section}.{key}_file: {path} is readable by others (mode "
+                warnings.append(f"{option}: {path} is readable by others (mode "
                                 f"{stat.S_IMODE(mode):o}); chmod 600 it")
     return problems
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """`; did you mean X?` naming the nearest valid key (or [section]) to an unknown one, or ''."""
+    model: Any = Config
+    for part in loc[:-1]:  # down to the table the unknown key is in: sections, then tables in lists
+        if isinstance(part, int) or part not in model.model_fields:
+            continue
+        annotation = model.model_fields[part].annotation
+        model = next((a for a in (annotation, *get_args(annotation))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    names = set(model.model_fields) - {"warnings"}
+    if model is not Config:
+        # A secret is set by its <key>_file, never by the key itself.
+        names = {f"{name}_file" if f"{name}_file" in names else name for name in names}
+    close = difflib.get_close_matches(str(loc[-1]), sorted(names), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean [{close[0]}]?" if model is Config else f"; did you mean {close[0]}?"
 
 
 def _format_error(err: dict[str, Any], env_keys: set[tuple[str, str]]) -> str:
@@ -429,7 +506,7 @@ def _format_error(err: dict[str, Any], env_keys: set[tuple[str, str]]) -> str:
     loc = ".".join(parts)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = ("unknown section" if len(parts) == 1 else "unknown key") + _did_you_mean(err["loc"])
     if len(parts) >= 2 and (parts[0], parts[1]) in env_keys:
         # Name what the user typed: the variable, and the form it takes.
         variable = f"{ENV_PREFIX}{parts[0].upper()}__{parts[1].upper()}"
@@ -473,12 +550,13 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     data = {k: v for k, v in data.items() if isinstance(v, dict)}
     warnings: list[str] = []
     env_keys = {(s, k) for s, values in overrides.items() for k in values}
-    problems += _read_secret_files(data, env_keys, warnings)
+    problems += _read_secret_files(data, env_keys, warnings, env)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems += [_format_error(e, env_keys) for e in exc.errors()]
         raise ConfigError(problems) from None
+    problems += credentials_in_clear(config)
     if problems:
         raise ConfigError(problems)
     config.warnings = warnings

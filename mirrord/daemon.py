@@ -31,6 +31,7 @@ from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine, why
 from mirrord.store.models import DISMISSED, FAILED_STATES, ITEM_MODELS, Deposition, Event, utcnow
 from mirrord.ui import remedies
+from mirrord.workdirs import check_directories
 
 log = structlog.get_logger("mirrord.daemon")
 
@@ -65,6 +66,7 @@ class Mirrord:
 
     async def open(self) -> None:
         config = self.config
+        check_directories(config)  # before the lock and the database write there
         self.store = Store(config.daemon.resolved_database_url)
         if self.store.is_sqlite:
             # One process per SQLite state; nobody else can hold a lease, so stale ones are ours.
@@ -111,6 +113,9 @@ class Mirrord:
             with contextlib.suppress(Exception):
                 await job.close()
         await self.notifier.close()
+        if self.runner is not None:
+            with contextlib.suppress(Exception):
+                await self.runner.catch_up()  # outcomes the database missed, if it answers now
         if self.store is not None:
             for model in ITEM_MODELS.values():
                 with contextlib.suppress(Exception):
@@ -214,6 +219,8 @@ class Mirrord:
             running.add(task)
             try:
                 await self.runner.run(name)
+            except asyncio.CancelledError:
+                pass  # the drain's doing, and the run is recorded as interrupted: not the scheduler's error
             finally:
                 running.discard(task)
 
@@ -241,6 +248,12 @@ class Mirrord:
         grace = self.config.daemon.shutdown_grace
         log.info("daemon.draining", running=len(running), grace=grace)
         if running:
+            # A start or poll holds no item and may wait minutes on a silent upstream: stop it now; its
+            # next run repeats it. Steps on items get the grace.
+            for task in running:
+                if task.get_name() in self.runner.waiting_on_upstream:
+                    log.info("daemon.interrupting_job", job=task.get_name(), at=_awaiting(task))
+                    task.cancel()
             done, pending = await asyncio.wait(set(running), timeout=grace)
             for task in pending:
                 # Say where each straggler was: a job that ignores the drain is a bug worth seeing.

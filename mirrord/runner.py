@@ -20,6 +20,7 @@ from sqlalchemy import update
 
 from mirrord import metrics
 from mirrord.jobs.base import Job, JobContext, RunResult
+from mirrord.store.engine import UNREACHABLE
 from mirrord.store.items import claim_tick
 from mirrord.store.models import JobRun, utcnow
 
@@ -48,6 +49,10 @@ class JobRunner:
     health: dict[str, Health] = field(default_factory=dict)
     # Called after each run that was not cut short: the webhook's digest of what newly needs a person.
     after_run: Callable[[], Awaitable[None]] | None = None
+    # Jobs in their start or poll: waiting on an upstream and holding no item, so a drain need not wait.
+    waiting_on_upstream: set[str] = field(default_factory=set)
+    # Outcomes of runs the database was away to record (run_id -> the _finish arguments), written once it answers.
+    _unrecorded: dict[str, tuple] = field(default_factory=dict)
     _early_failures: dict[str, JobStartFailed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,18 +72,27 @@ class JobRunner:
         result = RunResult()
         run_id = str(uuid.uuid4())
         store = self.ctx.store
-        async with store.write() as session:
-            run = JobRun(run_id=run_id, job=name, instance=self.ctx.instance, started_at=utcnow())
-            session.add(run)
+        try:
+            await self.catch_up(job)
+            async with store.write() as session:
+                run = JobRun(run_id=run_id, job=name, instance=self.ctx.instance, started_at=utcnow())
+                session.add(run)
+        except UNREACHABLE as exc:  # nothing done yet: the next tick tries again
+            self._failed(name, f"store unreachable: {type(exc).__name__}: {exc}", None)
+            return result
         outcome, error = "ok", None
         with structlog.contextvars.bound_contextvars(job=name, run_id=run_id):
             polled = False
             try:
-                await self._start(name, job)
-                polled = force_poll or await claim_tick(store, name, self.slot(name), self.ctx.instance)
-                if polled:
-                    metrics.job_polls.labels(name).inc()
-                    await job.poll(result)
+                self.waiting_on_upstream.add(name)
+                try:
+                    await self._start(name, job)
+                    polled = force_poll or await claim_tick(store, name, self.slot(name), self.ctx.instance)
+                    if polled:
+                        metrics.job_polls.labels(name).inc()
+                        await job.poll(result)
+                finally:
+                    self.waiting_on_upstream.discard(name)
                 await job.work(result)
             except asyncio.CancelledError:
                 outcome, error = "interrupted", "cancelled at shutdown"
@@ -92,8 +106,8 @@ class JobRunner:
             else:
                 self._succeeded(name)
             finally:
-                # Record the run even when cancelled: shield the short write from the cancellation.
-                await asyncio.shield(self._finish(run_id, outcome, error, result, polled))
+                # Record the run even when cancelled: shield the short writes from the cancellation.
+                await asyncio.shield(self._wrap_up(job, (run_id, outcome, error, result, polled)))
                 metrics.job_runs.labels(name, outcome).inc()
                 for key, value in result.counters.items():
                     metrics.job_counters.labels(name, key).inc(value)
@@ -126,6 +140,24 @@ class JobRunner:
         except Exception as exc:
             raise JobStartFailed(f"start failed: {type(exc).__name__}: {exc}") from exc
         self.health[name].started = True
+
+    async def _wrap_up(self, job: Job, finish: tuple) -> None:
+        """Release what the run left leased and record its outcome; with the database away, both wait
+        for `catch_up` (the next run), so nothing escapes to the scheduler."""
+        self._unrecorded[finish[0]] = finish
+        try:
+            await self.catch_up(job)
+        except UNREACHABLE as exc:
+            log.warning("job.run_unrecorded", error=f"{type(exc).__name__}: {exc}",
+                        detail="recorded, and its items released, when the database answers")
+
+    async def catch_up(self, job: Job | None = None) -> None:
+        """Write the outcomes of runs the database missed and release `job`'s leftover leases."""
+        if job is not None:
+            await job.release_leftovers()
+        for run_id, finish in list(self._unrecorded.items()):
+            await self._finish(*finish)
+            del self._unrecorded[run_id]
 
     async def _finish(self, run_id: str, outcome: str, error: str | None, result: RunResult,
                       polled: bool) -> None:

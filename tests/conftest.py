@@ -4,30 +4,42 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 from tests.pg import PostgresServer, create_database, find_binaries
 
 
+def skip_unless_required(missing: str, require_var: str) -> NoReturn:
+    """Skip a test for want of `missing` on this machine; in CI (CI=true, or `require_var` set by .ci/run) a
+    skip would hide that the test never ran, so fail instead."""
+    if os.environ.get(require_var) or os.environ.get("CI") == "true":
+        pytest.fail(f"{missing}, and this run requires it ({require_var} or CI=true is set)")
+    pytest.skip(missing)
+
+
 @pytest.fixture(scope="session")
-def pg_admin_url():
-    """A PostgreSQL server for the session, or a skip naming why there is none."""
+def pg_server():
+    """The throwaway PostgreSQL server of this session (None when MIRRORD_TEST_PG_URL names one of
+    yours), or a skip naming why there is none."""
     if os.environ.get("MIRRORD_TEST_PG_URL"):
-        yield os.environ["MIRRORD_TEST_PG_URL"]
+        yield None
         return
     bindir = find_binaries()
     if bindir is None:
-        if os.environ.get("MIRRORD_REQUIRE_POSTGRES"):
-            pytest.fail("MIRRORD_REQUIRE_POSTGRES is set but no PostgreSQL server binaries were found")
-        pytest.skip("no PostgreSQL server binaries (initdb/pg_ctl) on this machine")
+        skip_unless_required("no PostgreSQL server binaries (initdb/pg_ctl) on this machine", "MIRRORD_REQUIRE_POSTGRES")
     server = PostgresServer(bindir)
     server.start()
     try:
-        yield server.admin_url
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(pg_server: PostgresServer | None) -> str:
+    return pg_server.admin_url if pg_server is not None else os.environ["MIRRORD_TEST_PG_URL"]
 
 
 @pytest.fixture

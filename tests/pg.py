@@ -46,6 +46,13 @@ class PostgresServer:
             shutil.chown(self.root, "postgres", "postgres")
         self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
                   "--no-sync", "-E", "UTF8")
+        self.start_server()
+
+    def stop_server(self) -> None:
+        """Stop as an operator's restart does (`-m fast`: sessions are cut, the data stays)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-w", "-t", "60", "-m", "fast", "stop")
+
+    def start_server(self) -> None:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-w", "-t", "60", "-l",
                   str(self.root / "server.log"), "-o",
                   f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "

@@ -285,6 +285,27 @@ def test_every_command_and_option_explains_itself() -> None:
     assert "3  done, but items need a person" in commands.choices["once"].format_help()
 
 
+def test_options_go_after_any_command_and_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As the README promises: `mirrord db current --config X` as well as `mirrord --config X db current`."""
+    def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, parser
+        for sub in subs:
+            for name, child in sub.choices.items():
+                yield from leaves(child, (*path, name))
+
+    commands = dict(leaves(build_parser()))
+    assert ("db", "current") in commands
+    for path, parser in commands.items():
+        assert {"--config", "--log-level", "--log-format"} <= set(parser._option_string_actions), path
+    config = tmp_path / "mirrord.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert main(["db", "upgrade", "--config", str(config)]) == 0
+    assert main(["db", "current", "--config", str(config), "--log-level", "warning"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
 def test_a_closed_pipe_ends_quietly(seeded: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "mirrord.cli", "status", "--json", "-c", str(seeded)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MIRRORD_CONFIG": ""})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -252,7 +253,8 @@ def test_check_config_refuses_a_missing_file_and_warns_of_an_http_link_base(tmp_
     assert check_config("check-config", "--config", str(nowhere)).returncode == 2
     default = check_config("check-config", env={"MIRRORD_CONFIG": ""})
     assert default.returncode == 2 and "no configuration file" in default.stderr
-    ok = check_config("check-config", env={"MIRRORD_DESIGNHUB__ENABLED": "true",
+    ok = check_config("check-config", env={"MIRRORD_DAEMON__STATE_DIR": str(tmp_path / "state"),
+                                           "MIRRORD_DESIGNHUB__ENABLED": "true",
                                            "MIRRORD_DESIGNHUB__URL": "https://designhub.lab",
                                            "MIRRORD_DESIGNHUB__API_KEY": "k",
                                            "MIRRORD_FRAGALYSIS__URL": "http://fragalysis.lab"})
@@ -267,6 +269,183 @@ def test_a_bad_environment_value_names_the_variable_and_its_form() -> None:
     text = str(err.value)
     assert "MIRRORD_ISPYB__PROPOSALS (ispyb.proposals)" in text and "JSON" in text
     assert "MIRRORD_ISPYB__BEAMLINES: not valid JSON" in text
+
+
+# -- directories mirrord writes (issue 21) -----------------------------------------------------------------
+def test_check_config_tries_the_state_mirror_and_spool_directories(tmp_path: Path) -> None:
+    """A directory mirrord cannot create or write is a configuration problem naming its key, found before
+    `run` or `once` would die at its first write."""
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(f"""
+[daemon]
+state_dir = "/proc/nope"
+[fragalysis]
+enabled = true
+url = "http://127.0.0.1:9"
+[pdis]
+enabled = true
+url = "https://pdis.invalid/api/v1"
+spool_dir = "{tmp_path / 'a-file' / 'spool'}"
+""")
+    proc = check_config("check-config", "--config", str(path), env={"MIRRORD_PDIS__USERNAME": "me",
+                                                                    "MIRRORD_PDIS__PASSWORD": "pw"})
+    assert proc.returncode == 2, proc.stdout
+    assert "daemon.state_dir: cannot create /proc/nope" in proc.stderr
+    assert f"pdis.spool_dir: {tmp_path / 'a-file'} is not a directory" in proc.stderr
+    assert "fragalysis.mirror_root" not in proc.stderr  # inside the state directory, already reported
+    # Usable directories pass, and trying them leaves nothing behind.
+    path.write_text(path.read_text().replace("/proc/nope", str(tmp_path / "new" / "state"))
+                    .replace(str(tmp_path / "a-file" / "spool"), str(tmp_path / "spool")))
+    proc = check_config("check-config", "--config", str(path), env={"MIRRORD_PDIS__USERNAME": "me",
+                                                                    "MIRRORD_PDIS__PASSWORD": "pw"})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "c.toml"]
+
+
+# -- secrets under the shipped systemd unit (issue 21) ---------------------------------------------------
+UNIT = EXAMPLE.parent / "systemd" / "mirrord.service"
+
+
+def unit_credentials() -> dict[str, str]:
+    """The unit's (commented) LoadCredential= lines: credential name -> the file systemd reads."""
+    lines = [line.removeprefix("#") for line in UNIT.read_text().splitlines()]
+    return dict(line.removeprefix("LoadCredential=").split(":", 1) for line in lines
+                if line.startswith("LoadCredential="))
+
+
+def test_the_units_credentials_reach_every_secret_as_credential_names(tmp_path: Path) -> None:
+    """What the unit documents, simulated: systemd copies each LoadCredential= file into a private
+    $CREDENTIALS_DIRECTORY (mode 0400, the service user's), and `<key>_file = "credential:<name>"` reads it."""
+    from mirrord.config import SECRETS
+
+    named = unit_credentials()
+    assert 'password_file = "credential:pdis.password"' in UNIT.read_text()
+    assert set(named) == {f"{section}.{key}" for section, key in SECRETS}  # each secret, named <section>.<key>
+    assert all(source == f"/etc/mirrord/{name}" for name, source in named.items())
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name in named:
+        (credentials / name).write_text(f"secret-of-{name}\n")
+        (credentials / name).chmod(0o400)
+    config = tmp_path / "c.toml"
+    sections = {section: [f'{key}_file = "credential:{section}.{key}"' for s, key in SECRETS
+                          if s == section and f"{section}.{key}" in named] for section, _ in SECRETS}
+    sections["pdis"] += ["enabled = true", 'url = "https://pdis.lab/api"', 'username = "me"']
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n' + "".join(
+        f"[{section}]\n" + "\n".join(lines) + "\n" for section, lines in sections.items()))
+    loaded = load_config(config, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    for section, key in SECRETS:
+        if f"{section}.{key}" in named:
+            assert getattr(getattr(loaded, section), key).get_secret_value() == f"secret-of-{section}.{key}"
+    assert loaded.warnings == []
+    once_unit = (UNIT.parent / "mirrord-once.service").read_text()  # the same lines, but the web's
+    assert all(f"#LoadCredential={n}:{src}" in once_unit for n, src in named.items() if n != "web.token")
+    # check-config, as the operator runs it by hand (the unit's comment says how).
+    proc = check_config("check-config", "--config", str(config), env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert proc.returncode == 0, proc.stderr
+    assert "secret-of" not in proc.stdout + proc.stderr
+
+
+def test_a_credential_without_its_directory_or_file_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[pdis]\npassword_file = "credential:pdis.password"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env={})
+    assert err.value.problems == [
+        "pdis.password_file: 'credential:pdis.password' needs $CREDENTIALS_DIRECTORY, which systemd sets for a "
+        "unit with LoadCredential=pdis.password:<file>; it is not set here (to check by hand: "
+        "CREDENTIALS_DIRECTORY=<directory holding pdis.password> mirrord check-config)"]
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert err.value.problems == [f"pdis.password_file: credential pdis.password is not in $CREDENTIALS_DIRECTORY "
+                                  f"({tmp_path}): the unit needs LoadCredential=pdis.password:<file>"]
+    config.write_text('[pdis]\npassword_file = "credential:../etc/shadow"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert err.value.problems[0].startswith("pdis.password_file: 'credential:../etc/shadow': a credential's name")
+
+
+def test_an_empty_secret_file_says_so(tmp_path: Path) -> None:
+    """Not "pdis: no credentials", which sends the operator looking for a missing setting."""
+    secret = tmp_path / "pdis.password"
+    secret.write_text("\n")
+    secret.chmod(0o600)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[pdis]\nenabled = true\nusername = "me"\npassword_file = "{secret}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env={})
+    assert err.value.problems == [f"pdis.password_file is empty ({secret})"]
+
+
+# -- credentials over plain http (issue 21) --------------------------------------------------------------
+@pytest.mark.parametrize("url", ["http://pdis.lab/api/v1", "http://10.0.0.5:8000/api/v1"])
+def test_credentials_over_plain_http_to_another_machine_are_refused(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[pdis]\nenabled = true\nusername = "me"\nurl = "{url}"\n')
+    env = {"MIRRORD_PDIS__PASSWORD": "hunter2-in-clear"}
+    with pytest.raises(ConfigError) as err:
+        load_config(config, env=env)
+    host = url.split("/")[2].split(":")[0]
+    assert err.value.problems == [f"pdis.url: plain http to {host} would send pdis.password in clear; "
+                                  "use https://, or set pdis.allow_insecure_http = true"]
+    proc = check_config("check-config", "--config", str(config), env=env)
+    assert proc.returncode == 2 and "pdis.url: plain http" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stderr
+    # Said explicitly, it is allowed.
+    config.write_text(config.read_text() + "allow_insecure_http = true\n")
+    assert load_config(config, env=env).pdis.allow_insecure_http
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/api", "http://localhost/api", "http://[::1]:8000/api"])
+def test_plain_http_to_loopback_or_without_credentials_is_fine(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[pdis]\nenabled = true\nusername = "me"\nurl = "{url}"\n'
+                      '[designhub]\nurl = "http://designhub.lab"\n')  # disabled: sends nothing
+    load_config(config, env={"MIRRORD_PDIS__PASSWORD": "pw", "MIRRORD_DESIGNHUB__API_KEY": "k"})
+    config.write_text('[fragalysis]\nenabled = true\nurl = "http://fragalysis.lab"\n')  # public targets: no token
+    load_config(config, env={})
+
+
+def test_every_commented_setting_of_the_example_parses_once_uncommented(tmp_path: Path) -> None:
+    """A user uncomments a line of config.example.toml: it must load as it stands (secrets as credentials)."""
+    from mirrord.config import SECRETS
+
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for section, key in SECRETS:
+        (credentials / f"{section}.{key}").write_text("a-secret")
+    lines = EXAMPLE.read_text().splitlines()
+    body = next(i for i, line in enumerate(lines) if line.startswith("["))  # the header's examples are env
+    path, failures, tried = tmp_path / "c.toml", [], 0
+    for i in range(body, len(lines)):
+        setting = re.fullmatch(r"#\s*(\w+\s*=.*)", lines[i])
+        if not setting:
+            continue
+        tried += 1
+        path.write_text("\n".join([*lines[:i], setting.group(1), *lines[i + 1:]]))
+        try:
+            load_config(path, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+        except ConfigError as exc:
+            failures.append(f"line {i + 1} {lines[i]!r}: {exc.problems}")
+    assert failures == []
+    assert tried >= 20
+
+
+def test_an_unknown_key_or_section_suggests_the_nearest_valid_one(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[logging]\nlevel = "info"\n[daemon]\nretry_bse = "1m"\nzzzz = 1\n'
+                    '[pdis]\npasword_file = "x"\n[[fragalysis.targets]]\nname = "A"\ntas = "lb32627-66"\npdb_inf = true\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert sorted(err.value.problems) == [
+        "daemon.retry_bse: unknown key; did you mean retry_base?",
+        "daemon.zzzz: unknown key",  # nothing near it
+        "fragalysis.targets.0.pdb_inf: unknown key; did you mean pdb_info?",
+        "logging: unknown section; did you mean [log]?",
+        "pdis.pasword_file: unknown key; did you mean password_file?",
+    ]
 
 
 def test_an_empty_environment_value_is_an_empty_string_not_bad_json():

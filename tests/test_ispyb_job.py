@@ -151,11 +151,12 @@ async def test_short_lived_tokens_are_renewed_before_use(tmp_path, ispyb_emulato
     assert sum(d.state == "complete" for d in (await datasets(config)).values()) == 6
 
 
-async def test_refused_login_fails_the_poll_not_the_daemon(tmp_path, ispyb):
+async def test_refused_login_fails_the_start_not_the_daemon(tmp_path, ispyb):
+    """The login is the start's credential check (bounded by start_timeout, as every job's start)."""
     config = config_for(tmp_path, ispyb, password="wrong")
     outcome = await run(config)
     assert outcome.exit_code == 1  # no item failed, but the job did: `once` says so
-    assert [line for line in outcome.failed if line.startswith("job ispyb: AuthError")]
+    assert [line for line in outcome.failed if line.startswith("job ispyb: start failed: AuthError")]
     run_row = await last_run(config)
     assert run_row.outcome == "failed" and "AuthError" in run_row.error and "login refused" in run_row.error
     assert "wrong" not in run_row.error

@@ -12,10 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client.metrics import MetricWrapperBase
 
 from mirrord import metrics
 from mirrord.daemon import Mirrord
-from tests.conftest import make_config
+from tests.conftest import make_config, skip_unless_required
 from tests.fakejobs import use_job
 from tests.test_web import BrokenJob, get, metric_samples, seed, seed_decisions, serve
 
@@ -34,6 +35,60 @@ def used_names(text: str) -> set[str]:
     text = re.sub(r"\{[^{}]*\}", "", re.sub(r"\{[^{}]*\}", "", text))
     text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
     return set(re.findall(r"\bmirrord_[a-z_]+\b", text))
+
+
+def label_names() -> dict[str, set[str]]:
+    """Each metric family's own label names (what a series carries before the scrape adds job and instance)."""
+    return {m._name: set(m._labelnames) for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
+
+
+def family(series: str) -> str:
+    return next(f for f in label_names() if any(series == f + s for s in ("", "_total", "_bucket", "_sum", "_count")))
+
+
+SCRAPE_LABELS = {"job", "instance"}  # what Prometheus sets on every scraped series
+
+
+def test_own_labels_leave_the_scrape_labels_alone() -> None:
+    """A `job` label of mirrord's would become `exported_job` next to the scrape's `job="mirrord"`."""
+    for name, labels in label_names().items():
+        assert not labels & SCRAPE_LABELS, f"{name} has a label Prometheus sets itself: {labels & SCRAPE_LABELS}"
+
+
+def test_dashboard_groups_and_names_by_labels_mirrord_exports() -> None:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    targets = [t for panel in dashboard["panels"] for t in panel["targets"]]
+    grouped = {label.strip() for t in targets for by in re.findall(r"\bby \(([^)]*)\)", t["expr"])
+               for label in by.split(",")}
+    legends = {label for t in targets for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", ""))}
+    exported = set().union(*label_names().values()) | {"instance", "le"}  # le: a histogram's buckets
+    assert "mirrord_job" in grouped and "mirrord_job" in legends
+    assert grouped | legends <= exported, f"not labels of mirrord's series: {(grouped | legends) - exported}"
+
+
+def test_alert_unit_tests_feed_series_as_a_scrape_stores_them() -> None:
+    """prometheus-alerts.test.yml's mirrord_* series carry exactly mirrord's labels plus the scrape's."""
+    yaml = pytest.importorskip("yaml")
+    tests = yaml.safe_load((MONITORING / "prometheus-alerts.test.yml").read_text())["tests"]
+    checked = 0
+    for series in (s["series"] for t in tests for s in t["input_series"]):
+        name, labels = re.fullmatch(r"(\w+)\{(.*)\}", series).groups()
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        assert labels["job"] == "mirrord" and "instance" in labels, series
+        if name.startswith("mirrord_"):
+            assert set(labels) - SCRAPE_LABELS == label_names()[family(name)], series
+            checked += 1
+    assert checked >= 5
+
+
+def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        skip_unless_required("promtool is not installed (Debian: apt-get install prometheus)",
+                             "MIRRORD_REQUIRE_PROMTOOL")
+    for args in (["check", "rules", "prometheus-alerts.yml"], ["test", "rules", "prometheus-alerts.test.yml"]):
+        proc = subprocess.run([promtool, *args], cwd=MONITORING, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_dashboard_and_alerts_use_only_exported_metrics() -> None:
@@ -67,8 +122,8 @@ async def test_the_gauges_the_alerts_read_move(tmp_path: Path, monkeypatch: pyte
         finally:
             await server.stop()
     samples = metric_samples(text)
-    assert samples[("mirrord_job_failing", (("job", "fragalysis"),))] == 1
-    assert samples[("mirrord_job_interval_seconds", (("job", "fragalysis"),))] == 120
+    assert samples[("mirrord_job_failing", (("mirrord_job", "fragalysis"),))] == 1
+    assert samples[("mirrord_job_interval_seconds", (("mirrord_job", "fragalysis"),))] == 120
     # seed(): the needs_attention deposition changed 2 minutes ago (test_web.ago(2)).
     age = samples[("mirrord_oldest_item_age_seconds", (("kind", "deposition"), ("state", "needs_attention")))]
     assert 100 < age < 600

@@ -17,12 +17,18 @@ UNITS = Path(__file__).resolve().parents[1] / "systemd"
 def test_units_verify(tmp_path: Path) -> None:
     # The units name the installed console script; point them at this environment's for the check.
     mirrord = Path(sys.executable).with_name("mirrord")
-    for unit in UNITS.iterdir():
-        (tmp_path / unit.name).write_text(unit.read_text().replace("/usr/local/bin/mirrord", str(mirrord)))
-    proc = subprocess.run(["systemd-analyze", "verify", *sorted(str(p) for p in tmp_path.iterdir())],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip() == "", proc.stderr
+    # As shipped, and with the optional lines an operator uncomments (credentials, writable paths).
+    optional = re.compile(r"^#(?=(LoadCredential|ReadWritePaths)=)", re.M)
+    for variant, edit in (("shipped", lambda text: text), ("uncommented", lambda text: optional.sub("", text))):
+        (tmp_path / variant).mkdir()
+        for unit in UNITS.iterdir():
+            text = edit(unit.read_text().replace("/usr/local/bin/mirrord", str(mirrord)))
+            (tmp_path / variant / unit.name).write_text(text)
+        proc = subprocess.run(["systemd-analyze", "verify", *sorted(str(p) for p in (tmp_path / variant).iterdir())],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, (variant, proc.stderr)
+        assert proc.stderr.strip() == "", (variant, proc.stderr)
+    assert "LoadCredential=pdis.password:" in (tmp_path / "uncommented" / "mirrord.service").read_text()
 
 
 def test_units_have_the_essentials() -> None:
@@ -32,6 +38,13 @@ def test_units_have_the_essentials() -> None:
         assert line in service
     assert "Persistent=true" in (UNITS / "mirrord-once.timer").read_text()
     assert "Conflicts=mirrord.service" in (UNITS / "mirrord-once.service").read_text()
+
+
+def test_the_daemon_unit_does_not_restart_on_a_configuration_error() -> None:
+    """A bad setting (an unusable state directory, say) exits 2: restarting would only loop."""
+    from mirrord.cli import EXIT_CONFIG
+
+    assert f"RestartPreventExitStatus={EXIT_CONFIG}" in (UNITS / "mirrord.service").read_text()
 
 
 def test_once_unit_takes_needs_attention_as_a_finished_run() -> None:

@@ -195,10 +195,10 @@ async def test_readyz_ready_after_success_and_metrics_parse(tmp_path: Path,
             status, ctype, text = await get(f"{url}/metrics")
             assert status == 200 and ctype.startswith("text/plain")
             samples = metric_samples(text)
-            assert samples[("mirrord_job_runs_total", (("job", "fragalysis"), ("outcome", "ok")))] >= 1
-            assert samples[("mirrord_job_polls_total", (("job", "fragalysis"),))] >= 1
-            assert samples[("mirrord_job_items_total", (("counter", "widgets"), ("job", "fragalysis")))] >= 3
-            last = samples[("mirrord_job_last_success_timestamp_seconds", (("job", "fragalysis"),))]
+            assert samples[("mirrord_job_runs_total", (("mirrord_job", "fragalysis"), ("outcome", "ok")))] >= 1
+            assert samples[("mirrord_job_polls_total", (("mirrord_job", "fragalysis"),))] >= 1
+            assert samples[("mirrord_job_items_total", (("counter", "widgets"), ("mirrord_job", "fragalysis")))] >= 3
+            last = samples[("mirrord_job_last_success_timestamp_seconds", (("mirrord_job", "fragalysis"),))]
             assert abs(last - utcnow().timestamp()) < 60
             assert samples[("mirrord_items", (("kind", "deposition"), ("state", "published")))] == 1
             names = {family.name for family in text_string_to_metric_families(text)}

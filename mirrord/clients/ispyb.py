@@ -272,6 +272,11 @@ class IspybClient(UpstreamClient):
             return True  # an opaque token: we learn it expired from a 401
         return self._clock() < self._jwt_expires - self.refresh_margin
 
+    async def sign_in(self) -> None:
+        """Log in unless a fresh token is held: a job's start proves the credentials, within its timeout."""
+        if not self._token_fresh():
+            await self._login(self._jwt)
+
     async def _login(self, stale: str | None) -> str:
         """Log in unless another task already replaced the `stale` token; return the token to use."""
         async with self._login_lock:

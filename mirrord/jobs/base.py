@@ -16,7 +16,7 @@ import structlog
 
 from mirrord.config import Config
 from mirrord.store import Store, decisions
-from mirrord.store.items import backoff, claim, clear_retries, heartbeat, item_kind, move
+from mirrord.store.items import backoff, claim, clear_retries, heartbeat, item_kind, move, release_these
 from mirrord.store.models import FAILED_STATES, WorkItem, utcnow
 
 
@@ -75,6 +75,7 @@ class Job:
         self.config = ctx.config
         self.store = ctx.store
         self.log = structlog.get_logger(f"mirrord.jobs.{self.name}")
+        self._claimed: dict[type[WorkItem], set[int]] = {}  # since the last release_leftovers
 
     async def start(self) -> None:
         """Open clients and check credentials. Called once before the first run."""
@@ -103,8 +104,22 @@ class Job:
                     extra: tuple = ()) -> list[Any]:
         if self.ctx.stopping.is_set():
             return []
-        return await claim(self.store, model, states, owner=self.ctx.instance, lease=self.lease,
-                           limit=limit, extra=extra)
+        items = await claim(self.store, model, states, owner=self.ctx.instance, lease=self.lease,
+                            limit=limit, extra=extra)
+        if items:
+            self._claimed.setdefault(model, set()).update(item.id for item in items)
+        return items
+
+    async def release_leftovers(self) -> int:
+        """After a run: release what it claimed and still holds, so that item resumes at the next run
+        rather than when its lease runs out. A step normally releases its item; one that could not record
+        its outcome (the database went away mid-step) leaves it leased. Raises if the database is still
+        away; the ids are kept for the next try."""
+        released = 0
+        for model in list(self._claimed):
+            released += await release_these(self.store, model, self._claimed[model], self.ctx.instance)
+            del self._claimed[model]
+        return released
 
     async def transition(self, model: type[WorkItem], item_id: int, to_state: str, reason: str = "", /,
                          *, release: bool = True, **values: Any) -> Any:

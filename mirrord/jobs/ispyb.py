@@ -182,6 +182,9 @@ class IspybJob(Job):
 
     async def start(self) -> None:
         self.client = make_client(self.section)
+        # As every job's start: the credentials are proved here, within daemon.start_timeout, so a silent
+        # ISPyB fails the start like any other upstream instead of holding the first poll for minutes.
+        await self.client.sign_in()
 
     async def close(self) -> None:
         if self.client is not None:

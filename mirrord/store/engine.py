@@ -13,9 +13,13 @@ from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 BUSY_TIMEOUT_MS = 30_000
+# What a database that went away raises (a restart, a network cut): the driver's errors, and a refused
+# or reset connection, which asyncpg raises as it is.
+UNREACHABLE = (DBAPIError, OSError)
 
 
 def _sqlite_pragmas(engine: AsyncEngine) -> None:

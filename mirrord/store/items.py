@@ -101,6 +101,11 @@ async def release_mine(store: Store, model: type[WorkItem], owner: str) -> int:
     return await _release(store, model, model.lease_owner == owner)
 
 
+async def release_these(store: Store, model: type[WorkItem], ids: Iterable[int], owner: str) -> int:
+    """Hand back our leases on these items (a run is over: nothing of ours works on them any more)."""
+    return await _release(store, model, (model.lease_owner == owner) & model.id.in_(list(ids)))
+
+
 async def release_all(store: Store, model: type[WorkItem]) -> int:
     """At start on SQLite: the instance lock proves no other process holds a lease."""
     return await _release(store, model, model.lease_owner.is_not(None))

@@ -223,14 +223,16 @@ async def _short_scans(session: AsyncSession) -> list[dict[str, Any]]:
 
 
 def _jobs_from_health(health: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"job": name, "state": _job_state(h.failing_since, h.started), "last_success": _iso(h.last_success),
+    # Never ok before a first success: a start that passed says nothing of a first poll stuck on an upstream.
+    return [{"job": name, "state": _job_state(h.failing_since, h.last_success is not None),
+             "last_success": _iso(h.last_success),
              "failing_since": _iso(h.failing_since), "error": _text(h.last_error),
              "consecutive_failures": h.consecutive_failures}
             for name, h in health.items()]
 
 
-def _job_state(failing_since: Any, started: bool = True) -> str:
-    return "failing" if failing_since else "ok" if started else "starting"
+def _job_state(failing_since: Any, succeeded: bool = True) -> str:
+    return "failing" if failing_since else "ok" if succeeded else "starting"
 
 
 async def _jobs_from_runs(session: AsyncSession) -> list[dict[str, Any]]:

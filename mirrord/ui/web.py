@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -26,6 +25,7 @@ from sqlalchemy import text
 
 from mirrord import __version__, metrics
 from mirrord.clients.errors import UpstreamError
+from mirrord.config import is_loopback
 from mirrord.store.models import Annotation, Experiment, utcnow
 from mirrord.ui import page
 from mirrord.ui.summary import refresh_item_gauges, summary
@@ -156,11 +156,8 @@ async def readiness(app_state: Mirrord, uptime: float) -> list[str]:
         if health.failing_since is not None:
             problems.append(f"{name}: failing since {health.failing_since.isoformat(timespec='seconds')}: "
                             f"{health.last_error}")
-        elif not health.started:
-            problems.append(f"{name}: starting")
-        elif health.last_success is None:
-            if uptime > window:
-                problems.append(f"{name}: no successful run since start")
+        elif health.last_success is None:  # a start that passed is no success yet
+            problems.append(f"{name}: no successful run since start" if uptime > window else f"{name}: starting")
         elif (now - health.last_success).total_seconds() > window:
             problems.append(f"{name}: last success {health.last_success.isoformat()} (no run since)")
     return problems
@@ -357,7 +354,7 @@ class WebServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
-        if not _is_loopback(self.host) and not self.app.get(TOKEN_KEY):
+        if not is_loopback(self.host) and not self.app.get(TOKEN_KEY):
             log.warning("web.unprotected", listen=self.host,
                         problem="listening beyond loopback without [web] token: anyone who can reach "
                                 "this port reads the status page")
@@ -371,12 +368,3 @@ class WebServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
