@@ -57,6 +57,20 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
+def _one_line_exceptions(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """On a console below debug level, a failure is one line: the exception's type and message, no traceback
+    (`--log-level debug` shows it)."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info:
+        if exc_info is True:
+            exc_info = sys.exc_info()
+        elif isinstance(exc_info, BaseException):
+            exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+        if exc_info[0] is not None:
+            event.setdefault("error", f"{exc_info[0].__name__}: {exc_info[1]}")
+    return event
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     stream = stream or sys.stderr
@@ -70,13 +84,17 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         _redact_event,
     ]
     if fmt == "console":
-        renderer: Any = structlog.dev.ConsoleRenderer(colors=stream.isatty() if hasattr(stream, "isatty") else False)
+        # Plain tracebacks, never rich's with every local (a config object is hundreds of lines).
+        renderer: Any = structlog.dev.ConsoleRenderer(colors=stream.isatty() if hasattr(stream, "isatty") else False,
+                                                      exception_formatter=structlog.dev.plain_traceback)
     else:
         renderer = structlog.processors.JSONRenderer()
+    brief = fmt == "console" and level.lower() != "debug"
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *([_one_line_exceptions] if brief else []),
             structlog.processors.format_exc_info if fmt != "console" else (lambda _l, _n, e: e),
             _RedactingRenderer(renderer, journald=fmt == "journald"),
         ],

@@ -326,3 +326,13 @@ def test_quick_commands_run_without_the_cyclic_collector_and_give_it_back(monkey
     assert main([command]) == 0
     assert seen == [collecting]
     assert gc.isenabled()  # a caller in the same process gets it back
+
+
+def test_status_piped_keeps_each_row_whole(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped or redirected, `status` wrapped at 80 columns and cut states to `needs_attent…`: a script
+    or `grep` could not read it. Now each row is one line, its state and reason whole."""
+    assert main(["-c", str(seeded), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    row = next(line for line in out.splitlines() if line.startswith("│ deposition 2 "))
+    assert "needs_attention" in row and "PDIS status header_not_readable" in row and "What you can do:" in row

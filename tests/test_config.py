@@ -456,3 +456,27 @@ def test_an_empty_environment_value_is_an_empty_string_not_bad_json():
                                     "MIRRORD_PDIS__PASSWORD": ""})
     assert missing_credentials(config) == ["pdis: no credentials: set pdis.username and pdis.password_file "
                                            "(or MIRRORD_PDIS__PASSWORD)"]
+
+
+def test_a_console_logs_a_failure_in_one_line_and_a_traceback_only_at_debug_level():
+    """An upstream connection error printed a rich traceback of hundreds of lines, the whole config among
+    its locals; below debug level the console gets the exception's type and message on the event's line."""
+    import io
+
+    import structlog
+
+    def failing(level: str) -> str:
+        stream = io.StringIO()
+        logsetup.configure(level, "console", stream=stream)
+        try:
+            raise ConnectionError("cannot reach ispyb.example.org:443")
+        except ConnectionError:
+            structlog.get_logger("mirrord.test").exception("job.failing", job="ispyb")
+        return stream.getvalue()
+
+    info = failing("info")
+    assert len(info.strip().splitlines()) == 1, info
+    assert "job.failing" in info and "ConnectionError: cannot reach ispyb.example.org:443" in info
+    debug = failing("debug")
+    assert "Traceback (most recent call last)" in debug and "raise ConnectionError" in debug
+    assert "╭" not in debug and "locals" not in debug  # plain, not rich's boxes with every local

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,12 @@ from mirrord.ui.summary import DONE_STATES, PROBLEM_STATES
 if TYPE_CHECKING:
     from mirrord.ui.actions import CheckResult, Lineage
 
+
+
+def _console() -> Console:
+    """The terminal's width on a terminal; piped or redirected, no width at all: a line per row, whole,
+    never wrapped at 80 columns nor a state cut to `needs_attent…` (a script or `grep` reads it)."""
+    return Console() if sys.stdout.isatty() else Console(width=100_000, soft_wrap=True)
 
 
 def _state(state: str | None) -> str:
@@ -48,7 +55,7 @@ def _t(iso: str | None) -> str:
 
 
 def print_status(data: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     if data.get("note"):
         console.print(escape(data["note"]))
         return
@@ -91,7 +98,7 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
 
 
 def print_lineage(lineage: Lineage, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     console.print(f"[bold]{escape(lineage.title)}[/bold]" + (f"  {_state(lineage.state)}" if lineage.state else ""))
     for section in lineage.sections:
         table = _table(section.title, ("", ""), section.facts, show_header=False)
@@ -103,7 +110,7 @@ def print_lineage(lineage: Lineage, console: Console | None = None) -> None:
 
 def print_checks(results: list[CheckResult], console: Console | None = None) -> None:
     """One line per upstream, so the output reads well in a terminal and in a log."""
-    console = console or Console()
+    console = console or _console()
     if not results:
         console.print("no upstream is enabled: nothing to check")
     width = max((len(r.upstream) for r in results), default=0)
@@ -114,7 +121,7 @@ def print_checks(results: list[CheckResult], console: Console | None = None) -> 
 
 def print_decisions(rows: list[dict[str, Any]], console: Console | None = None, *,
                     title: str = "Decisions") -> None:
-    console = console or Console()
+    console = console or _console()
     if not rows:
         console.print("no decisions recorded")
         return
