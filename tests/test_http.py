@@ -120,3 +120,19 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # in the past
     assert parse_retry_after("soon") is None
+
+
+def test_an_html_error_page_is_its_status_and_a_trimmed_text():
+    """A proxy's 502 page or Django's 500 page was shown as the first 300 characters of its markup."""
+    from mirrord.clients.http import error_for_status
+
+    page = ("<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title><style>body{color:red}</style></head>"
+            "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx/1.25.3</center>"
+            + "<p>padding</p>" * 200 + "</body></html>")
+    error = error_for_status("pdis", 502, "https://pdis.example/api/v1/upload/", page,
+                             {"Content-Type": "text/html; charset=utf-8"})
+    assert str(error).startswith("pdis: server error (HTTP 502) at https://pdis.example/api/v1/upload/ - "
+                                 "502 Bad Gateway: 502 Bad Gateway nginx/1.25.3 padding")
+    assert "<" not in str(error) and "color:red" not in str(error) and len(error.detail) <= 300
+    plain = error_for_status("pdis", 400, "https://pdis.example/", '{"detail": "bad md5"}', {})
+    assert plain.detail == '{"detail": "bad md5"}'

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import html
 import json
 import os
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -128,9 +130,25 @@ async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
     return bytes(body)
 
 
+_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.S | re.I)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.S | re.I)
+
+
+def brief_body(body: str, headers: Mapping[str, str], limit: int = 300) -> str:
+    """An error answer's body as a person reads it: an HTML page (a proxy's 502, Django's debug page) is
+    its title and text, never its markup; anything is cut to `limit` characters."""
+    text = body.strip()
+    if "html" in headers.get("Content-Type", "").lower() or text[:20].lower().startswith(("<!doctype", "<html")):
+        title = _TITLE.search(text)
+        words = " ".join(html.unescape(_TAG.sub(" ", text)).split())
+        heading = " ".join(html.unescape(title.group(1)).split()) if title else ""
+        text = f"{heading}: {words.removeprefix(heading).strip()}" if heading else words
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def error_for_status(service: str, status: int, url: str, body: str, headers: Mapping[str, str]) -> UpstreamError:
     """Map an HTTP failure to the typed error jobs act on."""
-    detail = redact(body.strip()[:300])
+    detail = redact(brief_body(body, headers))
     url = redact(url)
     if status == 429:
         return TransientError(service, "rate limited", status=status, url=url, detail=detail,
