@@ -336,3 +336,23 @@ def test_status_piped_keeps_each_row_whole(seeded: Path, capsys: pytest.CaptureF
     assert "…" not in out
     row = next(line for line in out.splitlines() if line.startswith("│ deposition 2 "))
     assert "needs_attention" in row and "PDIS status header_not_readable" in row and "What you can do:" in row
+
+
+def test_alike_runs_are_shown_once_with_their_count() -> None:
+    """A quiet daemon's ticks filled "Recent job runs" with identical rows; a change of outcome or error
+    starts a new row."""
+    from mirrord.ui.page import render_lineage
+    from mirrord.ui.summary import collapsed_runs
+
+    def tick(minute: int, outcome: str = "ok", error: str = "") -> dict:
+        return {"job": "ispyb", "instance": "h:1", "outcome": outcome, "counters": {"polls": 1}, "error": error,
+                "started_at": f"2026-12-07T10:{minute:02d}:00+00:00"}
+
+    rows = collapsed_runs([tick(50), tick(40), tick(30), tick(20, "failed", "down"), tick(10, "failed", "down"),
+                           tick(0)])
+    assert [(r["outcome"], r["repeats"], r["started_at"][11:16], r["since"][11:16]) for r in rows] == [
+        ("ok", 3, "10:50", "10:30"), ("failed", 2, "10:20", "10:10"), ("ok", 1, "10:00", "10:00")]
+    from mirrord.ui.actions import Lineage, Section
+
+    page = render_lineage(Lineage("dataset", 1, "dataset 1", "complete", [Section("facts", [("state", "x")])], []))
+    assert "<table" in page and "<thead><tr><th></th>" not in page  # no empty header bar on key/value tables

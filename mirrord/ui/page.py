@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mirrord.ui.summary import DONE_STATES, PROBLEM_STATES
+from mirrord.ui.summary import DONE_STATES, PROBLEM_STATES, collapsed_runs
 
 if TYPE_CHECKING:
     from mirrord.ui.actions import Lineage
@@ -132,10 +132,16 @@ class _Raw(str):
 def _table(headers: list[str], rows: list[list[Any]], empty: str = "none", css: str = "") -> str:
     if not rows:
         return f'<p class="none">{_esc(empty)}</p>'
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    # A key/value table (headers all blank) has no header row: it would show as an empty grey bar.
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers) if any(headers) else ""
     body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _esc(c)}</td>" for c in row) + "</tr>"
                    for row in rows)
-    return f'<table class="{_esc(css)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f'<table class="{_esc(css)}">{thead}<tbody>{body}</tbody></table>'
+
+
+def _repeats(run: Mapping[str, Any]) -> str:
+    return f"{run['repeats']} alike since {_clock(run['since'])}" if run["repeats"] > 1 else "1"
 
 
 def _counters(counters: Mapping[str, Any] | None) -> str:
@@ -291,9 +297,10 @@ def render_html(data: dict[str, Any], about: About | None = None) -> str:
             ["kind", "state", "count"],
             [[kind, state(s), n] for kind, states in data["items"].items() for s, n in states.items()]),
         '<h2 id="runs">Recent job runs</h2>' + _table(
-            ["job", "instance", "started", "outcome", "counters", "error"],
-            [[r["job"], r["instance"], when(r["started_at"]), state(r["outcome"]), _counters(r["counters"]),
-              _error_cell(r["error"], "run", None)] for r in data["runs"]], empty="no runs yet"),
+            ["job", "instance", "started", "outcome", "runs", "counters", "error"],
+            [[r["job"], r["instance"], when(r["started_at"]), state(r["outcome"]), _repeats(r),
+              _counters(r["counters"]), _error_cell(r["error"], "run", None)] for r in collapsed_runs(data["runs"])],
+            empty="no runs yet"),
         '<h2 id="events">Recent events</h2>' + _table(
             ["when", "item", "from", "to", "reason", "instance"],
             [[when(e["at"]), _event_item(e["item"]), e["from"], state(e["to"]), _error_cell(e["reason"], "", None),

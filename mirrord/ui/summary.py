@@ -266,6 +266,20 @@ async def _runs(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
              "counters": r.counters, "error": _text(r.error)} for r in runs]
 
 
+def collapsed_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Recent runs, newest first, with a run of alike ones (same job, instance, outcome, counters and error:
+    a quiet daemon's ticks) shown once, its `repeats` counted and `since` its oldest start."""
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        last = rows[-1] if rows else None
+        if last is not None and all(last[k] == run[k] for k in ("job", "instance", "outcome", "counters", "error")):
+            last["repeats"] += 1
+            last["since"] = run["started_at"]
+        else:
+            rows.append({**run, "repeats": 1, "since": run["started_at"]})
+    return rows
+
+
 async def _events(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
     events = (await session.scalars(select(Event).order_by(desc(Event.id)).limit(limit))).all()
     return [{"at": _iso(e.at), "item": f"{e.item_type} {e.item_id}", "from": e.from_state, "to": e.to_state,

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mirrord.ui.summary import DONE_STATES, PROBLEM_STATES
+from mirrord.ui.summary import DONE_STATES, PROBLEM_STATES, collapsed_runs
 
 if TYPE_CHECKING:
     from mirrord.ui.actions import CheckResult, Lineage
@@ -92,9 +92,10 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         console.print(_table("Failing jobs", ("job", "since", "error", "last success"),
                              [(j["job"], _t(j["failing_since"]), j["error"], _t(j["last_success"])) for j in failing],
                              title_style="bold red"))
-    console.print(_table("Recent job runs", ("job", "instance", "started", "outcome", "error"),
-                         [(r["job"], r["instance"], _t(r["started_at"]), _s(r["outcome"]), r["error"])
-                          for r in data["runs"][:10]]))
+    console.print(_table("Recent job runs", ("job", "instance", "started", "outcome", "runs", "error"),
+                         [(r["job"], r["instance"], _t(r["started_at"]), _s(r["outcome"]),
+                           f"{r['repeats']} alike since {_t(r['since'])}" if r["repeats"] > 1 else "1", r["error"])
+                          for r in collapsed_runs(data["runs"])[:10]]))
 
 
 def print_lineage(lineage: Lineage, console: Console | None = None) -> None:
