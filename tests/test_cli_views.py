@@ -356,3 +356,21 @@ def test_alike_runs_are_shown_once_with_their_count() -> None:
 
     page = render_lineage(Lineage("dataset", 1, "dataset 1", "complete", [Section("facts", [("state", "x")])], []))
     assert "<table" in page and "<thead><tr><th></th>" not in page  # no empty header bar on key/value tables
+
+
+async def test_check_finds_the_synchrotron_by_either_name_and_warns_of_unknown_beamlines(bundle: Path) -> None:
+    """"Diamond Light Source" (PDIS's full name) was not matched, so every deposit without a PDB code fell
+    back silently to free-text equipment; a beamline PDIS does not list now gets a warning."""
+    from mirrord.config import PdisSection
+    from mirrord.emulators.pdis import EQUIPMENT
+    from mirrord.jobs.deposit_policy import resolve_equipment
+
+    env = {"MIRRORD_PDIS__SYNCHROTRON": "diamond light source", "MIRRORD_PDIS__INCLUDE_BEAMLINES": '["i04-1", "b99"]'}
+    [pdis] = [r for r in await check_upstreams(load_config(bundle, env=env)) if r.upstream == "pdis"]
+    assert pdis.ok and "warning: beamline(s) b99 not in PDIS's equipment for diamond light source" in pdis.detail
+    from mirrord.clients.pdis import parse_equipment
+
+    synchrotrons = parse_equipment([{**s, "beamlines": [{"fullname": None, "url": None, **b} for b in s["beamlines"]]}
+                                    for s in EQUIPMENT])
+    found = resolve_equipment("i04-1", PdisSection(synchrotron="Diamond Light Source"), synchrotrons)
+    assert found.synchrotron_id == 12 and found.beamline_id is not None and found.other is None

@@ -74,6 +74,11 @@ class Synchrotron:
     url: str | None = None
     beamlines: list[Beamline] = field(default_factory=list)
 
+    def named(self, name: str) -> bool:
+        """Is `name` this synchrotron, by its short or its full name (any case)?"""
+        wanted = name.strip().lower()
+        return wanted in {self.short.lower(), (self.fullname or "").lower()} and bool(wanted)
+
     def beamline(self, short: str) -> Beamline | None:
         """Case-insensitive: ISPyB says "i04-1" where PDIS says "I04-1"."""
         wanted = short.strip().lower()
@@ -421,7 +426,7 @@ class PdisClient(UpstreamClient):
                             ) -> tuple[Synchrotron, Beamline] | None:
         """The PDIS ids for a beamline name such as ISPyB's "i04-1" (names compared case-insensitively)."""
         for sync in await self.equipment():
-            if synchrotron is not None and sync.short.lower() != synchrotron.lower():
+            if synchrotron is not None and not sync.named(synchrotron):
                 continue
             if (found := sync.beamline(beamline)) is not None:
                 return sync, found

@@ -245,7 +245,7 @@ def resolve_equipment(beamline: str | None, section: PdisSection, equipment: Ite
     if (override := overrides.get(name.lower())) is not None:
         return Equipment(override.synchrotron_id, override.beamline_id)
     for sync in equipment:
-        if sync.short.lower() == section.synchrotron.lower() and (line := sync.beamline(name)) is not None:
+        if sync.named(section.synchrotron) and (line := sync.beamline(name)) is not None:
             return Equipment(sync.id, line.id)
     return Equipment(other=f"{section.synchrotron} {name}".strip())
 

@@ -452,11 +452,16 @@ async def _check_pdis(config: Config) -> tuple[bool, str]:
         async with PdisClient(section.url, username=section.username, password=password,
                               token_file=Path(scratch) / "pdis.token", http=CHECK_HTTP) as client:
             synchrotrons = await client.equipment()
-    ours = next((s for s in synchrotrons if s.short.lower() == section.synchrotron.lower()), None)
+    ours = next((s for s in synchrotrons if s.named(section.synchrotron)), None)
     if ours is None and not section.equipment:
         known = ", ".join(s.short for s in synchrotrons) or "none"
         return False, f"token accepted, but synchrotron {section.synchrotron!r} is not in PDIS (known: {known})"
-    return True, f"token accepted for {section.username}; {len(synchrotrons)} synchrotron(s) listed"
+    unknown = [b for b in section.include_beamlines if ours is None or ours.beamline(b) is None]
+    unknown = [b for b in unknown if b.lower() not in {k.lower() for k in section.equipment}]
+    note = (f"; warning: beamline(s) {', '.join(unknown)} not in PDIS's equipment for {section.synchrotron} "
+            "(their deposits without a PDB code would name it in free text): add them to [pdis.equipment]"
+            if unknown else "")
+    return True, f"token accepted for {section.username}; {len(synchrotrons)} synchrotron(s) listed{note}"
 
 
 async def _check_designhub(config: Config) -> tuple[bool, str]:
