@@ -201,6 +201,12 @@ def cmd_db(args: argparse.Namespace) -> int:
                 current = await migrate.current_revision(store)
                 head = migrate.head_revision()
                 print(f"{current or 'empty'} (head: {head}{', up to date' if current == head else ''})")
+            elif args.db_command == "prune":
+                from mirrord.store.retention import prune
+
+                done = await prune(store, config.daemon)
+                print(f"pruned {done.events} event(s), {done.runs} job run(s), {done.ticks} tick(s) "
+                      f"(keep_events {config.daemon.keep_events:g} s, keep_runs {config.daemon.keep_runs:g} s)")
             elif args.db_command == "revision":
                 await migrate.autogenerate(store, args.message)
         return EXIT_OK
@@ -401,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="migrate the schema to the newest revision",
                       description="Migrate the schema to the newest revision (creates the database if needed).")
     db_sub.add_parser("current", help="show the schema revision", description="Show the schema revision.")
+    db_sub.add_parser("prune", help="prune old events and job runs now ([daemon] keep_events, keep_runs)",
+                      description="Delete events older than [daemon] keep_events and job runs older than "
+                      "keep_runs now, in small batches; items, decisions and the audit trail are kept.")
     rev = db_sub.add_parser("revision", help="(developers) autogenerate a migration from the models",
                             description="(developers) Autogenerate a migration from the models.")
     rev.add_argument("-m", "--message", required=True, help="the migration's one-line description")
