@@ -7,7 +7,8 @@ and a demo-sized one (22 collections) made by the same generator. Depositions ar
 own decision pass over each store, then given their states: the bulk rest (published, not deposited,
 needs a person, ...), a handful are in flight (queued, packing, ..., pending), as at any moment of a
 real year: in-flight rows are what is moving now, which does not grow with the years. Every row's
-time lies in the past year, more than a day ago.
+time lies in the past year, more than a day ago; then retention prunes as a daemon would have (job
+runs older than 30 days).
 
 Then each figure is measured on both stores, alternating which goes first, `--repeat` times; the
 ratio year/demo of each pair is the growth (a flat system stays near 1), its median is the figure:
@@ -65,6 +66,7 @@ from mirrord.store.models import (  # noqa: E402
     Upload,
 )
 from mirrord.store.models import Session as SessionRow  # noqa: E402
+from mirrord.store.retention import prune  # noqa: E402
 
 YEAR = {"proposals": 40, "sessions": 12_000, "datasets": 250_000, "experiments": 30_000, "uploads": 5_000,
         "annotations": 50_000, "events": 3_000_000, "runs": 36_000}
@@ -213,11 +215,16 @@ async def build(url: str, n: dict[str, int], seed: int = 7) -> dict[str, Any]:
          dt.timedelta(seconds=5), "outcome": "failed" if r % 50 == 0 else "ok", "polled": True,
          "counters": {"considered": 3}, "error": "upstream down" if r % 50 == 0 else None}
         for r in range(n["runs"])])
+    # A daemon ran all year: retention kept 30 days of job runs (and every event: none is 400 days old).
+    t0 = time.perf_counter()
+    pruned = await prune(store, decide_config(Path(tempfile.gettempdir()), url).daemon)
+    prune_seconds = time.perf_counter() - t0
     async with store.read() as session:
         made = {model.__tablename__: await session.scalar(select(func.count()).select_from(model))
                 for model in (SessionRow, Dataset, Deposition, Experiment, Upload, Annotation, Event, JobRun)}
     await store.close()
-    return {"rows": made, "build_seconds": round(time.perf_counter() - started, 1)}
+    return {"rows": made, "build_seconds": round(time.perf_counter() - started, 1),
+            "pruned_runs": pruned.runs, "prune_seconds": round(prune_seconds, 2)}
 
 
 def decide_config(state: Path, url: str) -> Config:
