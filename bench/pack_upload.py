@@ -105,13 +105,13 @@ def diffraction_cbf(index: int) -> bytes:
         return Path(out.name).read_bytes()
 
 
-def generate(root: Path, total_bytes: int, pixels: str = "random") -> None:
+def generate(root: Path, total_bytes: int, pixels: str = "random", file_bytes: int = FILE_BYTES) -> None:
     """Two halves of `total_bytes` each (`a/` and `b/`), each split in PARTS directories; skipped if present."""
-    marker = root / f".complete-v2-{total_bytes}-{pixels}"  # v2: frames with a binary start
+    marker = root / f".complete-v2-{total_bytes}-{pixels}-{file_bytes}"  # v2: frames with a binary start
     if marker.exists():
         return
     shutil.rmtree(root, ignore_errors=True)
-    per_part = max(1, total_bytes // PARTS // FILE_BYTES)
+    per_part = max(1, total_bytes // PARTS // file_bytes)
     index = 0
     for half in ("a", "b"):
         for part in range(PARTS):
@@ -119,7 +119,7 @@ def generate(root: Path, total_bytes: int, pixels: str = "random") -> None:
             directory.mkdir(parents=True, exist_ok=True)
             for _ in range(per_part):
                 index += 1
-                frame = diffraction_cbf(index) if pixels == "diffraction" else cbf_bytes(index, FILE_BYTES, pixels)
+                frame = diffraction_cbf(index) if pixels == "diffraction" else cbf_bytes(index, file_bytes, pixels)
                 (directory / f"bench_{index:05d}.cbf").write_bytes(frame)
     marker.write_text("")
 
@@ -412,6 +412,9 @@ def main() -> int:
     parser.add_argument("--pixels", choices=["random", "counts", "diffraction"], default="random",
                         help="incompressible pixels (worst case), count-like ones zstd halves, or real "
                              "byte-offset CBF frames of a simulated diffraction pattern")
+    parser.add_argument("--frame-bytes", type=int, default=FILE_BYTES,
+                        help="bytes per frame file (small ones: a 3,600-frame dataset, where the file count "
+                             "is the point; --size 0.055 --frame-bytes 16384)")
     parser.add_argument("--only", nargs="+", choices=["pack", "upload", "e2e"], default=["pack", "upload", "e2e"])
     parser.add_argument("--profile", action="store_true", help="one more pack run, profiled (not timed)")
     opts = parser.parse_args()
@@ -427,7 +430,7 @@ def main() -> int:
 def run_bench(work: Path, opts: argparse.Namespace) -> int:
     root = work / "data"
     started = time.perf_counter()
-    generate(root, int(opts.size * 1024**3), opts.pixels)
+    generate(root, int(opts.size * 1024**3), opts.pixels, opts.frame_bytes)
     print(f"dataset: {opts.size:g} GB of {opts.pixels} pixels ({time.perf_counter() - started:.0f} s to generate "
           f"or check); {opts.repeat} paired runs per figure")
     spool = work / "spool"

@@ -241,6 +241,12 @@ def cmd_db(args: argparse.Namespace) -> int:
                 current = await migrate.current_revision(store)
                 head = migrate.head_revision()
                 print(f"{current or 'empty'} (head: {head}{', up to date' if current == head else ''})")
+            elif args.db_command == "prune":
+                from mirrord.store.retention import prune
+
+                done = await prune(store, config.daemon)
+                print(f"pruned {done.events} event(s), {done.runs} job run(s), {done.ticks} tick(s) "
+                      f"(keep_events {config.daemon.keep_events:g} s, keep_runs {config.daemon.keep_runs:g} s)")
             elif args.db_command == "revision":
                 await migrate.autogenerate(store, args.message)
         return EXIT_OK
@@ -278,26 +284,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         try:
             async with _recorded_store(config) as store, store.read() as session:
-                entries = await plan(session, config.pdis)
+                # Printed as they come, a page of decisions at a time: memory stays flat.
+                if args.json:
+                    await _print_plan_json(plan(session, config.pdis))
+                    return EXIT_OK
+                mode = f"policy {config.pdis.deposit}" + (", dry run" if config.pdis.dry_run else "")
+                print(f"PDIS deposition plan ({mode}); nothing is uploaded by this command")
+                async for e in plan(session, config.pdis):
+                    f = e.facts
+                    print(f"dataset {f.dataset_id} {f.sample_name or '?'} ({f.proposal}, {f.beamline or '?'}) "
+                          f"[{f.deposition_state or 'new'}]: {e.decision.summary}")
         except NothingRecorded as exc:
             print("[]" if args.json else f"mirrord plan: {exc}")
-            return EXIT_OK
-        if args.json:
-            print(json.dumps([{"dataset": e.facts.dataset_id, "sample": e.facts.sample_name,
-                               "proposal": e.facts.proposal, "beamline": e.facts.beamline,
-                               "state": e.facts.deposition_state, "deposit": e.decision.deposit,
-                               "pdb_code": e.decision.pdb_code, "reason": e.decision.reason} for e in entries],
-                             indent=2))
-            return EXIT_OK
-        mode = f"policy {config.pdis.deposit}" + (", dry run" if config.pdis.dry_run else "")
-        print(f"PDIS deposition plan ({mode}); nothing is uploaded by this command")
-        for e in entries:
-            f = e.facts
-            print(f"dataset {f.dataset_id} {f.sample_name or '?'} ({f.proposal}, {f.beamline or '?'}) "
-                  f"[{f.deposition_state or 'new'}]: {e.decision.summary}")
         return EXIT_OK
 
     return _run_async(main())
+
+
+async def _print_plan_json(entries: AsyncIterator[Any]) -> None:
+    """A JSON list, as `json.dumps(..., indent=2)` prints it, one entry at a time."""
+    opened = False
+    async for e in entries:
+        entry = {"dataset": e.facts.dataset_id, "sample": e.facts.sample_name, "proposal": e.facts.proposal,
+                 "beamline": e.facts.beamline, "state": e.facts.deposition_state, "deposit": e.decision.deposit,
+                 "pdb_code": e.decision.pdb_code, "reason": e.decision.reason}
+        text = json.dumps(entry, indent=2).replace("\n", "\n  ")
+        print(f"{',' if opened else '['}\n  {text}", end="")
+        opened = True
+    print("\n]" if opened else "[]")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -502,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="migrate the schema to the newest revision", parents=common,
                       description="Migrate the schema to the newest revision (creates the database if needed).")
     db_sub.add_parser("current", help="show the schema revision", description="Show the schema revision.",
+                      parents=common)
+    db_sub.add_parser("prune", help="prune old events and job runs now ([daemon] keep_events, keep_runs)",
+                      description="Delete events older than [daemon] keep_events and job runs older than "
+                      "keep_runs now, in small batches; items, decisions and the audit trail are kept.",
                       parents=common)
     rev = db_sub.add_parser("revision", help="(developers) autogenerate a migration from the models",
                             description="(developers) Autogenerate a migration from the models.", parents=common)

@@ -119,6 +119,11 @@ class DaemonSection(Section):
     max_attempts: int = Field(default=10, ge=1)  # before an item gives up and needs a person
     retry_base: Duration = 60.0  # backoff of failed items: base * 2^attempts, capped
     retry_max: Duration = 6 * 3600.0
+    # Retention (0: keep for ever): events and job runs older than these are pruned, every prune_interval,
+    # in small batches; items, decisions and the audit trail are never pruned (see store/retention.py).
+    keep_events: Duration = 400 * 86400.0
+    keep_runs: Duration = 30 * 86400.0
+    prune_interval: Duration = 3600.0
 
     @field_validator("database_url")
     @classmethod

@@ -30,10 +30,12 @@ from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine, why
 from mirrord.store.models import DISMISSED, FAILED_STATES, ITEM_MODELS, Deposition, Event, utcnow
+from mirrord.store.retention import prune, prune_due
 from mirrord.ui import remedies
 from mirrord.workdirs import check_directories
 
 log = structlog.get_logger("mirrord.daemon")
+PRUNE = "prune"  # the scheduler's retention job (store/retention.py)
 
 # States in which an item is done for good or waits for a person: `once` does not wait for these.
 RESTING_STATES = {"mirrored", "pruned", "superseded", "skipped", "eligible", "published", "attached", "unmatched",
@@ -158,6 +160,7 @@ class Mirrord:
             if wait > horizon:
                 break
             await asyncio.sleep(max(0.05, wait))
+        await self.prune_if_due()
         failed, attention = await self.problem_items()
         # A job whose last run failed (upstream down, credentials refused) did not finish its work either.
         failed += [f"job {name}: {health.last_error}" for name, health in self.runner.health.items()
@@ -165,8 +168,9 @@ class Mirrord:
         return Outcome(1 if failed else 0, passes, failed, attention, await self.waiting_approval())
 
     async def _event_count(self) -> int:
+        """Changes when an event is recorded: the newest id (a count read every event ever kept)."""
         async with self.store.read() as session:
-            return await session.scalar(select(func.count(Event.id)))
+            return await session.scalar(select(func.max(Event.id))) or 0
 
     async def _next_due(self) -> dt.datetime | None:
         """The soonest retry or re-check among items that are not resting."""
@@ -186,6 +190,15 @@ class Mirrord:
                 Deposition.state == "awaiting_approval").order_by(Deposition.id))).all()
         return [f"deposition {dep_id} (PDB {code or 'other'}): `mirrord approve deposition {dep_id} --reason TEXT`"
                 for dep_id, code in rows]
+
+    async def prune_if_due(self) -> None:
+        """Retention on its own schedule (`daemon.prune_interval`, shared by every process on the store)."""
+        try:
+            if await prune_due(self.store, self.config.daemon):
+                done = await prune(self.store, self.config.daemon, stop=self.runner.ctx.stopping)
+                log.info("store.pruned", events=done.events, runs=done.runs, ticks=done.ticks)
+        except Exception:  # retention failing must never stop the work; it is tried again next time
+            log.exception("store.prune_failed")
 
     async def problem_items(self) -> tuple[list[str], list[str]]:
         """Items that failed (gave up, or erred and wait for a retry) and items that need a person,
@@ -218,7 +231,7 @@ class Mirrord:
             task.set_name(name)
             running.add(task)
             try:
-                await self.runner.run(name)
+                await (self.prune_if_due() if name == PRUNE else self.runner.run(name))
             except asyncio.CancelledError:
                 pass  # the drain's doing, and the run is recorded as interrupted: not the scheduler's error
             finally:
@@ -233,6 +246,9 @@ class Mirrord:
                 trigger = IntervalTrigger(seconds=section.interval, jitter=section.jitter or None)
             scheduler.add_job(tick, trigger, args=[name], id=name, name=name, coalesce=True, max_instances=1,
                               misfire_grace_time=int(max(60, section.interval)), next_run_time=utcnow())
+        scheduler.add_job(tick, IntervalTrigger(seconds=max(60.0, self.config.daemon.prune_interval)),
+                          args=[PRUNE], id=PRUNE, name=PRUNE, coalesce=True, max_instances=1,
+                          next_run_time=utcnow() + dt.timedelta(seconds=60))
         scheduler.start()
         watchdog = asyncio.create_task(_watchdog(systemd)) if systemd.watchdog_interval else None
         status = f"mirrord {__version__}: {len(self.jobs)} job(s): {', '.join(self.jobs) or 'none enabled'}"

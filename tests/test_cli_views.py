@@ -243,8 +243,8 @@ def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.C
         asyncio.run(run())
 
     scripts = ScriptDirectory.from_config(migrate._alembic_config())
-    assert scripts.get_revision(migrate.head_revision()).down_revision == "c41d7e2b8f05"  # decisions is the head
-    for revision in ("c41d7e2b8f05", "dd5a1c7e9b42"):  # without the decisions table; then without detected_pdb
+    assert scripts.get_revision(migrate.head_revision()).down_revision == "f7a3c9e1d2b4"  # decisions is the head
+    for revision in ("f7a3c9e1d2b4", "dd5a1c7e9b42"):  # without the decisions table; then without detected_pdb
         downgrade(revision)
         for command in (["status"], ["plan"]):
             assert main([*command, "-c", str(seeded)]) == 1, command

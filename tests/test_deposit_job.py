@@ -270,8 +270,7 @@ async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campa
     ids = await add_datasets(config, campaign, tmp_path / "dls", [first, again])
     assert (await run(config)).exit_code == 0
     rows = await depositions(config)
-    superseded = (f"superseded by collection {again.collection_id} (deposition {rows[ids[1]].id}, published) "
-                  f"for PDB {crystal.pdb_code}")
+    superseded = f"superseded by collection {again.collection_id} for PDB {crystal.pdb_code}"
     assert (rows[ids[1]].state, rows[ids[1]].pdb_code) == ("published", crystal.pdb_code)
     assert (rows[ids[0]].state, rows[ids[0]].status_details) == ("not_deposited", superseded)
     assert_exactly_once(emulator, [rows[ids[1]]])

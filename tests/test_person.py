@@ -229,9 +229,8 @@ async def test_choose_a_deposition_for_its_pdb_code_and_refused_against_an_irrev
     await run(config)  # still held: the decision pass swaps them before anything leaves
     rows = await depositions(config)
     assert (rows[older_id].state, rows[newer_id].state) == ("packed", "not_deposited")
-    assert rows[newer_id].status_details == (f"superseded by collection {first.collection_id} (deposition "
-                                             f"{rows[older_id].id}, packed), chosen by a person for PDB "
-                                             f"{crystal.pdb_code}")
+    assert rows[newer_id].status_details == (f"superseded by collection {first.collection_id} (chosen by a "
+                                             f"person) for PDB {crystal.pdb_code}")
     await mirrord(path, "resume", "pdis", "--reason", "go", capsys=capsys)
     await run(config)
     rows = await depositions(config)

@@ -4,7 +4,7 @@ A person settles what mirrord will not decide alone (accept, dismiss, choose, ap
 decision is a row with who, when, why and what it was bound to, honoured by every replica.
 
 Revision ID: e7d3c1a9f420
-Revises: c41d7e2b8f05
+Revises: f7a3c9e1d2b4
 Create Date: 2026-12-07 11:00:00
 """
 
@@ -13,7 +13,7 @@ import mirrord.store.models
 from alembic import op
 
 revision = 'e7d3c1a9f420'
-down_revision = 'c41d7e2b8f05'
+down_revision = 'f7a3c9e1d2b4'
 branch_labels = None
 depends_on = None
 

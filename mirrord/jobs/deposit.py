@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from mirrord import metrics
 from mirrord.archive import (
@@ -66,12 +67,16 @@ from mirrord.clients.pdis import PdisClient, Submission, SubmitMetadata
 from mirrord.jobs import person
 from mirrord.jobs.base import Job, JobContext, LeaseLost, RunResult
 from mirrord.jobs.deposit_policy import (
+    PAGE,
     DatasetFacts,
     Decision,
+    decided_since,
     decision_for,
     needs_equipment,
+    record_pass,
     resolve_equipment,
     undecided,
+    undecided_ids,
 )
 from mirrord.store.items import log_event, move
 from mirrord.store.models import Deposition, utcnow
@@ -175,8 +180,26 @@ class DepositJob(Job):
         await self._sweep_spool()
 
     async def _decide(self, result: RunResult) -> None:
+        """Decide what changed since the last pass (everything after a policy change), a page per
+        transaction; the watermark moves on only once every page is recorded."""
+        started = utcnow()
         async with self.store.read() as session:
-            decided = await undecided(session, self.section)
+            since = await decided_since(session, self.section)
+            ids = await undecided_ids(session, self.section, since)
+        if since is None:
+            self.log.info("deposition.deciding_all", datasets=len(ids))
+        for start in range(0, len(ids), PAGE):
+            async with self.store.read() as session:
+                decided = await undecided(session, self.section, ids[start:start + PAGE])
+            result.count("considered", len(decided))
+            await self._record_decisions(decided, result)
+        try:
+            async with self.store.write() as session:
+                await record_pass(session, self.section, started)
+        except IntegrityError:
+            pass  # another replica recorded its first pass at the same moment; this one counts next time
+
+    async def _record_decisions(self, decided: list[tuple[DatasetFacts, Decision]], result: RunResult) -> None:
         equipment = []
         if any(needs_equipment(d) for _f, d in decided):
             equipment = await self.client.equipment()  # network, outside any transaction

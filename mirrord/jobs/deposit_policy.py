@@ -1,8 +1,9 @@
 """Which datasets mirrord may deposit on PDIS, and with what metadata.
 
 Publishing is irreversible, so the decision is a pure function of the store's facts and the
-configuration (`decide_all`), evaluated when a deposition is created, again on every poll while it has
-not been uploaded, and once more right before the upload and the submit. `mirrord plan` shows the
+configuration (`decide_all`), evaluated when a deposition is created, again on a poll after its facts,
+its rivals' or the policy changed while it has not been uploaded (`undecided_ids`), and once more, in
+full, right before the upload and the submit. `mirrord plan` shows the
 same decisions without touching PDIS.
 
 Only datasets are deposited: rotation collections (the group's ISPyB experiment type is one of
@@ -28,9 +29,11 @@ needs a person, who is told both.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import re
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +44,7 @@ from mirrord.clients.pdis import Synchrotron
 from mirrord.config import PdisSection
 from mirrord.jobs import pdb_codes
 from mirrord.store import decisions
-from mirrord.store.models import Dataset, Deposition, Experiment
+from mirrord.store.models import Dataset, Deposition, Experiment, KeyValue, PersonDecision
 
 COMPLETE_DATASET_STATES = ("complete", "eligible")
 # Deposition states in which the decision may still change what happens (nothing has left the host).
@@ -208,19 +211,19 @@ def decide(facts: DatasetFacts, section: PdisSection) -> Decision:
 
 def decide_all(facts: Sequence[DatasetFacts], section: PdisSection) -> dict[int, Decision]:
     """`decide` for each dataset, then one deposition per PDB code (see the module doc); by dataset id."""
-    decisions = {f.dataset_id: decide(f, section) for f in facts}
+    decided = {f.dataset_id: decide(f, section) for f in facts}
     rivals: dict[str, list[DatasetFacts]] = {}
     for f in facts:
         code = f.code
-        if code and (f.stage >= 1 or (f.stage == 0 and decisions[f.dataset_id].deposit)):
+        if code and (f.stage >= 1 or (f.stage == 0 and decided[f.dataset_id].deposit)):
             rivals.setdefault(code, []).append(f)
     for code, group in rivals.items():
         # What cannot be taken back wins; then a person's choice (an upload not yet submitted is withdrawn).
         winner = max(group, key=lambda f: (f.stage >= 2, f.chosen, f.stage, *_preference(f, section)))
         for f in group:
-            if f is not winner and decisions[f.dataset_id].deposit:
-                decisions[f.dataset_id] = Decision(False, _superseded(winner, code))
-    return decisions
+            if f is not winner and decided[f.dataset_id].deposit:
+                decided[f.dataset_id] = Decision(False, _superseded(winner, code))
+    return decided
 
 
 def _preference(facts: DatasetFacts, section: PdisSection) -> tuple[float, int]:
@@ -232,10 +235,10 @@ def _preference(facts: DatasetFacts, section: PdisSection) -> tuple[float, int]:
 def _superseded(winner: DatasetFacts, code: str) -> str:
     if winner.deposition_state == "already_in_pdis":
         return f"PDB {code} already has a dataset on PDIS (said when collection {winner.collection_id} was uploaded)"
-    carrier = (f" (deposition {winner.deposition_id}, {winner.deposition_state})"
-               if winner.deposition_id is not None else "")
-    chosen = ", chosen by a person" if winner.chosen else ""
-    return f"superseded by collection {winner.collection_id}{carrier}{chosen} for PDB {code}"
+    # Stable while the winner moves on (no state in it): a changed reason is a write, and a write is
+    # a change the next decision pass looks at. `show`, `status` and retry name the carrying deposition.
+    chosen = " (chosen by a person)" if winner.chosen else ""
+    return f"superseded by collection {winner.collection_id}{chosen} for PDB {code}"
 
 
 def resolve_equipment(beamline: str | None, section: PdisSection, equipment: Iterable[Synchrotron]) -> Equipment:
@@ -284,8 +287,8 @@ def _considered() -> Any:
     return or_(Deposition.id.is_not(None), Dataset.state.in_(COMPLETE_DATASET_STATES))
 
 
-async def _rows(session: AsyncSession, *where: Any) -> list[DatasetFacts]:
-    query = _facts_query().where(*where).order_by(Dataset.id)
+async def _rows(session: AsyncSession, *where: Any, limit: int | None = None) -> list[DatasetFacts]:
+    query = _facts_query().where(*where).order_by(Dataset.id).limit(limit)
     return [_facts(*row) for row in (await session.execute(query)).all()]
 
 
@@ -305,6 +308,25 @@ async def _with_person(session: AsyncSession, facts: list[DatasetFacts], listed:
     return result
 
 
+async def _competing(session: AsyncSession, codes: Iterable[str], listed: pdb_codes.PdbCodes) -> set[int]:
+    """Datasets competing for these (upper-case) PDB codes: by the code's index on their experiments, and
+    by the sample or experiment codes a person's pdb_codes_file gives them."""
+    codes = set(codes)
+    found: set[int] = set()
+    for chunk in _chunks(codes):
+        found.update(await session.scalars(
+            select(Dataset.id).join(Experiment, Dataset.experiment_id == Experiment.id)
+            .outerjoin(Deposition, Deposition.dataset_id == Dataset.id)
+            .where(func.upper(Experiment.pdb_code).in_(chunk), _considered())))
+    for chunk in _chunks(key for key, code in listed.by_code.items() if code in codes):
+        found.update(await session.scalars(
+            select(Dataset.id).outerjoin(Experiment, Dataset.experiment_id == Experiment.id)
+            .outerjoin(Deposition, Deposition.dataset_id == Dataset.id)
+            .where(or_(func.upper(Experiment.code).in_(chunk), func.upper(Dataset.sample_name).in_(chunk)),
+                   _considered())))
+    return found
+
+
 async def _with_rivals(session: AsyncSession, facts: list[DatasetFacts], listed: pdb_codes.PdbCodes
                        ) -> list[DatasetFacts]:
     """`facts` plus every other dataset competing for one of their PDB codes."""
@@ -312,22 +334,27 @@ async def _with_rivals(session: AsyncSession, facts: list[DatasetFacts], listed:
     codes = {f.code for f in facts if f.code}
     if not codes:
         return facts
-    known = {f.dataset_id for f in facts}
-    by_code = [Experiment.pdb_code.is_not(None) & func.upper(Experiment.pdb_code).in_(codes)]
-    if keys := [key for key, code in listed.by_code.items() if code in codes]:
-        by_code += [func.upper(Experiment.code).in_(keys), func.upper(Dataset.sample_name).in_(keys)]
-    rivals = await _with_person(session, await _rows(session, or_(*by_code), _considered()), listed)
-    return facts + [f for f in rivals if f.dataset_id not in known and f.code in codes]
+    others = await _competing(session, codes, listed) - {f.dataset_id for f in facts}
+    rivals = await _with_person(session, [f for chunk in _chunks(others)
+                                          for f in await _rows(session, Dataset.id.in_(chunk))], listed)
+    return facts + [f for f in rivals if f.code in codes]
 
 
-async def undecided(session: AsyncSession, section: PdisSection) -> list[tuple[DatasetFacts, Decision]]:
+def _undecided_where(section: PdisSection) -> Any:
     """Complete datasets without a deposition, and depositions whose decision may still change
     (with `allow_additional_datasets`, also those stopped because PDIS held their PDB code)."""
     states = UNDECIDED_STATES + (("already_in_pdis",) if section.allow_additional_datasets else ())
-    candidates = await _rows(session, or_(
-        (Deposition.id.is_(None)) & Dataset.state.in_(COMPLETE_DATASET_STATES),
-        Deposition.state.in_(states),
-    ))
+    return or_((Deposition.id.is_(None)) & Dataset.state.in_(COMPLETE_DATASET_STATES), Deposition.state.in_(states))
+
+
+async def undecided(session: AsyncSession, section: PdisSection, dataset_ids: Sequence[int] | None = None
+                    ) -> list[tuple[DatasetFacts, Decision]]:
+    """Of `dataset_ids` (default: all), those whose decision may still change, decided as of now
+    with their PDB code's rivals and a person's decisions considered."""
+    where = [_undecided_where(section)]
+    if dataset_ids is not None:
+        where.append(Dataset.id.in_(list(dataset_ids)))
+    candidates = await _rows(session, *where)
     considered = await _with_rivals(session, candidates, pdb_codes.load(section.pdb_codes_file))
     decided = decide_all(considered, section)
     return [(f, decided[f.dataset_id]) for f in considered[:len(candidates)]]
@@ -343,15 +370,160 @@ async def decision_for(session: AsyncSession, dataset_id: int, section: PdisSect
     return considered[0], decide_all(considered, section)[dataset_id]
 
 
+# -- the incremental decision pass --------------------------------------------------------------------
+# A decision is a pure function of the rows of a dataset, its experiment, its deposition, its rivals'
+# and the policy: so a pass decides again only what changed since the last committed pass, their
+# rivals, and the few depositions on their way out of the host. A policy change decides everything.
+DECIDED_KEY = "pdis.decided"  # kv: {"since": ISO time, "policy": fingerprint} of the last committed pass
+# A row written shortly before a pass began may be invisible to it (its transaction not yet committed,
+# or written by a replica whose clock is behind ours): the next pass looks again from this far back.
+WATERMARK_MARGIN = dt.timedelta(minutes=5)
+PAGE = 500  # datasets decided (and recorded) per transaction, and `plan`'s page: memory stays flat
+CHUNK = 900  # ids per IN (...) list, well below the drivers' bound-parameter limits
+# PdisSection keys that change nothing a decision says (everything else forces a full pass).
+NOT_POLICY = frozenset({"enabled", "url", "interval", "jitter", "cron", "username", "password", "password_file",
+                        "token_cache", "spool_dir", "spool_retention", "spool_margin", "zstd_level",
+                        "pack_concurrency", "upload_concurrency", "poll_interval", "allow_insecure_http"})
+
+ChangeSource = Callable[[AsyncSession, PdisSection, dt.datetime], Awaitable[Iterable[int]]]
+"""The ids of datasets whose decision may have changed since a time, for one kind of change."""
+
+
+async def _datasets_changed(session: AsyncSession, section: PdisSection, since: dt.datetime) -> Iterable[int]:
+    """New or changed collections (completed, moved, linked to another experiment)."""
+    return (await session.scalars(select(Dataset.id).where(Dataset.updated_at >= since))).all()
+
+
+async def _experiments_changed(session: AsyncSession, section: PdisSection, since: dt.datetime) -> Iterable[int]:
+    """Collections of an experiment that changed (gained or changed its PDB code)."""
+    return (await session.scalars(select(Dataset.id).join(Experiment, Dataset.experiment_id == Experiment.id)
+                                  .where(Experiment.updated_at >= since))).all()
+
+
+async def _depositions_changed(session: AsyncSession, section: PdisSection, since: dt.datetime) -> Iterable[int]:
+    """Depositions that moved (a worker's step, a person's retry): their rivals may go, or stop."""
+    return (await session.scalars(select(Deposition.dataset_id).where(Deposition.updated_at >= since))).all()
+
+
+async def _decided_by_a_person(session: AsyncSession, section: PdisSection, since: dt.datetime) -> Iterable[int]:
+    """Datasets and depositions a person decided about (accept, choose, dismiss, approve, ...). Their rows
+    move with the decision too; this makes a decision's effect on the pass not depend on that."""
+    rows = (await session.execute(select(PersonDecision.kind, PersonDecision.item_id).where(
+        PersonDecision.at >= since, PersonDecision.kind.in_(("dataset", "deposition"))))).all()
+    datasets = {int(item) for kind, item in rows if kind == "dataset"}
+    if deposition_ids := [int(item) for kind, item in rows if kind == "deposition"]:
+        datasets.update(await session.scalars(select(Deposition.dataset_id).where(Deposition.id.in_(deposition_ids))))
+    return datasets
+
+
+CHANGE_SOURCES: list[ChangeSource] = [_datasets_changed, _experiments_changed, _depositions_changed,
+                                      _decided_by_a_person]
+
+
+async def changed_dataset_ids(session: AsyncSession, section: PdisSection, since: dt.datetime) -> set[int]:
+    """Datasets whose decision may have changed since `since`, by every source in CHANGE_SOURCES."""
+    found: set[int] = set()
+    for source in CHANGE_SOURCES:
+        found.update(await source(session, section, since))
+    return found
+
+
+def _chunks(values: Iterable[Any]) -> Iterator[list[Any]]:
+    ordered = sorted(values)
+    for start in range(0, len(ordered), CHUNK):
+        yield ordered[start:start + CHUNK]
+
+
+async def _rival_ids(session: AsyncSession, section: PdisSection, dataset_ids: Iterable[int]) -> set[int]:
+    """Datasets competing for a PDB code with one of `dataset_ids`: by the code its experiment has now,
+    and by the code its deposition was last decided for (a code that changed leaves rivals behind)."""
+    codes: set[str] = set()
+    for chunk in _chunks(dataset_ids):
+        codes.update(await session.scalars(
+            select(func.upper(Experiment.pdb_code)).join(Dataset, Dataset.experiment_id == Experiment.id)
+            .where(Dataset.id.in_(chunk), Experiment.pdb_code.is_not(None))))
+        codes.update(await session.scalars(select(func.upper(Deposition.pdb_code)).where(
+            Deposition.dataset_id.in_(chunk), Deposition.pdb_code.is_not(None))))
+    codes.discard("")
+    return await _competing(session, codes, pdb_codes.load(section.pdb_codes_file))
+
+
+def _always_states(section: PdisSection) -> tuple[str, ...]:
+    """Depositions decided again on every pass: few, and the last chance before anything leaves the host."""
+    return (("queued", "packed", "awaiting_approval", "dry_run")
+            + (("already_in_pdis",) if section.allow_additional_datasets else ()))
+
+
+async def undecided_ids(session: AsyncSession, section: PdisSection, since: dt.datetime | None) -> list[int]:
+    """The datasets a decision pass decides, in id order: with `since`, those that may have changed
+    since then, their rivals, and the depositions in `_always_states`; without, every undecided one."""
+    query = select(Dataset.id).outerjoin(Deposition, Deposition.dataset_id == Dataset.id)
+    if since is None:
+        return list((await session.scalars(query.where(_undecided_where(section)).order_by(Dataset.id))).all())
+    changed = await changed_dataset_ids(session, section, since)
+    changed |= await _rival_ids(session, section, changed)
+    found = set((await session.scalars(
+        select(Deposition.dataset_id).where(Deposition.state.in_(_always_states(section))))).all())
+    for chunk in _chunks(changed - found):
+        found.update(await session.scalars(query.where(Dataset.id.in_(chunk), _undecided_where(section))))
+    return sorted(found)
+
+
+def policy_fingerprint(section: PdisSection) -> str:
+    """Changes when anything a decision depends on changes in the configuration, or in the person's
+    pdb_codes_file (its size and mtime)."""
+    policy = section.model_dump(mode="json", exclude=set(NOT_POLICY))
+    policy["pdb_codes"] = pdb_codes.load(section.pdb_codes_file).fingerprint
+    return hashlib.sha256(json.dumps(policy, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _recorded(row: KeyValue | None) -> tuple[dt.datetime | None, str | None]:
+    value = row.value if row is not None and isinstance(row.value, dict) else {}
+    try:
+        since = dt.datetime.fromisoformat(value["since"])
+    except (KeyError, TypeError, ValueError):
+        since = None
+    return since, value.get("policy")
+
+
+async def decided_since(session: AsyncSession, section: PdisSection) -> dt.datetime | None:
+    """Where this pass may start: the last committed pass's watermark if it decided under the same
+    policy; None (decide everything) on the first pass, or after the policy changed."""
+    since, policy = _recorded(await session.get(KeyValue, DECIDED_KEY))
+    return since if policy == policy_fingerprint(section) else None
+
+
+async def record_pass(session: AsyncSession, section: PdisSection, started: dt.datetime) -> None:
+    """After a pass that began at `started` committed its decisions (in a write transaction of its own):
+    the next one starts from `started` less the margin. A later watermark of the same policy, recorded
+    meanwhile by another replica's pass, is kept."""
+    since, policy = started - WATERMARK_MARGIN, policy_fingerprint(section)
+    row = await session.get(KeyValue, DECIDED_KEY, with_for_update=True)
+    value = {"since": since.isoformat(), "policy": policy}
+    if row is None:
+        session.add(KeyValue(key=DECIDED_KEY, value=value))
+        return
+    recorded, recorded_policy = _recorded(row)
+    if recorded_policy == policy and recorded is not None and recorded >= since:
+        return
+    row.value = value
+
+
 @dataclass(frozen=True)
 class PlanEntry:
     facts: DatasetFacts
     decision: Decision
 
 
-async def plan(session: AsyncSession, section: PdisSection) -> list[PlanEntry]:
-    """The policy's decision for every complete (or already considered) dataset; no network."""
-    facts = await _with_person(session, await _rows(session, _considered()),
-                               pdb_codes.load(section.pdb_codes_file))
-    decided = decide_all(facts, section)
-    return [PlanEntry(f, decided[f.dataset_id]) for f in facts]
+async def plan(session: AsyncSession, section: PdisSection) -> AsyncIterator[PlanEntry]:
+    """The policy's decision for every complete (or already considered) dataset, a page at a time
+    (memory stays flat however many there are); no network."""
+    listed = pdb_codes.load(section.pdb_codes_file)
+    after = 0
+    while page := await _rows(session, _considered(), Dataset.id > after, limit=PAGE):
+        considered = await _with_rivals(session, page, listed)
+        decided = decide_all(considered, section)
+        for f in considered[:len(page)]:
+            yield PlanEntry(f, decided[f.dataset_id])
+        after = page[-1].dataset_id
+        session.expunge_all()  # the page's rows are not needed again

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -73,7 +74,9 @@ class Timestamps:
 class WorkItem(Timestamps):
     """State, retry schedule and lease shared by every item a job works on.
 
-    Each subclass declares an `ix_<table>_due` index on (state, next_attempt_at) for claiming.
+    Each subclass declares an `ix_<table>_due` index on (state, next_attempt_at) for claiming, and an
+    `ix_<table>_state_updated` on (state, updated_at): the /metrics gauges (count and oldest change of
+    each state) and the status lists read it alone, never the wide rows.
     """
 
     state: Mapped[str] = mapped_column(String(40), index=True)
@@ -194,7 +197,8 @@ class Upload(WorkItem, Base):
     file_count: Mapped[int | None] = mapped_column(default=None)
 
     __table_args__ = (UniqueConstraint("target_id", "upload_index"),
-                      Index("ix_uploads_due", "state", "next_attempt_at"))
+                      Index("ix_uploads_due", "state", "next_attempt_at"),
+                      Index("ix_uploads_state_updated", "state", "updated_at"))
 
 
 class Experiment(Timestamps, Base):
@@ -213,7 +217,13 @@ class Experiment(Timestamps, Base):
     ligand_sdf: Mapped[str | None] = mapped_column(Text, default=None)  # path relative to the version dir
     bound_pdb: Mapped[str | None] = mapped_column(Text, default=None)
 
-    __table_args__ = (UniqueConstraint("target_id", "code"), Index("ix_experiments_code", "code"))
+    __table_args__ = (UniqueConstraint("target_id", "code"), Index("ix_experiments_code", "code"),
+                      # the decision pass reads what changed since its last pass
+                      Index("ix_experiments_updated_at", "updated_at"))
+
+
+# The rivals of a dataset for its PDB code are found by the code in any letter case.
+Index("ix_experiments_pdb_code_upper", func.upper(Experiment.pdb_code))
 
 
 # -- ISPyB --------------------------------------------------------------------------------------------
@@ -269,8 +279,14 @@ class Dataset(WorkItem, Base):
 
     __table_args__ = (UniqueConstraint("group_id", "collection_id"),
                       Index("ix_datasets_due", "state", "next_attempt_at"),
+                      Index("ix_datasets_state_updated", "state", "updated_at"),
                       # each completeness check reads the other collections of its directory
-                      Index("ix_datasets_local_dir", "local_dir"))
+                      Index("ix_datasets_local_dir", "local_dir"),
+                      # the decision pass reads what changed since its last pass, and each PDB code's rivals
+                      Index("ix_datasets_updated_at", "updated_at"),
+                      Index("ix_datasets_experiment_id", "experiment_id"),
+                      # each ISPyB poll reads what it knows of the sessions it polls
+                      Index("ix_datasets_session_id", "session_id"))
 
 
 # -- PDIS ---------------------------------------------------------------------------------------------
@@ -307,7 +323,9 @@ class Deposition(WorkItem, Base):
     spool_removed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_depositions_due", "state", "next_attempt_at"),
-                      Index("ix_depositions_md5", "tar_md5"))
+                      Index("ix_depositions_state_updated", "state", "updated_at"),
+                      Index("ix_depositions_md5", "tar_md5"),
+                      Index("ix_depositions_updated_at", "updated_at"))
 
 
 # -- Design Hub -----------------------------------------------------------------------------------
@@ -340,7 +358,8 @@ class Annotation(WorkItem, Base):
     reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     __table_args__ = (UniqueConstraint("evidence_key", "content_hash"),
-                      Index("ix_annotations_due", "state", "next_attempt_at"))
+                      Index("ix_annotations_due", "state", "next_attempt_at"),
+                      Index("ix_annotations_state_updated", "state", "updated_at"))
 
 
 # Item states that need a person or gave up: `once` fails on them, status lists them, `retry` resets them.

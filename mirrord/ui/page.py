@@ -252,7 +252,9 @@ def render_html(data: dict[str, Any], about: About | None = None) -> str:
 
     attention = data["attention"]
     held = {str(h["id"]) for h in data.get("holds", [])}
-    headline = (f'<p class="bad"><strong>{len(attention)} thing(s) need attention.</strong></p>' if attention
+    total = data.get("attention_total", len(attention))
+    shown = f" (the {len(attention)} most recent below)" if total > len(attention) else ""
+    headline = (f'<p class="bad"><strong>{total} thing(s) need attention{shown}.</strong></p>' if attention
                 else '<p class="ok"><strong>Nothing needs attention.</strong></p>')
     totals = "; ".join(f"{kind}: " + ", ".join(f"{n} {s}" for s, n in states.items())
                        for kind, states in data["items"].items() if states)

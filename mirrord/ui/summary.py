@@ -59,25 +59,33 @@ def _text(value: str | None) -> str:
 
 # -- data -------------------------------------------------------------------------------------------
 async def summary(store: Store, *, health: Mapping[str, Any] | None = None, instance: str | None = None,
-                  recent: int = 20, rows: int = 500) -> dict[str, Any]:
+                  recent: int = 20, rows: int = 25) -> dict[str, Any]:
     """Everything an operator looks at, as JSON-ready data.
 
     `health` is the runner's per-job `Health` (a live daemon knows which jobs are failing right now);
     without it (the `status` command) a job's state is read from its most recent recorded run.
+    Lists hold the `rows` most recent entries (a year leaves thousands: reading and drawing them all
+    made every look slower each month); `attention_total` counts every one that needs a person.
     """
     async with store.read() as session:
         jobs = _jobs_from_health(health) if health is not None else await _jobs_from_runs(session)
+        counts = await _counts(session)
         attention = [*await _attention_items(session, rows), *await _unmatched(session, rows),
                      *await _identity_problems(session), *await _short_scans(session), *_failing_jobs(jobs)]
         attention.sort(key=lambda a: a["since"] or "", reverse=True)
+        listed = {kind: sum(a["kind"] == kind and a["state"] in (*FAILED_STATES, "unmatched") for a in attention)
+                  for kind in ITEM_MODELS}
+        unlisted = sum(n for kind, states in counts.items() for state, n in states.items()
+                       if state in FAILED_STATES or (kind, state) == ("annotation", "unmatched")) - sum(listed.values())
         return {
             "generated_at": utcnow().isoformat(),
             "instance": instance,
-            "items": await _counts(session),
+            "attention_total": len(attention) + unlisted,
+            "items": counts,
             "targets": await _targets(session),
             "depositions": await _depositions(session, rows),
             "datasets": await _datasets(session, rows),
-            "attention": attention,
+            "attention": attention[:rows],
             "approvals": await _approvals(session, rows),
             "holds": [decisions.as_dict(h) for h in (await decisions.holds(session)).values()],
             "decisions": [decisions.as_dict(d) for d in await decisions.history(session, limit=recent)],
@@ -89,7 +97,8 @@ async def summary(store: Store, *, health: Mapping[str, Any] | None = None, inst
 
 def empty_summary(note: str) -> dict[str, Any]:
     """The shape of `summary` when there is no store to read yet; `note` says why."""
-    return {"generated_at": utcnow().isoformat(), "instance": None, "note": note, "items": {}, "targets": [],
+    return {"generated_at": utcnow().isoformat(), "instance": None, "note": note, "attention_total": 0,
+            "items": {}, "targets": [],
             "depositions": [], "datasets": [], "attention": [], "approvals": [], "holds": [], "decisions": [],
             "jobs": [], "runs": [], "events": []}
 

@@ -76,6 +76,10 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         console.print(_table("Needs attention", ("item", "what", "state", "why", "since"),
                              [(f"{a['kind']} {a['id']}", a.get("label") or "", _s(a["state"]), a["reason"],
                                _t(a["since"])) for a in data["attention"]], title_style="bold red"))
+        more = data.get("attention_total", 0) - len(data["attention"])
+        if more > 0:
+            console.print(f"[red]… and {more} more need attention[/red] (the {len(data['attention'])} most recent "
+                          "are listed; `mirrord retry` and the status page take them by id)")
     else:
         console.print("[green]Nothing needs attention.[/green]")
     if data.get("approvals"):

@@ -1,0 +1,182 @@
+"""The PDIS decision pass is incremental: a tick with nothing new decides (almost) nothing, on a store
+holding thousands of datasets that are never deposited; what changed since the last pass, and its rivals
+for a PDB code, are decided again; a policy change decides everything again. Real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select, update
+
+from mirrord.jobs import deposit_policy
+from mirrord.jobs.base import JobContext, RunResult
+from mirrord.jobs.deposit import DepositJob
+from mirrord.jobs.deposit_policy import DECIDED_KEY, WATERMARK_MARGIN, decided_since
+from mirrord.store import Store, migrate
+from mirrord.store.models import Dataset, Deposition, Experiment, KeyValue, Target, utcnow
+from mirrord.store.models import Session as SessionRow
+from tests.conftest import make_config
+
+QUIET = 3000  # complete collections never deposited (screening shots, unlinked crystals)
+
+
+def config_for(tmp_path: Path, db_url: str, **pdis):
+    return make_config(tmp_path, daemon={"database_url": db_url},
+                       pdis={"enabled": True, "url": "http://127.0.0.1:9", "username": "u", "password": "p", **pdis})
+
+
+def dataset_row(n: int, **values) -> dict:
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    return {"group_id": n, "collection_id": 10_000 + n, "session_id": 1, "session_name": "lb1-1", "proposal": "lb1",
+            "beamline": "i04-1", "sample_name": f"X{n:05d}", "local_dir": f"/data/X{n:05d}", "files": ["a.cbf"],
+            "state": "complete", "experiment_type": "OSC", "number_of_images": 900,
+            "start": t0 + dt.timedelta(minutes=n), "end": t0 + dt.timedelta(minutes=n, seconds=50),
+            **values}
+
+
+@pytest.fixture
+async def year(tmp_path: Path, db_url: str):
+    """A store with QUIET unlinked collections, 3 experiments without a PDB code yet (one collection
+    each) and a crystal (PDB 5ABC) collected twice; the job deciding on it."""
+    store = Store(db_url)
+    await migrate.upgrade(store)
+    async with store.write() as session:
+        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
+        session.add(Target(id=1, name="A71", tas="lb1-1"))
+        await session.flush()
+        await session.execute(insert(Experiment), [
+            {"id": i, "target_id": 1, "upload_index": 1, "code": f"E{i}", "pdb_code": "5ABC" if i == 4 else None}
+            for i in range(1, 5)])
+        await session.execute(insert(Dataset), [dataset_row(n) for n in range(1, QUIET + 1)] + [
+            dataset_row(QUIET + i, experiment_id=i) for i in (1, 2, 3, 4)] + [dataset_row(QUIET + 5, experiment_id=4)])
+    config = config_for(tmp_path, db_url)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    try:
+        yield job
+    finally:
+        await store.close()
+
+
+async def decide(job: DepositJob) -> RunResult:
+    result = RunResult()
+    await job._decide(result)
+    return result
+
+
+async def age(job: DepositJob, hours: float = 1.0) -> None:
+    """Time passes: every row and the last pass's watermark are `hours` older (a tick is minutes apart,
+    more than the watermark's margin; a test is quicker than that)."""
+    shift = dt.timedelta(hours=hours)
+    async with job.store.write() as session:
+        for model in (Dataset, Experiment, Deposition):
+            rows = (await session.execute(select(model.id, model.updated_at))).all()
+            await session.execute(update(model), [{"id": i, "updated_at": at - shift} for i, at in rows])
+        row = await session.get(KeyValue, DECIDED_KEY)
+        since = dt.datetime.fromisoformat(row.value["since"]) - shift
+        row.value = {**row.value, "since": since.isoformat()}
+
+
+async def states(job: DepositJob) -> dict[int, tuple[str, str | None]]:
+    """Deposition (state, status_details) by dataset id."""
+    async with job.store.read() as session:
+        rows = (await session.scalars(select(Deposition))).all()
+    return {d.dataset_id: (d.state, d.status_details) for d in rows}
+
+
+async def test_a_quiet_tick_decides_only_what_changed(year: DepositJob) -> None:
+    job = year
+    first = await decide(job)
+    assert first.counters["considered"] == QUIET + 5  # the first pass decides everything
+    decided = await states(job)
+    assert decided[QUIET + 5] == ("queued", "linked to E4 with PDB code 5ABC")  # the newer of the two goes
+    assert decided[QUIET + 4] == ("not_deposited", f"superseded by collection {10_000 + QUIET + 5} for PDB 5ABC")
+    assert sum(state == "not_deposited" for state, _ in decided.values()) == QUIET + 4
+
+    # Nothing new: only the queued one, re-checked on every pass (after the pass following the first,
+    # which looks again at what the first wrote, within the watermark's margin).
+    await age(job)
+    assert (await decide(job)).counters["considered"] == QUIET + 5
+    await age(job)
+    quiet = await decide(job)
+    assert quiet.counters["considered"] == 1, quiet.counters
+    assert await states(job) == decided
+
+    # An experiment gains its PDB code: its collection is decided again, and goes.
+    async with job.store.write() as session:
+        (await session.get(Experiment, 1)).pdb_code = "6DEF"
+    changed = await decide(job)
+    assert changed.counters["considered"] <= 10, changed.counters
+    assert (await states(job))[QUIET + 1] == ("queued", "linked to E1 with PDB code 6DEF")
+
+    # The winner for 5ABC stops before anything left the host (its preflight failed): its rival goes.
+    async with job.store.write() as session:
+        await session.execute(update(Deposition).where(Deposition.dataset_id == QUIET + 5)
+                              .values(state="needs_attention"))
+    await decide(job)
+    assert (await states(job))[QUIET + 4] == ("queued", "linked to E4 with PDB code 5ABC")
+
+    # A new collection of the 5ABC crystal completes: decided, and superseded by nothing sent yet but
+    # preferred as the newest, it takes the code from the queued one.
+    async with job.store.write() as session:
+        await session.execute(insert(Dataset), [dataset_row(QUIET + 6, experiment_id=4)])
+    await decide(job)
+    now = await states(job)
+    assert now[QUIET + 6][0] == "queued" and now[QUIET + 4][0] == "not_deposited"
+
+
+async def test_a_policy_change_decides_everything_again(year: DepositJob, tmp_path: Path, db_url: str) -> None:
+    for _ in range(2):
+        await decide(year)
+        await age(year)
+    assert (await decide(year)).counters["considered"] < 10
+    changed = DepositJob(JobContext(config=config_for(tmp_path, db_url, min_images=1000), store=year.store,
+                                    instance="test"))
+    assert (await decide(changed)).counters["considered"] == QUIET + 5
+    assert (await states(changed))[QUIET + 5][1] == "900 images: a screening shot, not a dataset (min_images = 1000)"
+    # Settings that decide nothing (how fast, where the spool is) keep the watermark.
+    faster = config_for(tmp_path, db_url, min_images=1000, pack_concurrency=4, poll_interval="1m", spool_margin=0)
+    async with year.store.read() as session:
+        assert await decided_since(session, faster.pdis) is not None
+        assert await decided_since(session, year.section) is None
+
+
+async def test_a_row_written_late_behind_the_watermark_is_still_decided(year: DepositJob) -> None:
+    """A transaction that began before a pass and committed after it (or a replica whose clock is
+    behind) writes an `updated_at` before the pass's start: the margin still catches it."""
+    job = year
+    await decide(job)
+    async with job.store.read() as session:
+        since = dt.datetime.fromisoformat((await session.get(KeyValue, DECIDED_KEY)).value["since"])
+    assert utcnow() - WATERMARK_MARGIN - dt.timedelta(minutes=1) < since <= utcnow() - WATERMARK_MARGIN
+    late = since + WATERMARK_MARGIN - dt.timedelta(seconds=30)  # before the pass began
+    async with job.store.write() as session:
+        await session.execute(update(Experiment).where(Experiment.id == 2).values(pdb_code="7GHI", updated_at=late))
+    await decide(job)
+    assert (await states(job))[QUIET + 2] == ("queued", "linked to E2 with PDB code 7GHI")
+
+
+async def test_plan_pages_through_datasets_and_decides_rivals_across_pages(year: DepositJob, monkeypatch) -> None:
+    """`plan` reads a page at a time (memory stays flat); a PDB code's rivals on two pages still
+    leave exactly one that goes."""
+    monkeypatch.setattr(deposit_policy, "PAGE", 4)
+    async with year.store.write() as session:  # a rival of 5ABC on the first page, the others on the last
+        await session.execute(update(Dataset).where(Dataset.id == 2).values(experiment_id=4))
+    fetched: list[int] = []
+    rows = deposit_policy._rows
+
+    async def counting(*args, **kwargs):
+        found = await rows(*args, **kwargs)
+        fetched.append(len(found))
+        return found
+
+    monkeypatch.setattr(deposit_policy, "_rows", counting)
+    async with year.store.read() as session:
+        entries = [e async for e in deposit_policy.plan(session, year.section)]
+    assert [e.facts.dataset_id for e in entries] == list(range(1, QUIET + 6))
+    assert max(fetched) <= 4 + 3  # a page, or a page's rivals (the three collections of 5ABC)
+    going = [e.facts.dataset_id for e in entries if e.decision.deposit]
+    assert going == [QUIET + 5]
+    assert {e.decision.reason for e in entries if e.facts.dataset_id in (2, QUIET + 4)} == {
+        f"superseded by collection {10_000 + QUIET + 5} for PDB 5ABC"}
