@@ -180,3 +180,33 @@ async def test_plan_pages_through_datasets_and_decides_rivals_across_pages(year:
     assert going == [QUIET + 5]
     assert {e.decision.reason for e in entries if e.facts.dataset_id in (2, QUIET + 4)} == {
         f"superseded by collection {10_000 + QUIET + 5} for PDB 5ABC"}
+
+
+async def test_a_person_s_pdb_codes_file_and_choice_are_changes_the_pass_sees(year: DepositJob, tmp_path: Path) -> None:
+    """A quiet pass would never look at a not_deposited collection again: a PDB code a person adds in the
+    pdb_codes_file (no row changes) and a choice they record must still reach it."""
+    from mirrord.store import decisions
+
+    job = year
+    await decide(job)
+    await age(job)
+    await decide(job)
+    await age(job)
+    assert (await decide(job)).counters["considered"] == 1
+    codes = tmp_path / "codes.csv"
+    codes.write_text("X00007,7ABC\n")
+    job.section.pdb_codes_file = codes
+    assert (await decide(job)).counters["considered"] == QUIET + 5  # the file is part of the policy
+    assert (await states(job))[7] == ("queued", "X00007 has PDB code 7ABC in the pdb_codes_file")
+
+    await age(job)
+    await decide(job)
+    await age(job)
+    async with job.store.write() as session:  # a person's choice, recorded without touching the rows
+        loser = await session.scalar(select(Deposition.id).where(Deposition.dataset_id == QUIET + 4))
+        await decisions.record(session, "deposition", loser, "choose", reason="better data", actor="ada",
+                               bound={"pdb_code": "5ABC"})
+    quiet = await decide(job)
+    assert quiet.counters["considered"] <= 10, quiet.counters
+    decided = await states(job)
+    assert decided[QUIET + 4][0] == "queued" and decided[QUIET + 5][0] == "not_deposited"
