@@ -1,0 +1,142 @@
+"""The deposition job's checks right before the irreversible steps, each tested on its own (issue 23).
+
+A mutation run showed that switching any of these off failed no test: the re-check of the policy
+before the submit, the status read before the submit, and the decision pass leaving leased rows
+alone. Each test here names the mutant it kills; each counts the requests PDIS received, because the
+end state alone does not tell a second submit that PDIS refused from one never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+from sqlalchemy import select
+
+from mirrord.jobs.base import JobContext, RunResult
+from mirrord.jobs.deposit import DepositJob
+from mirrord.store.models import Dataset, Deposition, Event, Experiment, utcnow
+from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
+    add_datasets,
+    campaign,
+    config_for,
+    depositions,
+    emulator,
+    open_store,
+    run,
+    served,
+)
+
+SUBMIT, DELETE = "/api/v1/submit/", "/api/v1/submissions/"
+
+
+async def stop_at_uploaded(config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run whose submitting stage does nothing: the archive is on PDIS, not submitted."""
+    with monkeypatch.context() as patch:
+        patch.setattr(DepositJob, "_submit", lambda self, dep, result: asyncio.sleep(0))
+        await run(config, horizon=0)
+
+
+def linked_collection(demo):
+    return next(c for c in demo.collections if demo.experiment(c.sample)[1].pdb_code)
+
+
+# -- the policy is asked again right before the submit -------------------------------------------------
+@pytest.mark.parametrize("change", ["pdb_code_unlinked", "rival_submitted"])
+async def test_a_decision_changed_after_the_upload_stops_the_submit(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                    monkeypatch, change):
+    """Kills the mutants of `_submit`'s re-check (`facts, decision = await self._current(dep)` /
+    `if not decision.deposit:` negated or its body skipped): between the upload and the submit the
+    experiment loses its PDB code, or a rival collection of the crystal is submitted first. No submit
+    request may reach PDIS, and the upload is deleted, once."""
+    config = config_for(tmp_path, served)
+    col = linked_collection(campaign)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "uploaded" and row.upload_token in emulator.held
+
+    store = await open_store(config)
+    try:
+        if change == "pdb_code_unlinked":
+            async with store.write() as session:
+                dataset = await session.get(Dataset, dataset_id)
+                (await session.get(Experiment, dataset.experiment_id)).pdb_code = None
+            reason = f"experiment {col.sample} has no PDB code yet (policy: linked)"
+        else:
+            target = campaign.targets[0]
+            rival = campaign.add_collection(target.tas, col.sample, beamline=target.beamline)
+            [rival_id] = await add_datasets(config, campaign, tmp_path / "dls", [rival])
+            async with store.write() as session:  # another replica submitted it meanwhile
+                session.add(Deposition(dataset_id=rival_id, state="submitted", submitted_at=utcnow(),
+                                       pdb_code=row.pdb_code, upload_token="elsewhere"))
+            reason = f"superseded by collection {rival.collection_id} for PDB {row.pdb_code}"
+    finally:
+        await store.close()
+
+    emulator.step_seconds = None  # the rival's made-up token is never read: keep its clock still
+    served.requests.clear()
+    await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.status_details) == ("not_deposited", reason)
+    assert served.requests.count("POST", SUBMIT) == 0 and not emulator.submissions_by_md5
+    assert served.requests.count("DELETE", DELETE) == 1 and emulator.held == {}
+    assert row.spool_removed_at is not None
+
+
+# -- the submission's status is read before the submit ---------------------------------------------------
+async def test_a_submit_whose_answer_was_lost_is_not_sent_again(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills the mutants of `_submit`'s postcondition (`sub = await self.client.submission(...)` /
+    `if sub.status != pdis.UPLOADED`): PDIS records the submit but the answer is cut off. The retry
+    must read the status and stop there; without the read, a second submit goes out and only PDIS's
+    409 stops it, which the end state alone would not show. So: exactly one submit request."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    emulator.faults.inject(SUBMIT, "truncate")  # the handler runs, its answer is cut in half
+    assert (await run(config)).exit_code == 0
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "published" and emulator.faults.injected["truncate"] == 1
+    assert row.attempts == 0  # a published row's retries are cleared; the failure is in its events
+    assert served.requests.count("POST", SUBMIT) == 1
+    assert emulator.submissions_by_md5 == {row.tar_md5: 1}
+    assert served.requests.count("DELETE", DELETE) == 0
+
+
+# -- the decision pass leaves a leased row to its worker --------------------------------------------------
+async def test_the_decision_pass_leaves_a_leased_deposition_alone(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills the mutants of `_decide`'s `row.lease_until is not None and row.lease_until > now` →
+    `continue`: a worker holds one of two queued depositions when both lose their PDB code. The pass
+    moves the free one to `not_deposited` and leaves the leased one as it is (its worker re-checks
+    the policy itself before anything leaves the host)."""
+    config = config_for(tmp_path, served)
+    cols = [c for c in campaign.collections if campaign.experiment(c.sample)[1].pdb_code][:2]
+    leased_id, free_id = await add_datasets(config, campaign, tmp_path / "dls", cols)
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="decider"))
+    try:
+        await job._decide(RunResult())
+        until = utcnow() + dt.timedelta(minutes=5)
+        async with store.write() as session:
+            rows = {d.dataset_id: d for d in (await session.scalars(select(Deposition))).all()}
+            assert {rows[leased_id].state, rows[free_id].state} == {"queued"}
+            rows[leased_id].lease_owner, rows[leased_id].lease_until = "worker", until
+            for dataset_id in (leased_id, free_id):
+                dataset = await session.get(Dataset, dataset_id)
+                (await session.get(Experiment, dataset.experiment_id)).pdb_code = None
+        result = RunResult()
+        await job._decide(result)
+        async with store.read() as session:
+            rows = {d.dataset_id: d for d in (await session.scalars(select(Deposition))).all()}
+            moved = (await session.scalars(select(Event.item_id).where(Event.to_state == "not_deposited"))).all()
+    finally:
+        await job.close()
+        await store.close()
+    assert rows[free_id].state == "not_deposited" and result.counters == {"decided_not_deposited": 1}
+    leased = rows[leased_id]
+    assert (leased.state, leased.lease_owner) == ("queued", "worker")
+    assert leased.lease_until.replace(microsecond=0) == until.replace(microsecond=0)
+    assert leased.pdb_code == campaign.experiment(cols[0].sample)[1].pdb_code.upper()  # not even the metadata
+    assert list(moved) == [str(rows[free_id].id)]
+    assert served.requests.entries == []  # a decision pass under the linked policy asks PDIS nothing
+
