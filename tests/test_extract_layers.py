@@ -306,3 +306,211 @@ def test_a_bomb_is_judged_by_its_ratio_only_above_the_floor():
     empty = _Budget(max_total_bytes=10**12, max_members=10, max_ratio=2.0, compressed_size=0)
     with pytest.raises(UnsafeArchive, match="from 0 compressed"):  # an empty archive is judged as 1 byte
         empty.add("x", BOMB_FLOOR + 1, "declared")
+
+
+def test_a_file_is_created_anew_even_if_the_path_check_were_skipped(tmp_path, monkeypatch):
+    """The open itself refuses an existing path (O_EXCL, never following a link): a symlink planted
+    after `_fresh_path` looked (a race) is not written through."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    w = writer(tmp_path / "root")
+    monkeypatch.setattr(w, "_fresh_path", lambda name, parts: w._path(parts))
+    os.symlink(outside, tmp_path / "root" / "x")
+    with pytest.raises(FileExistsError):
+        w.file("x", ("x",), io.BytesIO(b"pwned"), 0)
+    assert outside.read_text() == "precious"
+
+
+def test_modes_of_what_is_written_do_not_come_from_the_archive(tmp_path):
+    """Files 0644 and directories 0755 whatever the archive says (no set-uid, no world-writable)."""
+    info, _ = member("d/run.sh", data=b"#!/bin/sh\n")
+    info.mode = 0o6777
+    archive = write_tar(tmp_path / "modes.tar", [member("d", tarfile.DIRTYPE), (info, b"#!/bin/sh\n")])
+    old = os.umask(0)
+    try:
+        safe_extract(archive, tmp_path / "extract")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "extract" / "d").st_mode & 0o7777) == "0o755"
+    assert oct(os.stat(tmp_path / "extract" / "d" / "run.sh").st_mode & 0o7777) == "0o644"
+
+
+def test_the_destination_is_made_with_its_parents(tmp_path):
+    archive = write_tar(tmp_path / "ok.tar", [member("ok.txt", data=b"fine")])
+    result = safe_extract(archive, tmp_path / "a" / "b" / "extract")
+    assert result.files == ["ok.txt"] and (tmp_path / "a" / "b" / "extract" / "ok.txt").read_bytes() == b"fine"
+
+
+def test_an_unknown_format_is_named(tmp_path):
+    page = tmp_path / "download.tar.gz"
+    page.write_bytes(b"<html><body>Please log in</body></html>")
+    assert refusal(page, tmp_path / "a") == "download.tar.gz: not a recognised archive format (unknown magic bytes)"
+    assert refusal(page, tmp_path / "b") == refusal(page, tmp_path / "b")
+    with pytest.raises(UnsafeArchive) as caught:
+        safe_extract(page, tmp_path / "c", fmt="rar")
+    assert caught.value.reason == "download.tar.gz: not a recognised archive format (rar)"
+
+
+def test_corrupt_streams_are_corrupt_archives_and_real_io_errors_stay_io_errors(tmp_path, monkeypatch):
+    """bz2 and gzip report bad data as an OSError without errno: that is a corrupt archive. A real I/O
+    error (errno set: a full disk) is not the archive's fault and is raised as it is."""
+    from mirrord.archive import CorruptArchive
+
+    broken = tmp_path / "broken.tar.bz2"
+    broken.write_bytes(b"BZh91AY&SY" + bytes(range(256)) * 4)
+    with pytest.raises(CorruptArchive) as caught:
+        safe_extract(broken, tmp_path / "a")
+    assert str(caught.value).startswith("broken.tar.bz2: OSError: ")
+    archive = write_tar(tmp_path / "ok.tar", [member("ok.txt", data=b"fine")])
+
+    def disk_full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(extract, "write_all", disk_full)
+    with pytest.raises(OSError) as caught:
+        safe_extract(archive, tmp_path / "b")
+    assert caught.value.errno == 28 and not isinstance(caught.value, CorruptArchive)
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def zip_with(path: Path, name: str, data: bytes = b"x", flag_bits: int = 0) -> Path:
+    """A zip of "ok.txt" and `name`, whose flag bits (zipfile writes none) are set in both headers."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ok.txt", "fine")
+        zf.writestr(name, data)
+        offset = zf.getinfo(name).header_offset
+    raw = bytearray(path.read_bytes())
+    central = raw.rindex(b"PK\x01\x02")  # the last entry's record in the central directory
+    assert raw[central + 46:central + 46 + len(name)] == name.encode()
+    for flags_at in (offset + 6, central + 8):  # the local header's flags, then the central directory's
+        raw[flags_at] |= flag_bits
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_zip_members_each_by_their_reason(tmp_path):
+    encrypted = zip_with(tmp_path / "encrypted.zip", "secret.txt", flag_bits=0x1)
+    assert refusal(encrypted, tmp_path / "a") == "encrypted member: 'secret.txt'"
+    plain = zip_with(tmp_path / "plain.zip", "data.txt", flag_bits=0x2)  # another flag bit: fine
+    assert safe_extract(plain, tmp_path / "b").files == ["ok.txt", "data.txt"]
+    with pytest.raises(UnsafeArchive) as caught:
+        safe_extract(plain, tmp_path / "c", max_total_bytes=4)
+    assert caught.value.reason == "declared size exceeds 4 bytes (at 'data.txt')"
+    with pytest.raises(UnsafeArchive) as caught:
+        safe_extract(plain, tmp_path / "d", max_members=1)
+    assert caught.value.reason == "more than 1 members (at 'data.txt')"
+    clash = zip_with(tmp_path / "clash.zip", "ok.txt/inner")
+    assert refusal(clash, tmp_path / "e") == "member below a file: 'ok.txt/inner'"
+
+
+def test_zip_names_in_clashes_with_what_is_on_disk_and_zip_mtimes(tmp_path):
+    """A destination that already holds a file where the zip wants a directory: refused by the writer,
+    naming the member (files, and directory entries). Entry times are the zip's local times."""
+    import time
+    import zipfile
+
+    for entry in ("d/x.txt", "d/"):
+        dest = tmp_path / entry.replace("/", "_")
+        dest.mkdir()
+        (dest / "d").write_text("already here")
+        with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:
+            zf.writestr(entry, "" if entry.endswith("/") else "x")
+        with pytest.raises(UnsafeArchive) as caught:
+            safe_extract(tmp_path / "d.zip", dest)
+        assert caught.value.reason == f"{entry!r}: 'd' exists and is not a directory"
+    with zipfile.ZipFile(tmp_path / "t.zip", "w") as zf:
+        zf.writestr("f.txt", "file")
+        zf.writestr("f.txt/", "")
+    assert refusal(tmp_path / "t.zip", tmp_path / "t") == "dir 'f.txt/' clashes with an earlier file"
+    with zipfile.ZipFile(tmp_path / "when.zip", "w") as zf:
+        zf.writestr(zipfile.ZipInfo("when.txt", date_time=(2021, 7, 1, 12, 30, 10)), "then")
+    safe_extract(tmp_path / "when.zip", tmp_path / "when")
+    assert os.stat(tmp_path / "when" / "when.txt").st_mtime == time.mktime((2021, 7, 1, 12, 30, 10, 0, 0, -1))
+
+
+def test_a_hardlink_into_a_new_directory_and_over_a_directory(tmp_path):
+    archive = write_tar(tmp_path / "links.tar", [member("f", data=b"data"),
+                                                 member("new/sub/h", tarfile.LNKTYPE, linkname="f")])
+    assert safe_extract(archive, tmp_path / "a").files == ["f", "new/sub/h"]
+    assert os.path.samefile(tmp_path / "a" / "f", tmp_path / "a" / "new" / "sub" / "h")
+    w = writer(tmp_path / "b")
+    w.file("f", ("f",), io.BytesIO(b"data"), 0)
+    (tmp_path / "b" / "h").mkdir()
+    with pytest.raises(UnsafeArchive) as caught:
+        w.hardlink("h", ("h",), ("f",))
+    assert caught.value.reason == "'h' would replace an existing directory"
+
+
+# -- reading the formats: gzip members one after another, pre-POSIX tar headers ------------------------------
+class Trickle(io.BytesIO):
+    """A raw file that hands out at most `step` bytes per read, as a slow pipe would."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        super().__init__(data)
+        self.step = step
+
+    def read(self, size: int = -1) -> bytes:
+        return super().read(self.step if size < 0 else min(size, self.step))
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_gzip_members_one_after_another_with_zero_padding_between_and_after(step):
+    import gzip
+
+    parts = [b"first " * 50, b"second " * 3000, b"", b"third"]
+    raw = b"".join(gzip.compress(p, mtime=0) + bytes(i * 300) for i, p in enumerate(parts)) + bytes(5000)
+    stream = extract._GzipStream(Trickle(raw, step))
+    out = b""
+    while chunk := stream.read(4096):
+        assert len(chunk) <= 4096
+        out += chunk
+    assert out == b"".join(parts) and stream.read(4096) == b"" and stream.read() == b""
+
+
+def test_gzip_reads_honour_the_size_asked_and_a_cut_stream_is_an_error():
+    import gzip
+
+    data = bytes(8 * extract.CHUNK)  # one raw read holds all of it: each read must stop at the size asked
+    packed = gzip.compress(data, mtime=0)
+    stream = extract._GzipStream(io.BytesIO(packed))
+    assert len(stream.read(1)) == 1
+    assert 0 < len(stream.read(0)) <= extract.CHUNK and 0 < len(stream.read(-1)) <= extract.CHUNK
+    cut = extract._GzipStream(io.BytesIO(packed[: len(packed) // 2]))
+    with pytest.raises(EOFError):
+        while cut.read():
+            pass
+
+
+def v7_header(name: str = "old.txt", checksum_format: bytes = b"%06o\0 ", linkname: str = "") -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.linkname = 5, linkname
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "latin-1"))
+    header[257:265] = bytes(8)  # no "ustar" magic: a pre-POSIX header
+    header[148:156] = b" " * 8
+    header[148:156] = checksum_format % sum(header)
+    return bytes(header)
+
+
+def test_pre_posix_tar_headers_are_known_by_their_checksum():
+    """Any layout of the octal checksum field that tar programs write, a one-letter name, a checksum
+    whose first digit is not 0 (high bytes in the name); and what is not a header."""
+    assert extract._is_v7_tar_header(v7_header())
+    assert extract._is_v7_tar_header(v7_header("a"))
+    assert extract._is_v7_tar_header(v7_header(checksum_format=b"%07o\0"))
+    assert extract._is_v7_tar_header(v7_header(checksum_format=b" %06o\0"))
+    high = v7_header("\xff" * 99, linkname="\xff" * 99)
+    assert int(high[148:154], 8) >= 0o100000 and extract._is_v7_tar_header(high)
+    assert extract.sniff_format(v7_header() + bytes(512)) == "tar"
+    broken = bytearray(v7_header())
+    broken[148:150] = b"zz"  # not octal
+    assert not extract._is_v7_tar_header(bytes(broken)) and extract.sniff_format(bytes(broken)) is None
+    wrong = bytearray(v7_header())
+    wrong[0] ^= 1  # the sum no longer matches
+    assert not extract._is_v7_tar_header(bytes(wrong))
+    nameless = bytearray(v7_header())
+    nameless[0:100] = bytes(100)
+    nameless[148:156] = b"%06o\0 " % (sum(nameless[:148]) + 256 + sum(nameless[156:]))
+    assert not extract._is_v7_tar_header(bytes(nameless))  # the checksum fits, but a header has a name
+    assert not extract._is_v7_tar_header(bytes(512))
