@@ -500,6 +500,8 @@ def test_pre_posix_tar_headers_are_known_by_their_checksum():
     assert extract._is_v7_tar_header(v7_header("a"))
     assert extract._is_v7_tar_header(v7_header(checksum_format=b"%07o\0"))
     assert extract._is_v7_tar_header(v7_header(checksum_format=b" %06o\0"))
+    assert extract._is_v7_tar_header(v7_header(checksum_format=b"%06o\0\0"))  # NUL-padded
+    assert extract._is_v7_tar_header(v7_header(checksum_format=b"%07o "))  # no NUL at all
     high = v7_header("\xff" * 99, linkname="\xff" * 99)
     assert int(high[148:154], 8) >= 0o100000 and extract._is_v7_tar_header(high)
     assert extract.sniff_format(v7_header() + bytes(512)) == "tar"
@@ -514,3 +516,18 @@ def test_pre_posix_tar_headers_are_known_by_their_checksum():
     nameless[148:156] = b"%06o\0 " % (sum(nameless[:148]) + 256 + sum(nameless[156:]))
     assert not extract._is_v7_tar_header(bytes(nameless))  # the checksum fits, but a header has a name
     assert not extract._is_v7_tar_header(bytes(512))
+
+
+def test_a_hardlink_whose_parent_on_disk_is_a_file(tmp_path):
+    dest = tmp_path / "extract"
+    dest.mkdir()
+    (dest / "d").write_text("already here")
+    archive = write_tar(tmp_path / "l.tar", [member("f", data=b"data"), member("d/h", tarfile.LNKTYPE, linkname="f")])
+    assert refusal_keeping(archive, dest) == "'d/h': 'd' exists and is not a directory"
+
+
+def refusal_keeping(archive: Path, dest: Path) -> str:
+    """The reason, for a destination that held something before (which the refusal leaves)."""
+    with pytest.raises(UnsafeArchive) as caught:
+        safe_extract(archive, dest)
+    return caught.value.reason
