@@ -531,3 +531,56 @@ def refusal_keeping(archive: Path, dest: Path) -> str:
     with pytest.raises(UnsafeArchive) as caught:
         safe_extract(archive, dest)
     return caught.value.reason
+
+
+def test_formats_are_known_from_as_few_bytes_as_they_need(tmp_path):
+    """A POSIX tar from its first 262 bytes ("ustar" at 257), a pre-POSIX one from exactly one block;
+    the head read for sniffing is one block, however large the archive."""
+    posix = member("a.txt")[0].tobuf(tarfile.USTAR_FORMAT)
+    assert extract.sniff_format(posix[:262]) == "tar" and extract.sniff_format(posix[:261]) is None
+    assert extract.sniff_format(v7_header()) == "tar" and extract.sniff_format(v7_header()[:511]) is None
+    big = tmp_path / "big.tar"
+    big.write_bytes(posix + bytes(10 * 1024))
+    assert extract._read_head(big) == posix[:512]
+
+
+def test_a_cut_gzip_stream_is_corrupt_with_the_reason(tmp_path):
+    import gzip
+
+    whole = gzip.compress(write_tar(tmp_path / "t.tar", [member("ok.txt", data=bytes(range(256)) * 64)])
+                          .read_bytes(), mtime=0)
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole[: len(whole) - 20])
+    from mirrord.archive import CorruptArchive
+
+    with pytest.raises(CorruptArchive) as caught:
+        safe_extract(cut, tmp_path / "extract")
+    assert str(caught.value).endswith(
+        "cut.tar.gz: EOFError: compressed file ended before the end-of-stream marker was reached")
+
+
+def test_zip_directory_entries_and_symlinks_in_new_directories(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "dirs.zip", "w") as zf:
+        zf.writestr("d/", "")
+        zf.writestr("d/x.txt", "x")
+        zf.writestr("e/", "")
+        zf.writestr("e/y.txt", "y")
+    assert safe_extract(tmp_path / "dirs.zip", tmp_path / "z").files == ["d/x.txt", "e/y.txt"]
+    archive = write_tar(tmp_path / "links.tar", [member("ok.txt", data=b"fine"),
+                                                 member("new/sub/l", tarfile.SYMTYPE, linkname="../../ok.txt")])
+    safe_extract(archive, tmp_path / "t")
+    assert (tmp_path / "t" / "new" / "sub" / "l").read_bytes() == b"fine"
+
+
+def test_symlinks_meeting_what_is_on_disk(tmp_path):
+    for where, reason in [("x", "'x/l': 'x' exists and is not a directory"),
+                          ("l", "'l' would replace an existing directory")]:
+        dest = tmp_path / where
+        dest.mkdir()
+        (dest / where).mkdir() if where == "l" else (dest / where).write_text("already here")
+        archive = write_tar(tmp_path / f"{where}.tar", [member("ok.txt", data=b"fine"),
+                                                        member(f"{'x/' if where == 'x' else ''}l", tarfile.SYMTYPE,
+                                                               linkname="ok.txt" if where == "l" else "../ok.txt")])
+        assert refusal_keeping(archive, dest) == reason
