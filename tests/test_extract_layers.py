@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,12 @@ FIRST_LAYER = {
     "char_device": ([member("null", tarfile.CHRTYPE)], "device or fifo: 'null'"),
     "block_device": ([member("sda", tarfile.BLKTYPE)], "device or fifo: 'sda'"),
     "root_as_a_file": ([member("./")], "the archive root is not a directory: './'"),
+    "dir_over_a_file": ([member("f"), member("f/", tarfile.DIRTYPE)], "dir 'f' clashes with an earlier file"),
+    "below_a_hardlink": ([member("f"), member("hl", tarfile.LNKTYPE, linkname="f"), member("hl/x")],
+                         "member below a file: 'hl/x'"),
+    "hardlink_over_a_directory": ([member("f"), member("d", tarfile.DIRTYPE), member("d", tarfile.LNKTYPE, linkname="f")],
+                                  "file 'd' clashes with an earlier dir"),
+    "volume_label": ([member("label", b"V")], "unsupported member type b'V': 'label'"),
 }
 
 
@@ -584,3 +591,59 @@ def test_symlinks_meeting_what_is_on_disk(tmp_path):
                                                         member(f"{'x/' if where == 'x' else ''}l", tarfile.SYMTYPE,
                                                                linkname="ok.txt" if where == "l" else "../ok.txt")])
         assert refusal_keeping(archive, dest) == reason
+
+
+def test_tar_limits_name_the_member_and_what_was_counted(tmp_path):
+    archive = write_tar(tmp_path / "three.tar", [member(f"f{i}", data=b"x" * 10) for i in range(3)])
+    with pytest.raises(UnsafeArchive) as caught:
+        safe_extract(archive, tmp_path / "a", max_members=2)
+    assert caught.value.reason == "more than 2 members (at 'f2')"
+    with pytest.raises(UnsafeArchive) as caught:
+        safe_extract(archive, tmp_path / "b", max_total_bytes=25)
+    assert caught.value.reason == "declared size exceeds 25 bytes (at 'f2')"
+
+
+def test_a_repeated_member_replaces_the_earlier_one_and_is_listed_once(tmp_path):
+    archive = write_tar(tmp_path / "again.tar", [member("a", data=b"first"), member("b"), member("a", data=b"second")])
+    assert safe_extract(archive, tmp_path / "x").files == ["a", "b"]
+    assert (tmp_path / "x" / "a").read_bytes() == b"second"
+
+
+def test_a_destination_whose_name_ends_in_a_blank(tmp_path):
+    archive = write_tar(tmp_path / "ok.tar", [member("d/ok.txt", data=b"fine")])
+    assert safe_extract(archive, tmp_path / "dest ").files == ["d/ok.txt"]
+
+
+def test_tar_members_meeting_what_is_on_disk_are_named(tmp_path):
+    for entry, kind, on_disk, reason in [
+        ("x", tarfile.REGTYPE, "x/", "'x' would replace an existing directory"),
+        ("d/", tarfile.DIRTYPE, "d", "'d': 'd' exists and is not a directory"),
+        ("a/b/c", tarfile.REGTYPE, "a/b", "'a/b/c': 'a/b' exists and is not a directory"),
+    ]:
+        dest = tmp_path / entry.replace("/", "_")
+        (dest / on_disk).parent.mkdir(parents=True)
+        (dest / on_disk).mkdir() if on_disk.endswith("/") else (dest / on_disk).write_text("already here")
+        archive = write_tar(tmp_path / "t.tar", [member(entry, kind)])
+        assert refusal_keeping(archive, dest) == reason
+
+
+def test_a_tar_gz_of_many_small_gzip_members_splits_headers_and_data_anywhere(tmp_path):
+    """Each gzip member ends a read, so tar headers and data arrive in pieces at odd places."""
+    import gzip
+
+    plain = write_tar(tmp_path / "t.tar", [member("a.txt", data=b"A" * 700), member("b.txt", data=b"B" * 511),
+                                           member("c.txt", data=b"C" * 1)]).read_bytes()
+    cuts = [0, 100, 700, 1300, 1537, 2049, 2600, len(plain)]
+    (tmp_path / "t.tar.gz").write_bytes(b"".join(gzip.compress(plain[a:b], mtime=0) for a, b in pairwise(cuts)))
+    assert safe_extract(tmp_path / "t.tar.gz", tmp_path / "x").files == ["a.txt", "b.txt", "c.txt"]
+    assert [(tmp_path / "x" / n).read_bytes() for n in ("a.txt", "b.txt", "c.txt")] == [b"A" * 700, b"B" * 511, b"C"]
+
+
+def test_a_tar_cut_inside_a_member_is_corrupt_with_the_reason(tmp_path):
+    from mirrord.archive import CorruptArchive
+
+    plain = write_tar(tmp_path / "t.tar", [member("a.txt", data=b"A" * 5000)]).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(plain[:3000])
+    with pytest.raises(CorruptArchive) as caught:
+        safe_extract(tmp_path / "cut.tar", tmp_path / "x")
+    assert str(caught.value).endswith("cut.tar: ReadError: unexpected end of data")
