@@ -123,11 +123,11 @@ def main() -> int:
         parser.error(f"not in [tool.mirrord.mutation] of pyproject.toml: {unknown}; known: {sorted(modules)}")
     OUT.mkdir(parents=True, exist_ok=True)
     scores_file = OUT / "scores.json"
-    scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
     for module in args.modules or list(modules):
         score = run_module(module, modules[module], shared, args.children)
-        scores[module] = score
-        scores_file.write_text(json.dumps(scores, indent=2) + "\n")
+        # Read again just before writing: another run (another module) may have added its score.
+        scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+        scores_file.write_text(json.dumps({**scores, module: score}, indent=2) + "\n")
         print(report(score), flush=True)
     return 0
 
