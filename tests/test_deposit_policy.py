@@ -20,11 +20,22 @@ from mirrord.jobs.deposit_policy import (
     Equipment,
     decide,
     decide_all,
+    decision_for,
     needs_equipment,
+    plan,
     render_title,
     resolve_equipment,
 )
-from tests.test_deposit_job import facts
+from mirrord.store.models import Dataset, Deposition, utcnow
+from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
+    add_datasets,
+    campaign,
+    config_for,
+    emulator,
+    facts,
+    open_store,
+    served,
+)
 
 T0 = dt.datetime(2026, 3, 10, 9, 31, tzinfo=dt.UTC)
 ALL = {"deposit": "all", "authors": "Smith J."}
@@ -73,6 +84,7 @@ def test_a_deposit_without_pdb_code_carries_title_and_stripped_authors():
 
 def test_titles_collapse_the_blanks_that_empty_fields_leave():
     assert render_title("  {protein}   {sample}  ", facts(protein_acronym=None)) == "A71EV2A-x0152"
+    assert render_title("{sample}|{protein}", facts(sample_name=None)) == "|A71EV2A"
     assert render_title("{beamline}|{protein}", facts(beamline=None, protein_acronym=None)) == "|"
 
 
@@ -159,3 +171,32 @@ def test_equipment_is_resolved_override_first_then_by_name(beamline, section, ex
 ])
 def test_the_archive_root_is_stable_and_safe(overrides, root):
     assert facts(**overrides).archive_root == root
+
+
+# -- the policy over the store: which datasets are considered -----------------------------------------------
+async def test_a_submitted_rival_holds_its_code_after_its_dataset_changed(tmp_path, campaign, served):  # noqa: F811
+    """Kills the mutants of `_considered` that keep only complete datasets: a collection submitted to
+    PDIS, whose files were then found missing, still holds its PDB code; `plan` lists it, and an
+    incomplete dataset without a deposition only when it has one."""
+    config = config_for(tmp_path, served)
+    target = campaign.targets[0]
+    crystal = next(e for e in target.experiments if e.pdb_code)
+    first = next(c for c in campaign.collections if c.sample == crystal.code)
+    again = campaign.add_collection(target.tas, crystal.code, beamline=target.beamline)
+    ours, theirs = await add_datasets(config, campaign, tmp_path / "dls", [again, first])
+    other = next(c for c in campaign.collections if c.sample != crystal.code)
+    [waiting] = await add_datasets(config, campaign, tmp_path / "dls", [other])
+    store = await open_store(config)
+    try:
+        async with store.write() as session:
+            session.add(Deposition(dataset_id=theirs, state="submitted", submitted_at=utcnow(),
+                                   pdb_code=crystal.pdb_code, upload_token="t"))
+            (await session.get(Dataset, theirs)).state = "missing"
+            (await session.get(Dataset, waiting)).state = "waiting"
+        async with store.read() as session:
+            _facts, decision = await decision_for(session, ours, config.pdis)
+            listed = {entry.facts.dataset_id for entry in await plan(session, config.pdis)}
+    finally:
+        await store.close()
+    assert decision.reason == f"superseded by collection {first.collection_id} for PDB {crystal.pdb_code}"
+    assert theirs in listed and ours in listed and waiting not in listed
