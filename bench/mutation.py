@@ -2,6 +2,7 @@
 
     bench/mutation.sh                              every module of [tool.mirrord.mutation] in pyproject.toml
     bench/mutation.sh mirrord/archive/extract.py   one module
+    bench/mutation.sh mirrord/jobs/deposit.py --only '*ǁDepositJobǁ_submit__*'   some of its functions
 
 mutmut 3 makes one small change at a time (a mutant) and runs the tests that reached the changed
 function; a mutant is killed when one of them fails. Each module runs in its own scratch directory,
@@ -75,7 +76,7 @@ def results(work: Path) -> dict[str, str]:
     return dict(line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
 
 
-def run_module(module: str, tests: list[str], shared: dict, children: int) -> dict:
+def run_module(module: str, tests: list[str], shared: dict, children: int, only: list[str]) -> dict:
     # Entries are pytest arguments: test files (checked here), and options such as ["-k", "not slow"].
     missing = [t for t in tests if t.endswith(".py") and not (ROOT / t).exists()]
     if missing:
@@ -83,11 +84,12 @@ def run_module(module: str, tests: list[str], shared: dict, children: int) -> di
     work = scratch(module, tests, shared)
     started = dt.datetime.now(dt.UTC)
     with open(work / "mutmut.log", "w") as log:
-        done = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)],
+        done = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *only],
                               cwd=work, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise SystemExit(f"{module}: mutmut failed (exit {done.returncode}); see {work / 'mutmut.log'}")
-    statuses = results(work)
+    # With --only, the other functions' mutants stay "not checked": the score is of those checked.
+    statuses = {name: status for name, status in results(work).items() if status != "not checked"}
     counts = Counter(statuses.values())
     equivalents = listed_equivalents()
     survivors = sorted(name for name, status in statuses.items() if status not in DETECTED)
@@ -97,7 +99,7 @@ def run_module(module: str, tests: list[str], shared: dict, children: int) -> di
             "equivalent": len(explained), "statuses": dict(counts),
             "minutes": round((dt.datetime.now(dt.UTC) - started).total_seconds() / 60, 1),
             "unexplained": [name for name in survivors if name not in equivalents], "tests": tests,
-            "directory": str(work.relative_to(ROOT))}
+            "only": only, "directory": str(work.relative_to(ROOT))}
 
 
 def report(score: dict) -> str:
@@ -105,7 +107,8 @@ def report(score: dict) -> str:
     pct = 100 * killed / total if total else 100.0
     judged = total - equivalent
     adjusted = 100 * killed / judged if judged else 100.0
-    lines = [f"{score['module']}: {killed}/{total} killed ({pct:.0f}%); {equivalent} listed equivalent, "
+    scope = f" (only {', '.join(score['only'])})" if score["only"] else ""
+    lines = [f"{score['module']}{scope}: {killed}/{total} killed ({pct:.0f}%); {equivalent} listed equivalent, "
              f"{killed}/{judged} of the rest ({adjusted:.0f}%); {score['statuses']}; {score['minutes']} min"]
     lines += [f"    survived: {name}" for name in score["unexplained"]]
     return "\n".join(lines)
@@ -116,6 +119,8 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help="modules to mutate (paths as in pyproject.toml); default all")
     parser.add_argument("--children", type=int, default=int(os.environ.get("MUTATION_CHILDREN", "2")),
                         help="mutants tested at once (default 2, or $MUTATION_CHILDREN)")
+    parser.add_argument("--only", action="append", default=[], metavar="GLOB",
+                        help="only the mutants whose names match (mutmut's names, e.g. '*ǁDepositJobǁ_submit__*')")
     args = parser.parse_args()
     modules, shared = modules_and_config()
     unknown = [m for m in args.modules if m not in modules]
@@ -124,7 +129,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     scores_file = OUT / "scores.json"
     for module in args.modules or list(modules):
-        score = run_module(module, modules[module], shared, args.children)
+        score = run_module(module, modules[module], shared, args.children, args.only)
         # Read again just before writing: another run (another module) may have added its score.
         scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
         scores_file.write_text(json.dumps({**scores, module: score}, indent=2) + "\n")
