@@ -647,3 +647,19 @@ def test_a_tar_cut_inside_a_member_is_corrupt_with_the_reason(tmp_path):
     with pytest.raises(CorruptArchive) as caught:
         safe_extract(tmp_path / "cut.tar", tmp_path / "x")
     assert str(caught.value).endswith("cut.tar: ReadError: unexpected end of data")
+
+
+def test_a_zip_root_entry_is_skipped_not_the_end(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "root.zip", "w") as zf:
+        zf.writestr("./", "")
+        zf.writestr("a.txt", "a")
+    assert safe_extract(tmp_path / "root.zip", tmp_path / "x").files == ["a.txt"]
+
+
+def test_the_ustar_magic_alone_makes_a_tar(tmp_path):
+    """Five bytes "ustar" at 257, whatever follows them and whatever the checksum says."""
+    header = bytearray(member("a.txt")[0].tobuf(tarfile.USTAR_FORMAT))
+    header[148:156] = b"0000000\0"  # a wrong checksum: only the magic can tell
+    assert bytes(header[257:263]) == b"ustar\0" and extract.sniff_format(bytes(header)) == "tar"
