@@ -200,3 +200,39 @@ async def test_a_submitted_rival_holds_its_code_after_its_dataset_changed(tmp_pa
         await store.close()
     assert decision.reason == f"superseded by collection {first.collection_id} for PDB {crystal.pdb_code}"
     assert theirs in listed and ours in listed and waiting not in listed
+
+
+async def test_the_facts_are_read_whole_from_the_store(tmp_path, campaign, served):  # noqa: F811
+    """Kills the mutants of `_facts` that drop or replace one field: every fact the policy (and the
+    packer) reads, from the dataset, its experiment and its deposition."""
+    config = config_for(tmp_path, served)
+    col = next(c for c in campaign.collections if campaign.experiment(c.sample)[1].pdb_code)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
+    store = await open_store(config)
+    try:
+        async with store.write() as session:
+            deposition = Deposition(dataset_id=dataset_id, state="uploaded", upload_token="tok",
+                                    submitted_at=None)
+            session.add(deposition)
+            await session.flush()
+            deposition_id = deposition.id
+        async with store.read() as session:
+            found, _decision = await decision_for(session, dataset_id, config.pdis)
+            row = await session.get(Dataset, dataset_id)
+        async with store.write() as session:
+            (await session.get(Deposition, deposition_id)).submitted_at = utcnow()
+        async with store.read() as session:
+            submitted, _decision = await decision_for(session, dataset_id, config.pdis)
+    finally:
+        await store.close()
+    assert submitted == replace(found, submitted=True)
+    experiment = campaign.experiment(col.sample)[1]
+    assert found == facts(
+        dataset_id=dataset_id, dataset_state="complete", collection_id=col.collection_id, proposal=row.proposal,
+        beamline=col.beamline, session_name=col.session, sample_name=col.sample, protein_acronym=row.protein_acronym,
+        local_dir=row.local_dir, files=tuple(row.files), total_bytes=row.total_bytes,
+        experiment_type=col.experiment_type, number_of_images=col.images, collected_at=row.end,
+        experiment_code=col.sample, pdb_code=experiment.pdb_code, deposition_id=deposition_id,
+        deposition_state="uploaded", uploaded=True, submitted=False)
+    assert found.protein_acronym and found.total_bytes and found.files and found.collected_at is not None
+    assert found.collected_at != row.start  # the end time, not the start
