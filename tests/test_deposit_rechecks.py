@@ -14,10 +14,15 @@ import datetime as dt
 import pytest
 from sqlalchemy import select
 
+from mirrord.clients.pdis import PdisClient
+from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs.base import JobContext, RunResult
-from mirrord.jobs.deposit import DepositJob
+from mirrord.jobs.deposit import DepositJob, pack_for_deposit
+from mirrord.jobs.deposit_policy import decision_for
 from mirrord.store.models import Dataset, Deposition, Event, Experiment, utcnow
 from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
+    PASSWORD,
+    USER,
     add_datasets,
     campaign,
     config_for,
@@ -140,3 +145,43 @@ async def test_the_decision_pass_leaves_a_leased_deposition_alone(tmp_path, camp
     assert list(moved) == [str(rows[free_id].id)]
     assert served.requests.entries == []  # a decision pass under the linked policy asks PDIS nothing
 
+
+
+# -- an adopted upload whose verdict was never heard is deleted and sent again ------------------------------
+async def test_an_adopted_upload_is_deleted_and_recorded_as_to_be_uploaded_again(  # noqa: F811
+        tmp_path, campaign, emulator, served, monkeypatch):  # noqa: F811
+    """Kills the mutants of `_upload_again`: an earlier upload whose answer was lost is adopted (409),
+    but PDIS's verdict on it was never heard, so it is deleted and the row goes back to `packed` with
+    everything of that upload forgotten, in one recorded step (no failure, no retry). The next upload
+    is held back here to look at that step alone."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+    store = await open_store(config)
+    async with store.read() as session:
+        found, _decision = await decision_for(session, dataset_id, config.pdis)
+    packed = pack_for_deposit(found, tmp_path / "earlier.tar.zst", level=config.pdis.zstd_level)
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        earlier = await client.upload(packed.path)
+    uploads = []
+    original = DepositJob._upload
+
+    async def first_upload_only(self, dep, result):
+        uploads.append(dep.state)
+        if len(uploads) == 1:
+            await original(self, dep, result)
+
+    monkeypatch.setattr(DepositJob, "_upload", first_upload_only)
+    outcome = await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    async with store.read() as session:
+        reasons = (await session.scalars(select(Event.reason).where(Event.item_id == str(row.id))
+                                         .order_by(Event.id))).all()
+    await store.close()
+    assert outcome.exit_code == 0 and not outcome.failed
+    assert (row.state, row.attempts, row.last_error) == ("packed", 0, None)
+    assert (row.upload_token, row.server_md5, row.server_size, row.pdis_status, row.detected_pdb) == (None,) * 5
+    assert reasons[-1] == ("PDIS's upload answer was lost: deleted the upload and uploading again to hear "
+                           "its verdict")
+    assert served.requests.count("DELETE", DELETE) == 1 and earlier.token not in emulator.held
+    assert served.requests.count("POST", SUBMIT) == 0 and uploads[1:] == ["packed"]
