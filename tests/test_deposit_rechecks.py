@@ -82,9 +82,11 @@ async def test_a_decision_changed_after_the_upload_stops_the_submit(tmp_path, ca
 
     emulator.step_seconds = None  # the rival's made-up token is never read: keep its clock still
     served.requests.clear()
-    await run(config, horizon=0)
+    outcome = await run(config, horizon=0)
     row = (await depositions(config))[dataset_id]
     assert (row.state, row.status_details) == ("not_deposited", reason)
+    # In one step, not by a failure and the paths that recover from it.
+    assert not outcome.failed and (row.attempts, row.last_error) == (0, None)
     assert served.requests.count("POST", SUBMIT) == 0 and not emulator.submissions_by_md5
     assert served.requests.count("DELETE", DELETE) == 1 and emulator.held == {}
     assert row.spool_removed_at is not None
