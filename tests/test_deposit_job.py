@@ -34,7 +34,7 @@ from mirrord.jobs.base import aware
 from mirrord.jobs.deposit import pack_for_deposit
 from mirrord.jobs.deposit_policy import DatasetFacts, decide, decide_all, decision_for, render_title
 from mirrord.store import Store, migrate
-from mirrord.store.models import Dataset, Deposition, Event, Experiment, Target
+from mirrord.store.models import Dataset, Deposition, Event, Experiment, JobRun, Target
 from mirrord.store.models import Session as SessionRow
 from tests.conftest import make_config
 from tests.ispyb_openapi import ispyb_emulator_factory  # noqa: F401 - pytest fixture
@@ -132,6 +132,18 @@ async def depositions(config) -> dict[int, Deposition]:
             return {d.dataset_id: d for d in (await session.scalars(select(Deposition))).all()}
     finally:
         await store.close()
+
+
+async def step_failures(config) -> int:
+    """Item steps that failed in any run so far. The job recovers from most by another path, so a test
+    that only looks at the end state does not see a step that broke."""
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        async with store.read() as session:
+            counters = (await session.scalars(select(JobRun.counters).where(JobRun.job == "pdis"))).all()
+    finally:
+        await store.close()
+    return sum(c.get("failures", 0) for c in counters)
 
 
 def spool_files(config) -> list[str]:
@@ -247,7 +259,7 @@ async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, 
     unlinked = [r for r in rows.values() if r.state == "not_deposited"]
     assert len(unlinked) == 2 and all("has no PDB code yet" in r.status_details for r in unlinked)
     assert_exactly_once(emulator, [r for r in rows.values() if r.state == "published"])
-    assert (submits(served), deletes(served)) == (4, 0)
+    assert (submits(served), deletes(served)) == (4, 0) and await step_failures(config) == 0
     async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
                           token_file=tmp_path / "t") as client:
         remote = {s.md5hash: s for s in await client.submissions()}
@@ -294,6 +306,7 @@ async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campa
     rows = await depositions(config)
     assert (rows[latest_id].state, rows[latest_id].status_details) == ("not_deposited", superseded)
     assert uploads(served) == submits(served) == 1 and list(emulator.submissions_by_md5.values()) == [1]
+    assert await step_failures(config) == 0
     # `mirrord plan` shows each decision with its reason.
     path = tmp_path / "plan.toml"
     path.write_text(f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\n')
@@ -337,6 +350,7 @@ async def test_pdis_upload_answer_is_heard_before_the_submit(tmp_path, campaign,
         assert (submits(served), deletes(served)) == (1, 0)
         return
     assert (submits(served), deletes(served)) == (0, 1) and not emulator.submissions_by_md5
+    assert await step_failures(config) == 0
     assert emulator.held == {} and row.pdis_status == "deleted"  # the upload was withdrawn
     if scenario == "detected_another":
         assert (row.state, row.detected_pdb) == ("needs_attention", "9ZZZ") and outcome.attention
@@ -431,6 +445,7 @@ async def test_error_no_data_from_pdis_needs_attention(tmp_path, campaign, emula
     assert (row.state, row.pdis_status) == ("needs_attention", "error_no_data")
     assert "No diffraction images" in row.status_details and outcome.attention
     assert emulator.submissions_by_md5[row.tar_md5] == 1 == submits(served)
+    assert await step_failures(config) == 0
 
 
 async def test_md5_mismatch_is_never_submitted(tmp_path, campaign, emulator, served):
@@ -443,6 +458,7 @@ async def test_md5_mismatch_is_never_submitted(tmp_path, campaign, emulator, ser
     assert row.server_md5 != row.tar_md5 and row.upload_token
     assert not emulator.submissions_by_md5 and submits(served) == 0
     assert deletes(served) == 1  # the damaged copy is not left behind
+    assert await step_failures(config) == 0
     assert outcome.attention
 
 
@@ -481,7 +497,7 @@ async def test_conflict_adopts_the_earlier_upload_without_a_second_submission(tm
     assert served.requests.count("POST", "/api/v1/upload/") == 3
     assert row.upload_token != earlier.token and earlier.token not in emulator.held
     assert emulator.uploads_by_md5[packed.tar_md5] == 2 and row.pdb_exists is False
-    assert (submits(served), deletes(served)) == (1, 1)
+    assert (submits(served), deletes(served)) == (1, 1) and await step_failures(config) == 0
 
 
 async def test_a_lost_submit_answer_is_recorded_not_repeated(tmp_path, campaign, emulator, served):
@@ -507,6 +523,7 @@ async def test_a_lost_submit_answer_is_recorded_not_repeated(tmp_path, campaign,
     assert (await depositions(config))[dataset_id].state == "published"
     assert emulator.submissions_by_md5[row.tar_md5] == 1
     assert submits(served) == 1  # the status was read; no second submit for PDIS to refuse
+    assert await step_failures(config) == 0
 
 
 async def test_waiting_for_spool_space_and_changed_files(tmp_path, campaign, emulator, served, monkeypatch):
