@@ -55,6 +55,9 @@ ALL = {"deposit": "all", "authors": "Smith J."}
     ({}, {"pdb_code": "5ABC", "number_of_images": 9},
      "not deposited: 9 images: a screening shot, not a dataset (min_images = 10)"),
     ({}, {"pdb_code": "5ABC", "number_of_images": 10}, "deposit as 5ABC"),
+    ({"min_images": 1}, {"pdb_code": "5ABC", "number_of_images": None},
+     "not deposited: 0 images: a screening shot, not a dataset (min_images = 1)"),
+    ({"deposit": "none"}, {"pdb_code": "5ABC"}, "not deposited: policy: deposit = none"),
     ({"experiment_types": ["OSC", "SAD"]}, {"pdb_code": "5ABC", "experiment_type": "Mesh"},
      "not deposited: experiment type Mesh is not a rotation dataset (deposited: OSC, SAD)"),
     ({"experiment_types": ["osc"]}, {"pdb_code": "5ABC", "experiment_type": "OSC"}, "deposit as 5ABC"),
@@ -69,7 +72,9 @@ ALL = {"deposit": "all", "authors": "Smith J."}
     ({**ALL, "title_template": "{0}"}, {}, "not deposited: title_template cannot be filled in: '0'"),
 ])
 def test_policy_edges(section, overrides, expected):
-    assert decide(facts(**overrides), PdisSection(**section)).summary == expected
+    decision = decide(facts(**overrides), PdisSection(**section))
+    assert decision.summary == expected
+    assert decision.deposit is expected.startswith("deposit as")  # a bool: `plan --json` prints it
 
 
 def test_a_deposit_without_pdb_code_carries_title_and_stripped_authors():
@@ -135,6 +140,10 @@ def test_one_winner_per_pdb_code_by_stage_then_preference():
     # Codes are compared without case; different codes do not compete.
     assert winners([rival(1, 0, pdb_code="5abc"), rival(2, 15, pdb_code="5ABC")]) == [2]
     assert winners([rival(1, 0), rival(2, 15, pdb_code="6DEF")]) == [1, 2]
+    assert decide_all([older, newer], PdisSection())[1].deposit is False
+    # Without a PDB code nothing competes: every unlinked dataset goes (policy: all).
+    unlinked = [rival(1, 0, pdb_code=None), rival(2, 15, pdb_code=None)]
+    assert winners(unlinked, **ALL) == [1, 2]
 
 
 def test_a_stopped_deposition_that_reached_pdis_still_holds_its_code():
