@@ -134,16 +134,31 @@ async def depositions(config) -> dict[int, Deposition]:
         await store.close()
 
 
-async def step_failures(config) -> int:
-    """Item steps that failed in any run so far. The job recovers from most by another path, so a test
-    that only looks at the end state does not see a step that broke."""
+async def counted(config, key: str) -> int:
+    """A counter of the deposition job, summed over every run so far."""
     store = Store(config.daemon.resolved_database_url)
     try:
         async with store.read() as session:
             counters = (await session.scalars(select(JobRun.counters).where(JobRun.job == "pdis"))).all()
     finally:
         await store.close()
-    return sum(c.get("failures", 0) for c in counters)
+    return sum(c.get(key, 0) for c in counters)
+
+
+async def step_failures(config) -> int:
+    """Item steps that failed in any run so far. The job recovers from most by another path, so a test
+    that only looks at the end state does not see a step that broke."""
+    return await counted(config, "failures")
+
+
+async def last_reason(config, deposition_id: int) -> str:
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        async with store.read() as session:
+            return (await session.scalars(select(Event.reason).where(
+                Event.item_type == "deposition", Event.item_id == str(deposition_id)).order_by(Event.id.desc()))).first()
+    finally:
+        await store.close()
 
 
 def spool_files(config) -> list[str]:
@@ -350,7 +365,8 @@ async def test_pdis_upload_answer_is_heard_before_the_submit(tmp_path, campaign,
         assert (submits(served), deletes(served)) == (1, 0)
         return
     assert (submits(served), deletes(served)) == (0, 1) and not emulator.submissions_by_md5
-    assert await step_failures(config) == 0
+    assert await step_failures(config) == 0 and await counted(config, "withdrawn") == 1
+    assert await last_reason(config, row.id) == row.status_details  # why, in the record of the last step too
     assert emulator.held == {} and row.pdis_status == "deleted"  # the upload was withdrawn
     if scenario == "detected_another":
         assert (row.state, row.detected_pdb) == ("needs_attention", "9ZZZ") and outcome.attention
