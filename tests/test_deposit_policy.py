@@ -58,6 +58,8 @@ ALL = {"deposit": "all", "authors": "Smith J."}
     ({"min_images": 1}, {"pdb_code": "5ABC", "number_of_images": None},
      "not deposited: 0 images: a screening shot, not a dataset (min_images = 1)"),
     ({"deposit": "none"}, {"pdb_code": "5ABC"}, "not deposited: policy: deposit = none"),
+    ({}, {"pdb_code": "5ABC", "dataset_state": "waiting"}, "not deposited: dataset is waiting, not complete"),
+    ({}, {}, "not deposited: not linked to a Fragalysis experiment (policy: linked)"),
     ({"experiment_types": ["OSC", "SAD"]}, {"pdb_code": "5ABC", "experiment_type": "Mesh"},
      "not deposited: experiment type Mesh is not a rotation dataset (deposited: OSC, SAD)"),
     ({"experiment_types": ["osc"]}, {"pdb_code": "5ABC", "experiment_type": "OSC"}, "deposit as 5ABC"),
