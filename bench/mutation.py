@@ -15,6 +15,10 @@ Prints each module's score (killed / total; a timeout counts as killed: the test
 the surviving mutants by name (`mutmut show NAME`, run in the module's directory, prints the change),
 and those listed as equivalent in docs/mutation-equivalents.md. The scores go to
 bench/out/mutation/scores.json as well.
+
+To check survivors again after writing tests for them, without running the whole module: copy the
+test files into the module's directory (tests/ and mutants/tests/), then `python -m mutmut run NAME...`
+and `python -m mutmut results --all true` there.
 """
 
 from __future__ import annotations
