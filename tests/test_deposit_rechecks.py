@@ -13,6 +13,7 @@ import datetime as dt
 
 import pytest
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
 from mirrord.clients.pdis import PdisClient
 from mirrord.emulators.pdis import PdisEmulator
@@ -28,6 +29,7 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     config_for,
     depositions,
     emulator,
+    last_reason,
     open_store,
     run,
     served,
@@ -85,8 +87,9 @@ async def test_a_decision_changed_after_the_upload_stops_the_submit(tmp_path, ca
     outcome = await run(config, horizon=0)
     row = (await depositions(config))[dataset_id]
     assert (row.state, row.status_details) == ("not_deposited", reason)
-    # In one step, not by a failure and the paths that recover from it.
+    # In one step, not by a failure and the paths that recover from it, and recorded with its reason.
     assert not outcome.failed and (row.attempts, row.last_error) == (0, None)
+    assert await last_reason(config, row.id) == f"not deposited: {reason}"
     assert served.requests.count("POST", SUBMIT) == 0 and not emulator.submissions_by_md5
     assert served.requests.count("DELETE", DELETE) == 1 and emulator.held == {}
     assert row.spool_removed_at is not None
@@ -187,3 +190,19 @@ async def test_an_adopted_upload_is_deleted_and_recorded_as_to_be_uploaded_again
                            "its verdict")
     assert served.requests.count("DELETE", DELETE) == 1 and earlier.token not in emulator.held
     assert served.requests.count("POST", SUBMIT) == 0 and uploads[1:] == ["packed"]
+
+
+async def test_a_delete_that_fails_is_logged_with_its_error(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills the mutants of `_delete_remote`'s warning: a damaged upload is never submitted, and when
+    PDIS will not delete it either, the operator is told why (the upload waits on PDIS)."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+    emulator.damage_next_uploads = 1
+    served.faults.inject(DELETE, *["503"] * 10)  # more than the client's retries
+    with capture_logs() as logs:
+        await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "needs_attention" and row.status_details.startswith("integrity")
+    failed = [entry for entry in logs if entry["event"] == "pdis.delete_failed"]
+    assert len(failed) == 1 and "503" in failed[0]["error"] and failed[0]["log_level"] == "warning"
+    assert served.requests.count("POST", SUBMIT) == 0
