@@ -206,3 +206,43 @@ async def test_a_delete_that_fails_is_logged_with_its_error(tmp_path, campaign, 
     failed = [entry for entry in logs if entry["event"] == "pdis.delete_failed"]
     assert len(failed) == 1 and "503" in failed[0]["error"] and failed[0]["log_level"] == "warning"
     assert served.requests.count("POST", SUBMIT) == 0
+
+
+async def test_an_upload_gone_from_pdis_before_the_submit_is_uploaded_again(tmp_path, campaign, emulator,  # noqa: F811
+                                                                            served, monkeypatch):  # noqa: F811
+    """Kills the mutants of `_submit`'s NotFound branch: the upload vanished from PDIS (deleted by a
+    person) between the upload and the submit. The row goes back to `packed` in one recorded step,
+    everything of the gone upload forgotten; then the archive is uploaded again and submitted once."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_uploaded(config, monkeypatch)
+    gone = (await depositions(config))[dataset_id]
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        await client.delete(gone.upload_token)
+    with monkeypatch.context() as patch:
+        patch.setattr(DepositJob, "_upload", lambda self, dep, result: asyncio.sleep(0))
+        outcome = await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert not outcome.failed and (row.state, row.attempts) == ("packed", 0)
+    assert (row.upload_token, row.server_md5, row.server_size, row.pdis_status) == (None,) * 4
+    assert await last_reason(config, row.id) == "the upload is no longer on PDIS: uploading again"
+    assert (await run(config)).exit_code == 0
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "published" and row.upload_token != gone.upload_token
+    assert served.requests.count("POST", SUBMIT) == 1 and served.requests.count("POST", "/api/v1/upload/") == 2
+
+
+async def test_a_pdb_id_detected_in_data_we_would_send_as_other(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills the mutants of `_pdis_says_stop`'s wording for a submission without a PDB code: PDIS finds
+    one in the data (here in the sample's name), which needs a person, not an "other" dataset."""
+    target = campaign.targets[0]
+    col = campaign.add_collection(target.tas, "5XYZ-soak", beamline=target.beamline)
+    config = config_for(tmp_path, served, deposit="all", authors="Smith J.")
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col], link=False)
+    outcome = await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.detected_pdb, row.pdis_status) == ("needs_attention", "5XYZ", "deleted")
+    assert row.status_details == ("PDIS detected PDB 5XYZ in the data, we would submit it as other: "
+                                  "not submitted, upload withdrawn")
+    assert outcome.attention and served.requests.count("POST", SUBMIT) == 0
