@@ -21,6 +21,7 @@ import fabio
 import numpy as np
 import pytest
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
 from mirrord import cli
 from mirrord.clients.pdis import PdisClient
@@ -357,8 +358,12 @@ async def test_pdis_upload_answer_is_heard_before_the_submit(tmp_path, campaign,
     else:
         emulator.existing_pdb_ids.add(code)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
-    outcome = await run(config)
+    with capture_logs() as logs:
+        outcome = await run(config)
     row = (await depositions(config))[dataset_id]
+    told = [(e["log_level"], e.get("deposition"), e.get("pdb_code")) for e in logs
+            if e["event"] == "deposition.already_in_pdis"]
+    assert told == ([("info", row.id, code)] if scenario == "exists" else [])
     if scenario == "exists_allowed":
         assert (row.state, row.pdb_exists) == ("published", True)
         assert_exactly_once(emulator, [row])
