@@ -21,6 +21,7 @@ import fabio
 import numpy as np
 import pytest
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
 from mirrord import cli
 from mirrord.clients.pdis import PdisClient
@@ -34,7 +35,7 @@ from mirrord.jobs.base import aware
 from mirrord.jobs.deposit import pack_for_deposit
 from mirrord.jobs.deposit_policy import DatasetFacts, decide, decide_all, decision_for, render_title
 from mirrord.store import Store, migrate
-from mirrord.store.models import Dataset, Deposition, Event, Experiment, Target
+from mirrord.store.models import Dataset, Deposition, Event, Experiment, JobRun, Target
 from mirrord.store.models import Session as SessionRow
 from tests.conftest import make_config
 from tests.ispyb_openapi import ispyb_emulator_factory  # noqa: F401 - pytest fixture
@@ -134,12 +135,49 @@ async def depositions(config) -> dict[int, Deposition]:
         await store.close()
 
 
+async def counted(config, key: str) -> int:
+    """A counter of the deposition job, summed over every run so far."""
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        async with store.read() as session:
+            counters = (await session.scalars(select(JobRun.counters).where(JobRun.job == "pdis"))).all()
+    finally:
+        await store.close()
+    return sum(c.get(key, 0) for c in counters)
+
+
+async def step_failures(config) -> int:
+    """Item steps that failed in any run so far. The job recovers from most by another path, so a test
+    that only looks at the end state does not see a step that broke."""
+    return await counted(config, "failures")
+
+
+async def last_reason(config, deposition_id: int) -> str:
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        async with store.read() as session:
+            return (await session.scalars(select(Event.reason).where(
+                Event.item_type == "deposition", Event.item_id == str(deposition_id)).order_by(Event.id.desc()))).first()
+    finally:
+        await store.close()
+
+
 def spool_files(config) -> list[str]:
     return sorted(p.name for p in config.spool_dir.iterdir()) if config.spool_dir.exists() else []
 
 
 def uploads(served: Served) -> int:
     return served.requests.count("POST", "/api/v1/upload/")
+
+
+def submits(served: Served) -> int:
+    """Submit requests PDIS received, accepted or not: the end state alone cannot tell a second submit
+    that PDIS refused (409) from one never sent."""
+    return served.requests.count("POST", "/api/v1/submit/")
+
+
+def deletes(served: Served) -> int:
+    return served.requests.count("DELETE", "/api/v1/submissions/")
 
 
 def assert_exactly_once(emulator: PdisEmulator, rows: list[Deposition]) -> None:
@@ -237,6 +275,7 @@ async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, 
     unlinked = [r for r in rows.values() if r.state == "not_deposited"]
     assert len(unlinked) == 2 and all("has no PDB code yet" in r.status_details for r in unlinked)
     assert_exactly_once(emulator, [r for r in rows.values() if r.state == "published"])
+    assert (submits(served), deletes(served)) == (4, 0) and await step_failures(config) == 0
     async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
                           token_file=tmp_path / "t") as client:
         remote = {s.md5hash: s for s in await client.submissions()}
@@ -259,6 +298,7 @@ async def test_linked_datasets_are_published_once_with_their_pdb_code(tmp_path, 
     row = (await depositions(config))[waiting.dataset_id]
     assert (row.state, row.pdb_code) == ("published", "7ZZZ")
     assert set(emulator.submissions_by_md5.values()) == {1} and len(emulator.submissions_by_md5) == 5
+    assert (submits(served), deletes(served)) == (5, 0)
 
 
 async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campaign, emulator, served, capsys):
@@ -281,7 +321,8 @@ async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campa
     assert (await run(config)).exit_code == 0
     rows = await depositions(config)
     assert (rows[latest_id].state, rows[latest_id].status_details) == ("not_deposited", superseded)
-    assert uploads(served) == 1 and list(emulator.submissions_by_md5.values()) == [1]
+    assert uploads(served) == submits(served) == 1 and list(emulator.submissions_by_md5.values()) == [1]
+    assert await step_failures(config) == 0
     # `mirrord plan` shows each decision with its reason.
     path = tmp_path / "plan.toml"
     path.write_text(f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\n')
@@ -317,13 +358,20 @@ async def test_pdis_upload_answer_is_heard_before_the_submit(tmp_path, campaign,
     else:
         emulator.existing_pdb_ids.add(code)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
-    outcome = await run(config)
+    with capture_logs() as logs:
+        outcome = await run(config)
     row = (await depositions(config))[dataset_id]
+    told = [(e["log_level"], e.get("deposition"), e.get("pdb_code")) for e in logs
+            if e["event"] == "deposition.already_in_pdis"]
+    assert told == ([("info", row.id, code)] if scenario == "exists" else [])
     if scenario == "exists_allowed":
         assert (row.state, row.pdb_exists) == ("published", True)
         assert_exactly_once(emulator, [row])
+        assert (submits(served), deletes(served)) == (1, 0)
         return
-    assert served.requests.count("POST", "/api/v1/submit/") == 0 and not emulator.submissions_by_md5
+    assert (submits(served), deletes(served)) == (0, 1) and not emulator.submissions_by_md5
+    assert await step_failures(config) == 0 and await counted(config, "withdrawn") == 1
+    assert await last_reason(config, row.id) == row.status_details  # why, in the record of the last step too
     assert emulator.held == {} and row.pdis_status == "deleted"  # the upload was withdrawn
     if scenario == "detected_another":
         assert (row.state, row.detected_pdb) == ("needs_attention", "9ZZZ") and outcome.attention
@@ -339,6 +387,7 @@ async def test_pdis_upload_answer_is_heard_before_the_submit(tmp_path, campaign,
         row = (await depositions(config))[dataset_id]
         assert (row.state, row.pdb_exists) == ("published", True)
         assert_exactly_once(emulator, [row])
+        assert (submits(served), deletes(served)) == (1, 1)
 
 
 async def test_all_policy_maps_equipment_with_override_and_fallback(tmp_path, campaign, emulator, served):
@@ -367,7 +416,7 @@ async def test_dry_run_records_decisions_and_uploads_nothing(tmp_path, campaign,
     assert (await run(config)).exit_code == 0
     states = sorted(r.state for r in (await depositions(config)).values())
     assert states == ["dry_run"] * 4 + ["not_deposited"] * 2
-    assert uploads(served) == 0 and not emulator.uploads_by_md5 and spool_files(config) == []
+    assert uploads(served) == submits(served) == 0 and not emulator.uploads_by_md5 and spool_files(config) == []
     # Switching the dry run off deposits what was decided.
     config = config_for(tmp_path, served)
     assert (await run(config)).exit_code == 0
@@ -416,7 +465,8 @@ async def test_error_no_data_from_pdis_needs_attention(tmp_path, campaign, emula
     row = (await depositions(config))[dataset_id]
     assert (row.state, row.pdis_status) == ("needs_attention", "error_no_data")
     assert "No diffraction images" in row.status_details and outcome.attention
-    assert emulator.submissions_by_md5[row.tar_md5] == 1
+    assert emulator.submissions_by_md5[row.tar_md5] == 1 == submits(served)
+    assert await step_failures(config) == 0
 
 
 async def test_md5_mismatch_is_never_submitted(tmp_path, campaign, emulator, served):
@@ -427,8 +477,9 @@ async def test_md5_mismatch_is_never_submitted(tmp_path, campaign, emulator, ser
     row = (await depositions(config))[dataset_id]
     assert row.state == "needs_attention" and row.status_details.startswith("integrity")
     assert row.server_md5 != row.tar_md5 and row.upload_token
-    assert not emulator.submissions_by_md5 and served.requests.count("POST", "/api/v1/submit/") == 0
-    assert served.requests.count("DELETE", "/api/v1/submissions/") == 1  # the damaged copy is not left behind
+    assert not emulator.submissions_by_md5 and submits(served) == 0
+    assert deletes(served) == 1  # the damaged copy is not left behind
+    assert await step_failures(config) == 0
     assert outcome.attention
 
 
@@ -467,6 +518,7 @@ async def test_conflict_adopts_the_earlier_upload_without_a_second_submission(tm
     assert served.requests.count("POST", "/api/v1/upload/") == 3
     assert row.upload_token != earlier.token and earlier.token not in emulator.held
     assert emulator.uploads_by_md5[packed.tar_md5] == 2 and row.pdb_exists is False
+    assert (submits(served), deletes(served)) == (1, 1) and await step_failures(config) == 0
 
 
 async def test_a_lost_submit_answer_is_recorded_not_repeated(tmp_path, campaign, emulator, served):
@@ -491,6 +543,8 @@ async def test_a_lost_submit_answer_is_recorded_not_repeated(tmp_path, campaign,
     assert (await run(config)).exit_code == 0
     assert (await depositions(config))[dataset_id].state == "published"
     assert emulator.submissions_by_md5[row.tar_md5] == 1
+    assert submits(served) == 1  # the status was read; no second submit for PDIS to refuse
+    assert await step_failures(config) == 0
 
 
 async def test_waiting_for_spool_space_and_changed_files(tmp_path, campaign, emulator, served, monkeypatch):

@@ -117,6 +117,12 @@ def attachments(emulator: DesignHubEmulator) -> int:
     return sum(len(v) for v in emulator.attachments.values())
 
 
+def attach_requests(served: Served) -> int:
+    """Every attach request Design Hub received, landed or not: an attach cannot be taken back, so the
+    tests count the sends as well as what was kept."""
+    return served.requests.count("POST", "/api/compounds/", "/attach")
+
+
 def experiment_compounds(campaign: Campaign) -> list[str]:
     return [e.ligand.designhub_id for t in campaign.targets for e in t.experiments]
 
@@ -186,11 +192,12 @@ async def test_attaches_evidence_once_across_restarts_and_unchanged_uploads(tmp_
     assert attachment.visibility == "internal"
     assert emulator.tags[exp.ligand.designhub_id] == ["crystal-structure"]
     total = attachments(emulator)
+    assert attach_requests(served) == total
 
     await run(config)  # a restart: new process, same state
     await mirror_upload(config, campaign, 2)  # a new upload with the same evidence
     await run(config)
-    assert attachments(emulator) == total == len(ids)
+    assert attachments(emulator) == total == len(ids) == attach_requests(served)
     assert all(len(emulator.attachments[i]) == 1 for i in ids)
     rows = await query(config, select(Annotation.state, Annotation.compound_id, Annotation.match_method))
     assert len(rows) == len(ids) and {r.state for r in rows} == {"attached"}
@@ -208,7 +215,7 @@ async def test_changed_evidence_attaches_the_new_version_once(tmp_path, served, 
         await app.run_once()
     compound = exp.ligand.designhub_id
     assert len(emulator.attachments[compound]) == 2
-    assert attachments(emulator) == len(experiment_compounds(campaign)) + 1
+    assert attachments(emulator) == len(experiment_compounds(campaign)) + 1 == attach_requests(served)
     assert "refined" in next(f.content.decode() for f in emulator.attachments[compound][1].files
                              if f.name.endswith(".sdf"))
     states = [s for (s,) in await query(config, select(Annotation.state).where(
@@ -255,6 +262,7 @@ async def test_renamed_compound_is_not_attached_twice(tmp_path, served, emulator
         await mirror_upload(config, campaign, 3, sdf_override={exp.code: sdf_text(exp) + "> <v>\n2\n\n$$$$\n"})
         await app.run_once()
     assert len(emulator.attachments[new_id]) == 2
+    assert attach_requests(served) == len(experiment_compounds(campaign)) + 1
     aliases = dict(await query(config, select(Compound.id, Compound.current_id).where(Compound.id == old_id)))
     assert aliases == {old_id: new_id}
 
@@ -287,14 +295,14 @@ async def test_crash_between_attach_and_record_does_not_attach_twice(tmp_path, s
     monkeypatch.setattr(DesignHubJob, "_record_attached", crash_once)
     with pytest.raises(_Crash):
         await run(config)
-    assert attachments(emulator) == 1  # it landed, and was not recorded
+    assert attachments(emulator) == 1 == attach_requests(served)  # it landed, and was not recorded
     assert await query(config, select(Annotation.state).where(Annotation.state == "attaching"))
 
     outcome = await run(config)  # the restart
     assert outcome.exit_code == 0
     ids = experiment_compounds(campaign)
     assert all(len(emulator.attachments[i]) == 1 for i in ids)
-    assert attachments(emulator) == len(ids)
+    assert attachments(emulator) == len(ids) == attach_requests(served)  # the landed one was not sent again
     reasons = [r for (r,) in await query(config, select(Event.reason).where(Event.to_state == "tagging"))]
     assert sum("at-most-once" in r for r in reasons) == 1
     assert not await query(config, select(KeyValue.key).where(KeyValue.key.like("designhub.attach.%")))

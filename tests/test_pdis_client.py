@@ -339,6 +339,41 @@ async def test_delete_rules(env):
         assert [s.token for s in await client.submissions()] == [in_flight]
 
 
+async def test_submit_and_delete_reach_pdis_exactly_as_often_as_meant(env):
+    """The irreversible calls counted where they happen, in the emulator's request log (issue 23).
+    A submit whose answer is lost is not sent again (the caller reads the status instead); a submit
+    refused for its token is sent once more, as PDIS refused it before acting; a delete is retried
+    after a server error, never after PDIS's "no"."""
+    def submits() -> int:
+        return env.served.requests.count("POST", "/api/v1/submit/")
+
+    def deletes() -> int:
+        return env.served.requests.count("DELETE", "/api/v1/submissions/")
+
+    async with env.client() as client:
+        tokens = []
+        for name in ("lost", "revoked", "deleted"):
+            write_tar_zst(env.tmp / f"{name}.tar.zst", {f"{name}_0001.cbf": CBF})
+            tokens.append((await client.upload(env.tmp / f"{name}.tar.zst")).token)
+        lost, revoked, deleted = tokens
+        env.served.faults.inject("/api/v1/submit/", "truncate")  # PDIS acts, its answer is cut short
+        with pytest.raises(TransientError):
+            await client.submit(lost, OTHER)
+        assert submits() == 1 and (await client.submission(lost)).status == "submitted"
+        env.emu.regenerate_token(USER)
+        assert await client.submit(revoked, OTHER) == "submitted"
+        assert submits() == 3 and sorted(env.emu.submissions_by_md5.values()) == [1, 1]
+
+        env.served.faults.inject(f"/api/v1/submissions/{deleted}/", "503")
+        await client.delete(deleted)
+        assert deletes() == 2
+        with pytest.raises(NotFound):
+            await client.delete(deleted)
+        with pytest.raises(Conflict):
+            await client.delete(lost)
+        assert deletes() == 4 and {s.token for s in await client.submissions()} == {lost, revoked}
+
+
 def write_and_return(env: Env, name: str, files: dict[str, bytes]) -> Path:
     write_tar(env.tmp / name, files)
     return env.tmp / name

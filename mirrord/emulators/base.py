@@ -53,8 +53,10 @@ class RequestLog:
 
     entries: list[tuple[str, str]] = field(default_factory=list)
 
-    def count(self, method: str | None = None, prefix: str = "") -> int:
-        return sum(1 for m, p in self.entries if (method is None or m == method) and p.startswith(prefix))
+    def count(self, method: str | None = None, prefix: str = "", suffix: str = "") -> int:
+        """Requests by method and path (`suffix` picks an action under ids: "/attach")."""
+        return sum(1 for m, p in self.entries
+                   if (method is None or m == method) and p.startswith(prefix) and p.endswith(suffix))
 
     def clear(self) -> None:
         self.entries.clear()
