@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from sqlalchemy import select
 
 from mirrord.config import PdisSection
 from mirrord.jobs import person
@@ -245,3 +246,188 @@ async def test_an_item_a_worker_holds_is_not_dismissed_under_it(store, tmp_path)
         (await session.get(Deposition, dep.id)).lease_until = utcnow() - dt.timedelta(seconds=1)  # expired
     done = await actions.dismiss(store, "deposition", str(dep.id), reason="no", actor="ada")
     assert (done.from_state, done.to_state) == ("queued", "dismissed")
+
+
+# -- what mutation testing showed untested (bench/mutation.sh on the three modules) -----------------------
+async def test_active_decisions_are_an_items_own_of_its_own_kind_and_action(store):
+    """Kills: `_active` without its kind, item or action filter (a dataset's dismissal read as the
+    deposition of the same id's, or any item's accept as this one's), and `active_by_item` ignoring ids."""
+    async with store.write() as session:
+        await decisions.record(session, "dataset", 7, "dismiss", reason="r", actor="a")
+        await decisions.record(session, "dataset", 8, "accept", reason="r", actor="a")
+    async with store.read() as session:
+        assert await decisions.active(session, "deposition", 7, "dismiss") is None
+        assert await decisions.active(session, "dataset", 9, "dismiss") is None
+        assert await decisions.active(session, "dataset", 7, "accept") is None
+        assert (await decisions.active(session, "dataset", 7, "dismiss")).item_id == "7"
+        assert list(await decisions.active_by_item(session, "dataset", "accept", [7, 9])) == []
+        assert list(await decisions.active_by_item(session, "dataset", "accept", [8])) == ["8"]
+        assert list(await decisions.active_by_item(session, "dataset", "accept", [])) == []
+        assert list(await decisions.active_by_item(session, "dataset", "dismiss")) == ["7"]
+
+
+async def test_history_is_newest_first_and_filters(store):
+    """Kills: the order dropped or reversed, the kind or item filter dropped."""
+    async with store.write() as session:
+        for kind, item in (("dataset", 1), ("deposition", 1), ("dataset", 2)):
+            await decisions.record(session, kind, item, "dismiss", reason=f"{kind} {item}", actor="a")
+    async with store.read() as session:
+        assert [r.reason for r in await decisions.history(session)] == ["dataset 2", "deposition 1", "dataset 1"]
+        assert [r.reason for r in await decisions.history(session, "dataset")] == ["dataset 2", "dataset 1"]
+        assert [r.reason for r in await decisions.history(session, "dataset", 1)] == ["dataset 1"]
+        assert [r.reason for r in await decisions.history(session, limit=1)] == ["dataset 2"]
+
+
+async def test_an_ended_decision_says_when_and_why_in_full_and_as_json(store):
+    """Kills: `end` leaving ended_at unset, the why cut at another length; as_dict dropping the times."""
+    async with store.write() as session:
+        row = await decisions.record(session, "job", "pdis", "hold", reason="r", actor="a")
+        decisions.end(row, "x" * 2500)
+    assert row.ended_at is not None and row.ended_why == "x" * 2000
+    shown = decisions.as_dict(row)
+    assert shown["at"] == row.at.isoformat() and shown["ended_at"] == row.ended_at.isoformat()
+
+
+@pytest.mark.parametrize(("reason", "actor", "message"), [
+    ("", "ada", "a decision needs a reason (--reason TEXT): it is what the next person reads"),
+    ("why", "", "a decision needs the name of the person deciding (--by NAME)")])
+def test_what_a_refusal_to_record_says(reason, actor, message):
+    with pytest.raises(decisions.DecisionError) as refused:
+        decisions.check_who(reason, actor)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(("action", "verb"), [
+    ("accept", "accepted"), ("dismiss", "dismissed"), ("reopen", "reopened"), ("choose", "chosen"),
+    ("approve", "approved"), ("reject", "rejected"), ("hold", "held"), ("resume", "resumed"), ("other", "other")])
+def test_describe_says_who_did_what_when_and_why(action, verb):
+    import datetime as dt
+
+    row = PersonDecision(action=action, actor="ada", at=dt.datetime(2026, 12, 7, 10, 15, tzinfo=dt.UTC),
+                         reason="checked")
+    assert decisions.describe(row) == f"{verb} by ada on 2026-12-07 10:15 UTC: 'checked'"
+
+
+async def test_a_lapse_is_recorded_as_this_instance_s_and_leaves_the_dataset_s_lease(store, tmp_path):
+    """Kills: the lapse's event without its instance, the dataset's lease released by the deposit job
+    (it is not the deposit job's to release), the lapse's reason reworded."""
+    import datetime as dt
+
+    from mirrord.store.models import Event, utcnow
+
+    dataset, dep = await seeded(store, tmp_path)
+    until = utcnow() + dt.timedelta(minutes=5)
+    async with store.write() as session:
+        row = await session.get(Dataset, dataset.id)
+        row.lease_owner, row.lease_until = "ispyb@h", until
+        await decisions.record(session, "dataset", dataset.id, "accept", reason="ok", actor="ada",
+                               bound={"files_signature": dataset.files_signature})
+    (Path(dataset.local_dir) / "x_0001.cbf").write_bytes(b"other")
+    f, decision = deposit(dataset)
+    assert (await person.stop_for(store, PdisSection(), dep, f, decision, step="pack", instance="pdis@h")).state \
+        == "not_deposited"
+    async with store.read() as session:
+        row = await session.get(Dataset, dataset.id)
+        [event] = (await session.scalars(select(Event).where(Event.item_type == "dataset"))).all()
+        [accept] = await decisions.history(session, "dataset", dataset.id)
+    assert row.lease_owner == "ispyb@h" and event.instance == "pdis@h"
+    assert accept.ended_why == "lapsed: the files changed"
+
+
+async def test_an_accept_of_a_dataset_since_removed_stops_nothing(store, tmp_path):
+    """Kills: `accept is None or dataset is None` weakened to `and` (a crash on a removed dataset)."""
+    dataset, dep = await seeded(store, tmp_path)
+    async with store.write() as session:
+        await decisions.record(session, "dataset", 999, "accept", reason="ok", actor="ada", bound={})
+    f, decision = deposit(dataset)
+    other = facts(dataset_id=999)
+    assert await person.stop_for(store, PdisSection(), dep, other, decision, step="upload", instance="i") is None
+
+
+async def test_an_approval_given_by_the_command_is_the_one_the_job_asks_for(store, tmp_path):
+    """Kills: approval_bound's keys or values drifting from what `mirrord approve` records."""
+    from mirrord.ui import actions
+
+    dataset, dep = await seeded(store, tmp_path)
+    async with store.write() as session:
+        (await session.get(Deposition, dep.id)).state = "awaiting_approval"
+    await actions.approve(store, ref=str(dep.id), reason="ok", actor="ada")
+    f, decision = deposit(dataset)
+    gate = PdisSection(approval="required")
+    assert await person.stop_for(store, gate, dep, f, decision, step="upload", instance="i") is None
+    stop = await person.stop_for(store, gate, dep, f, Decision(True, "x", "other", None), step="upload",
+                                 instance="i")
+    assert "now PDB other, archive md5 m1" in stop.reason
+
+
+async def test_carriers_name_the_deposition_that_carries_a_code_even_for_a_row_without_one(store):
+    """Kills: the experiment's code not read for a not-deposited row (its own pdb_code is None), the
+    carrier's state or id misreported, a carrier in a local state, or the row itself, counted."""
+    from mirrord.store.models import Experiment, Target
+
+    async with store.write() as session:
+        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
+        session.add(Target(id=1, name="T", tas="lb1-1"))
+        await session.flush()
+        session.add(Experiment(id=1, target_id=1, upload_index=1, code="E1", pdb_code="5abc"))
+        await session.flush()
+        for n in (1, 2, 3, 4):
+            session.add(Dataset(id=n, group_id=n, collection_id=n, session_id=1, session_name="lb1-1",
+                                proposal="lb1", state="complete", experiment_id=1))
+        await session.flush()
+        session.add_all([Deposition(id=10, dataset_id=1, state="queued", pdb_code="5ABC"),
+                         Deposition(id=11, dataset_id=2, state="published", pdb_code="5ABC"),
+                         Deposition(id=12, dataset_id=3, state="not_deposited", pdb_code=None,
+                                    status_details="superseded by collection 2 for PDB 5ABC"),
+                         Deposition(id=13, dataset_id=4, state="needs_attention", pdb_code="5ABC")])
+    async with store.read() as session:
+        rows = (await session.scalars(select(Deposition).order_by(Deposition.id))).all()
+        carried = await remedies.carriers(session, rows)
+        offered = await remedies.for_items(session, "deposition", rows)
+        assert await remedies.carriers(session, [SimpleNamespace(id=1, pdb_code=None)]) == {}
+    assert carried == {10: (11, "published", "5ABC"), 12: (11, "published", "5ABC"), 13: (11, "published", "5ABC")}
+    assert offered[12] == []  # superseded by a published winner: nothing to choose
+    assert [(r.action, r.when) for r in offered[13]] == [
+        ("dismiss", "since deposition 11 already carries PDB 5ABC (published): retrying would only supersede it")]
+
+
+def test_a_failed_deposition_whose_code_is_carried_and_reasons_without_text():
+    """Kills: the carried case limited to needs_attention; explain with no reason or a trailing stop."""
+    carried = remedies.remedies("deposition", 5, "failed", carrier="deposition 2 already carries PDB 5ABC")
+    assert [r.action for r in carried] == ["dismiss"]
+    found = remedies.remedies("dataset", 3, "missing")
+    assert remedies.explain("", found).startswith("no reason recorded. What you can do: `mirrord retry dataset 3`")
+    assert remedies.explain("gone. ", found).startswith("gone. What you can do:")
+    assert remedies.advice([remedies.Remedy("retry", "upload", "1", "")]) == "`mirrord retry upload 1`"
+
+
+async def test_carriers_match_each_row_to_its_own_code(store):
+    """Kills: the carrier query without its code filter (another code's publication taken for this
+    one's), the experiment read through a wrong join or for another dataset, the command without its id,
+    and carriers looked up for items that are not depositions."""
+    from mirrord.store.models import Experiment, Target
+
+    async with store.write() as session:
+        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
+        session.add(Target(id=1, name="T", tas="lb1-1"))
+        await session.flush()
+        session.add_all([Experiment(id=1, target_id=1, upload_index=1, code="E1", pdb_code="5abc"),
+                         Experiment(id=2, target_id=1, upload_index=1, code="E2", pdb_code="6DEF")])
+        await session.flush()
+        for n, experiment in ((1, 1), (2, 2), (3, 2), (4, None)):
+            session.add(Dataset(id=n, group_id=n, collection_id=n, session_id=1, session_name="lb1-1",
+                                proposal="lb1", state="needs_attention", experiment_id=experiment))
+        await session.flush()
+        session.add_all([Deposition(id=21, dataset_id=1, state="published", pdb_code="5ABC"),
+                         Deposition(id=22, dataset_id=2, state="needs_attention", pdb_code=None),
+                         Deposition(id=23, dataset_id=3, state="published", pdb_code="6DEF"),
+                         Deposition(id=24, dataset_id=4, state="failed", pdb_code=None)])  # no code at all
+    async with store.read() as session:
+        rows = (await session.scalars(select(Deposition).order_by(Deposition.id))).all()
+        assert await remedies.carriers(session, rows) == {22: (23, "published", "6DEF")}
+        offered = await remedies.for_items(session, "deposition", rows)
+        datasets = (await session.scalars(select(Dataset).order_by(Dataset.id))).all()
+        by_dataset = await remedies.for_items(session, "dataset", datasets)
+    assert [r.command for r in offered[22]] == ["mirrord dismiss deposition 22 --reason TEXT"]
+    assert [r.command for r in by_dataset[1]] == ["mirrord accept dataset 1 --reason TEXT",
+                                                  "mirrord dismiss dataset 1 --reason TEXT"]
