@@ -206,7 +206,7 @@ async def test_a_submitted_rival_holds_its_code_after_its_dataset_changed(tmp_pa
             (await session.get(Dataset, waiting)).state = "waiting"
         async with store.read() as session:
             _facts, decision = await decision_for(session, ours, config.pdis)
-            listed = {entry.facts.dataset_id for entry in await plan(session, config.pdis)}
+            listed = {entry.facts.dataset_id async for entry in plan(session, config.pdis)}
     finally:
         await store.close()
     assert decision.reason == f"superseded by collection {first.collection_id} for PDB {crystal.pdb_code}"

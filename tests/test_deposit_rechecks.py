@@ -142,7 +142,8 @@ async def test_the_decision_pass_leaves_a_leased_deposition_alone(tmp_path, camp
     finally:
         await job.close()
         await store.close()
-    assert rows[free_id].state == "not_deposited" and result.counters == {"decided_not_deposited": 1}
+    decided = {key: n for key, n in result.counters.items() if key.startswith("decided_")}
+    assert rows[free_id].state == "not_deposited" and decided == {"decided_not_deposited": 1}
     leased = rows[leased_id]
     assert (leased.state, leased.lease_owner) == ("queued", "worker")
     assert leased.lease_until.replace(microsecond=0) == until.replace(microsecond=0)
