@@ -71,7 +71,8 @@ async def _demo(root: Path, *, keep: bool, kept: bool) -> int:
                 finally:
                     await server.stop()
     if not keep:
-        console.print("`mirrord demo --keep` keeps the status page up to browse it.")
+        console.print("`mirrord demo --keep` keeps the status page up to browse it; the README's \"When "
+                      "mirrord asks you\" settles the items that need a person on it.")
     expected = len(campaign.expected_depositions())  # one per PDB code, as the policy decides
     if counts["published"] < expected or counts["mirrored"] < len(campaign.targets) or outcome.failed:
         console.print(f"[red]demo incomplete[/red]: expected {expected} publications, got {counts['published']}")
