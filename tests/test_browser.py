@@ -5,8 +5,11 @@ A token is set, as compose.yaml does: the browser signs in through /login once, 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -34,9 +37,26 @@ def chromium() -> Path:
     return CHROMIUM if CHROMIUM.exists() else Path(shutil.which("chromium"))
 
 
-async def test_status_page_in_a_browser(tmp_path: Path, chromium: Path) -> None:
+@contextlib.asynccontextmanager
+async def browsing(app: Mirrord, chromium: Path) -> AsyncIterator[tuple[Any, str]]:
+    """The daemon's status pages served with a token, and a headless Chromium page without JavaScript (the
+    pages are plain HTML and forms); yields (page, base URL)."""
     from playwright.async_api import async_playwright
 
+    server = WebServer(make_app(app, token=TOKEN), "127.0.0.1", 0)
+    url = await server.start()
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+            try:
+                yield await browser.new_page(viewport={"width": 1400, "height": 900}, java_script_enabled=False), url
+            finally:
+                await browser.close()
+    finally:
+        await server.stop()
+
+
+async def test_status_page_in_a_browser(tmp_path: Path, chromium: Path) -> None:
     campaign = Campaign.demo(with_problem=True)
     corrupt = next(c for c in campaign.collections if c.corrupt)
     async with EmulatorBundle(campaign, tmp_path / "upstreams") as bundle:
@@ -44,32 +64,21 @@ async def test_status_page_in_a_browser(tmp_path: Path, chromium: Path) -> None:
         config_path.write_text(bundle.config_toml(tmp_path / "state"))
         async with Mirrord(load_config(config_path, env={})) as app:
             await app.run_once(horizon=20)
-            server = WebServer(make_app(app, token=TOKEN), "127.0.0.1", 0)
-            url = await server.start()
-            try:
-                async with async_playwright() as pw:
-                    browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-                    try:
-                        page = await browser.new_page(viewport={"width": 1400, "height": 900},
-                                                      java_script_enabled=False)  # readable without JS
-                        await page.goto(f"{url}/status")
-                        assert "/login" in page.url  # no header, no cookie yet: the sign-in form
-                        await page.fill("input[name=token]", TOKEN)
-                        await page.click("button[type=submit]")
-                        assert page.url == f"{url}/status"
-                        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-                        await page.screenshot(path=str(ARTIFACTS / "status.png"), full_page=True)
-                        title = await page.title()
-                        targets = await page.inner_text("#targets + table")
-                        depositions = await page.inner_text("#depositions + table")
-                        attention = await page.inner_text("#attention + table")
-                        await page.click(f"#attention + table tr:has-text('{corrupt.sample}') a >> nth=0")
-                        item_title = await page.inner_text("h1")
-                        item_history = await page.inner_text("body")
-                    finally:
-                        await browser.close()
-            finally:
-                await server.stop()
+            async with browsing(app, chromium) as (page, url):
+                await page.goto(f"{url}/status")
+                assert "/login" in page.url  # no header, no cookie yet: the sign-in form
+                await page.fill("input[name=token]", TOKEN)
+                await page.click("button[type=submit]")
+                assert page.url == f"{url}/status"
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / "status.png"), full_page=True)
+                title = await page.title()
+                targets = await page.inner_text("#targets + table")
+                depositions = await page.inner_text("#depositions + table")
+                attention = await page.inner_text("#attention + table")
+                await page.click(f"#attention + table tr:has-text('{corrupt.sample}') a >> nth=0")
+                item_title = await page.inner_text("h1")
+                item_history = await page.inner_text("body")
 
     assert title == "mirrord status"
     for target in campaign.targets:
@@ -87,8 +96,6 @@ async def test_a_person_approves_and_dismisses_from_the_page(tmp_path: Path, chr
     """With `[pdis] approval = "required"` the demo's depositions wait packed and checked; a person signs
     in, approves one from /status and dismisses a dataset from its page, typing their name and reason.
     The store records both, and only the approved deposition goes on to PDIS."""
-    from playwright.async_api import async_playwright
-
     from mirrord.store import decisions
     from mirrord.store.models import Dataset, Deposition
     from mirrord.ui.summary import summary
@@ -102,36 +109,25 @@ async def test_a_person_approves_and_dismisses_from_the_page(tmp_path: Path, chr
             data = await summary(app.store)
             approved, *waiting = [a["id"] for a in data["approvals"]]
             [dataset] = [a["id"] for a in data["attention"] if a["kind"] == "dataset"][:1]
-            server = WebServer(make_app(app, token=TOKEN), "127.0.0.1", 0)
-            url = await server.start()
-            try:
-                async with async_playwright() as pw:
-                    browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-                    try:
-                        page = await browser.new_page(viewport={"width": 1400, "height": 900},
-                                                      java_script_enabled=False)  # plain forms
-                        await page.goto(f"{url}/status")
-                        await page.fill("input[name=token]", TOKEN)
-                        await page.click("button[type=submit]")
-                        approvals = await page.inner_text("#approvals ~ table")
-                        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-                        await page.screenshot(path=str(ARTIFACTS / "status-approvals.png"))
-                        row = page.locator(f"#approvals ~ table tr:has(a[href='item/deposition/{approved}'])")
-                        await row.locator("input[name=by]").fill("Ada Lovelace")
-                        await row.locator("input[name=reason]").fill("maps and ligand checked")
-                        await row.locator("button", has_text="approve").click()
-                        after_approval = page.url, await page.inner_text("body")
+            async with browsing(app, chromium) as (page, url):
+                await page.goto(f"{url}/status")
+                await page.fill("input[name=token]", TOKEN)
+                await page.click("button[type=submit]")
+                approvals = await page.inner_text("#approvals ~ table")
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / "status-approvals.png"))
+                row = page.locator(f"#approvals ~ table tr:has(a[href='item/deposition/{approved}'])")
+                await row.locator("input[name=by]").fill("Ada Lovelace")
+                await row.locator("input[name=reason]").fill("maps and ligand checked")
+                await row.locator("button", has_text="approve").click()
+                after_approval = page.url, await page.inner_text("body")
 
-                        await page.click(f"#attention + table a[href='item/dataset/{dataset}']")
-                        await page.fill("#decide ~ form input[name=by]", "Grace Hopper")
-                        await page.fill("#decide ~ form input[name=reason]", "a test collection, not for PDB")
-                        await page.click("#decide ~ form button:text-is('dismiss')")
-                        after_dismissal = page.url, await page.inner_text("body")
-                        await page.screenshot(path=str(ARTIFACTS / "item-dismissed.png"), full_page=True)
-                    finally:
-                        await browser.close()
-            finally:
-                await server.stop()
+                await page.click(f"#attention + table a[href='item/dataset/{dataset}']")
+                await page.fill("#decide ~ form input[name=by]", "Grace Hopper")
+                await page.fill("#decide ~ form input[name=reason]", "a test collection, not for PDB")
+                await page.click("#decide ~ form button:text-is('dismiss')")
+                after_dismissal = page.url, await page.inner_text("body")
+                await page.screenshot(path=str(ARTIFACTS / "item-dismissed.png"), full_page=True)
             async with app.store.read() as session:
                 recorded = [(r.kind, r.item_id, r.action, r.actor, r.reason) for r in
                             reversed(await decisions.history(session))]
