@@ -523,8 +523,7 @@ async def accept(store: Store, ref: str, *, reason: str, actor: str) -> Decided:
         return _moved(session, dataset, "discovered", row, retry_now=True)
 
 
-async def dismiss(store: Store, kind: str, ref: str, *, reason: str, actor: str,
-                  action: str = decisions.DISMISS) -> Decided:
+async def dismiss(store: Store, kind: str, ref: str, *, reason: str, actor: str) -> Decided:
     """Settle an item without acting: it leaves the attention list and no job touches it again."""
     _known_kind(kind)
     async with store.write() as session:
@@ -536,7 +535,7 @@ async def dismiss(store: Store, kind: str, ref: str, *, reason: str, actor: str,
             # A worker's next step would overwrite the dismissal: wait until it lets go.
             raise InspectError(f"{kind} {item.id} is being worked on by {item.lease_owner} right now; dismiss it "
                                "once that step is over (a few seconds to minutes)")
-        row = await decisions.record(session, kind, item.id, action, reason=reason, actor=actor,
+        row = await decisions.record(session, kind, item.id, decisions.DISMISS, reason=reason, actor=actor,
                                      bound={"state": item.state})
         return _moved(session, item, DISMISSED, row)
 
