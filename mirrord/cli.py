@@ -368,19 +368,11 @@ def cmd_decide(args: argparse.Namespace) -> int:
         command = args.command
         try:
             check_who(**who)
+            job = getattr(args, "job", None)
             async with _recorded_store(config) as store:
-                if command == "accept":
-                    done = [await actions.accept(store, args.ref, **who)]
-                elif command in ("dismiss", "reopen"):
-                    act = actions.dismiss if command == "dismiss" else actions.reopen
-                    done = [await act(store, args.kind, args.ref, **who)]
-                elif command == "choose":
-                    done = [await actions.choose(store, config, args.ref, **who)]
-                elif command in ("approve", "reject"):
-                    done = await actions.approve(store, ref=args.ref, pdb=args.pdb, proposal=args.proposal,
-                                                 every=args.all, action=command, **who)
-                else:
-                    done = [await actions.hold(store, args.job, resume=command == "resume", **who)]
+                done = await actions.take(store, config, command, "job" if job else args.kind, job or args.ref,
+                                          pdb=getattr(args, "pdb", None), proposal=getattr(args, "proposal", None),
+                                          every=getattr(args, "all", False), **who)
         except DecisionError as exc:
             print(f"mirrord {command}: {exc}", file=sys.stderr)
             return EXIT_CONFIG

@@ -29,9 +29,10 @@ from mirrord.runner import JobRunner
 from mirrord.sdnotify import SystemdNotifier
 from mirrord.store import Store, migrate
 from mirrord.store.items import release_all, release_mine, why
-from mirrord.store.models import DISMISSED, FAILED_STATES, ITEM_MODELS, Deposition, Event, utcnow
+from mirrord.store.models import DISMISSED, FAILED_STATES, ITEM_MODELS, Event, utcnow
 from mirrord.store.retention import prune, prune_due
 from mirrord.ui import remedies
+from mirrord.ui.summary import approvals
 from mirrord.workdirs import check_directories
 
 log = structlog.get_logger("mirrord.daemon")
@@ -184,12 +185,11 @@ class Mirrord:
         return soonest
 
     async def waiting_approval(self) -> list[str]:
-        """Depositions packed and waiting for a person's approval, each with the command that lets it go."""
+        """Depositions packed and waiting for a person's approval (oldest first), each with the command
+        that lets it go: what `status` and /status list."""
         async with self.store.read() as session:
-            rows = (await session.execute(select(Deposition.id, Deposition.pdb_code).where(
-                Deposition.state == "awaiting_approval").order_by(Deposition.id))).all()
-        return [f"deposition {dep_id} (PDB {code or 'other'}): `mirrord approve deposition {dep_id} --reason TEXT`"
-                for dep_id, code in rows]
+            waiting = await approvals(session)
+        return [f"deposition {a['id']} (PDB {a['pdb_code'] or 'other'}): `{a['command']}`" for a in waiting]
 
     async def prune_if_due(self) -> None:
         """Retention on its own schedule (`daemon.prune_interval`, shared by every process on the store)."""

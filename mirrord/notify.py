@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from mirrord.config import NotifySection
 from mirrord.redact import redact
 from mirrord.store import Store
-from mirrord.store.models import FAILED_STATES, Event, KeyValue, utcnow
+from mirrord.store.models import AWAITING_APPROVAL, FAILED_STATES, Event, KeyValue, utcnow
 
 log = structlog.get_logger("mirrord.notify")
 # Sent as they happen. Items that need a person (needs_attention, failed) go in the run's digest instead.
@@ -33,7 +33,6 @@ NOTIFY_STATES = {"published", "failing", "recovered"}
 _HEADLINES = {"published": "published", "needs_attention": "needs attention", "failed": "gave up",
               "failing": "is failing", "recovered": "recovered"}
 ANNOUNCED_KEY = "notify.announced"  # kv: what the digests announced, as keys (see `_key`)
-AWAITING_APPROVAL = "awaiting_approval"
 DIGEST_LINES = 30  # in `text`; the JSON lists every item
 # Statuses worth sending again; any other 4xx means the receiver will never take this message.
 _RETRY_STATUSES = {408, 425, 429}

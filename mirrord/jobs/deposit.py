@@ -79,13 +79,12 @@ from mirrord.jobs.deposit_policy import (
     undecided_ids,
 )
 from mirrord.store.items import log_event, move
-from mirrord.store.models import Deposition, utcnow
+from mirrord.store.models import AWAITING_APPROVAL, Deposition, utcnow
 
 QUEUED, PACKING, PACKED, UPLOADING, UPLOADED = "queued", "packing", "packed", "uploading", "uploaded"
 SUBMITTED, PUBLISHED = "submitted", "published"
 NEEDS_ATTENTION, NOT_DEPOSITED, DRY_RUN = "needs_attention", "not_deposited", "dry_run"
 WITHDRAWING, ALREADY_IN_PDIS = "withdrawing", "already_in_pdis"
-AWAITING_APPROVAL = person.AWAITING_APPROVAL
 PACK_STATES = (QUEUED, PACKING)
 UPLOAD_STATES = (PACKED, UPLOADING)
 SUBMIT_STATES = (UPLOADED, WITHDRAWING)  # after the upload: submit, or withdraw what PDIS's answer stopped

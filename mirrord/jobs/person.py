@@ -20,9 +20,8 @@ from mirrord.jobs.datafiles import scan_dataset
 from mirrord.jobs.deposit_policy import DatasetFacts, Decision
 from mirrord.store import Store, decisions
 from mirrord.store.items import move
-from mirrord.store.models import Dataset, Deposition
+from mirrord.store.models import AWAITING_APPROVAL, Dataset, Deposition
 
-AWAITING_APPROVAL = "awaiting_approval"
 STEPS = ("pack", "upload", "submit")
 
 

@@ -366,6 +366,8 @@ class Annotation(WorkItem, Base):
 FAILED_STATES = ("failed", "needs_attention")
 # A person settled the item without acting (`mirrord dismiss`): no job touches it until `mirrord reopen`.
 DISMISSED = "dismissed"
+# A packed deposition waits for a person's approval (`[pdis] approval = "required"`, `mirrord approve`).
+AWAITING_APPROVAL = "awaiting_approval"
 
 # Item kinds the generic views (`status`, `show`, `retry`) know about.
 ITEM_MODELS: dict[str, type[Base]] = {"upload": Upload, "dataset": Dataset, "deposition": Deposition,

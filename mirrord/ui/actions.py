@@ -24,6 +24,7 @@ from mirrord.redact import redact
 from mirrord.store import Store, decisions
 from mirrord.store.items import log_event, move
 from mirrord.store.models import (
+    AWAITING_APPROVAL,
     DISMISSED,
     FAILED_STATES,
     ITEM_MODELS,
@@ -45,7 +46,6 @@ SHOW_KINDS = ("target", *ITEM_MODELS)
 RESTART_STATES = {"upload": "waiting_settle", "dataset": "discovered", "deposition": "queued",
                   "annotation": "pending"}
 _TAS = re.compile(r"^[a-z]{2}\d+-\d+$")
-AWAITING_APPROVAL = "awaiting_approval"
 
 
 class InspectError(Exception):
@@ -343,6 +343,9 @@ class Retried:
     to_state: str
     note: str = ""  # what the retry will likely end in, when a person would rather settle it otherwise
 
+    def describe(self) -> str:
+        return f"{self.kind} {self.id} retried: {self.from_state} -> {self.to_state}"
+
 
 async def retry(store: Store, kind: str, ref: str | int, *, instance: str = "operator",
                 reason: str = "retried by operator") -> Retried:
@@ -639,6 +642,27 @@ async def hold(store: Store, job: str, *, reason: str, actor: str, resume: bool 
                                      reason=reason, actor=actor)
         return Decided("job", job, row.action, row.id, "held" if current else "running",
                        "running" if resume else "held")
+
+
+async def take(store: Store, config: Config, action: str, kind: str, ref: str | None, *, reason: str,
+               actor: str, pdb: str | None = None, proposal: str | None = None, every: bool = False) -> list[Any]:
+    """A person's action by its name, as the CLI and the page both take it: what it did, one entry per
+    item (`approve --all` may settle several). `kind` "job" with `ref` the job's name for hold and resume."""
+    who = {"reason": reason, "actor": actor}
+    if action == "retry":
+        return [await retry(store, kind, str(ref), instance=f"person:{actor}",
+                            reason=f"retried by {actor}: {reason!r}")]
+    if action == "accept":
+        return [await accept(store, str(ref), **who)]
+    if action in ("dismiss", "reopen"):
+        return [await (dismiss if action == "dismiss" else reopen)(store, kind, str(ref), **who)]
+    if action == "choose":
+        return [await choose(store, config, str(ref), **who)]
+    if action in (decisions.APPROVE, decisions.REJECT):
+        return await approve(store, ref=ref, pdb=pdb, proposal=proposal, every=every, action=action, **who)
+    if action in (decisions.HOLD, decisions.RESUME):
+        return [await hold(store, str(ref), resume=action == decisions.RESUME, **who)]
+    raise InspectError(f"unknown action {action!r}")
 
 
 async def list_decisions(store: Store, *, kind: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:

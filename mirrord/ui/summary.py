@@ -17,6 +17,8 @@ from mirrord.store import Store, decisions
 from mirrord.store.items import why
 from mirrord.store.keyvalue import IDENTITY_KEY
 from mirrord.store.models import (
+    AWAITING_APPROVAL,
+    DISMISSED,
     FAILED_STATES,
     ITEM_MODELS,
     Annotation,
@@ -36,9 +38,9 @@ from mirrord.ui import remedies
 # The order work flows in, so tables read top to bottom; problems first, unknown states last.
 PIPELINE = ("needs_attention", "failed", "waiting_settle", "building", "fetching", "extracting", "mirrored",
             "discovered", "waiting", "missing", "complete", "eligible", "skipped", "queued", "packing",
-            "packed", "awaiting_approval", "uploading", "uploaded", "withdrawing", "submitted", "pending", "validated", "published",
-            "already_in_pdis", "dry_run", "not_deposited", "attaching", "tagging", "attached", "unmatched", "superseded",
-            "dismissed")
+            "packed", AWAITING_APPROVAL, "uploading", "uploaded", "withdrawing", "submitted", "pending",
+            "validated", "published", "already_in_pdis", "dry_run", "not_deposited", "attaching", "tagging",
+            "attached", "unmatched", "superseded", DISMISSED)
 _RANK = {state: n for n, state in enumerate(PIPELINE)}
 # How a state reads at a glance, on the page and in the terminal: a problem, or work done.
 PROBLEM_STATES = ("failed", "needs_attention", "failing", "identity", "unmatched", "short_scan")
@@ -86,7 +88,7 @@ async def summary(store: Store, *, health: Mapping[str, Any] | None = None, inst
             "depositions": await _depositions(session, rows),
             "datasets": await _datasets(session, rows),
             "attention": attention[:rows],
-            "approvals": await _approvals(session, rows),
+            "approvals": await approvals(session, rows),
             "holds": [decisions.as_dict(h) for h in (await decisions.holds(session)).values()],
             "decisions": [decisions.as_dict(d) for d in await decisions.history(session, limit=recent)],
             "jobs": jobs,
@@ -103,11 +105,11 @@ def empty_summary(note: str) -> dict[str, Any]:
             "jobs": [], "runs": [], "events": []}
 
 
-async def _approvals(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
+async def approvals(session: AsyncSession, limit: int | None = None) -> list[dict[str, Any]]:
     """Depositions waiting for a person's approval, oldest first: what `mirrord approve` lets go."""
     rows = (await session.execute(
         select(Deposition, Dataset).join(Dataset, Dataset.id == Deposition.dataset_id)
-        .where(Deposition.state == "awaiting_approval").order_by(Deposition.updated_at).limit(limit))).all()
+        .where(Deposition.state == AWAITING_APPROVAL).order_by(Deposition.updated_at).limit(limit))).all()
     return [{"id": d.id, "pdb_code": d.pdb_code, "sample": ds.sample_name, "session": ds.session_name,
              "proposal": ds.proposal, "dataset": ds.id, "archive_bytes": d.zst_size, "tar_md5": d.tar_md5,
              "since": _iso(d.updated_at), "command": f"mirrord approve deposition {d.id} --reason TEXT"}
@@ -119,7 +121,7 @@ async def waiting_for_a_person(session: AsyncSession, limit: int = 500) -> tuple
     """The items that need a person (each reason ending with its commands) and the approvals waiting,
     as /status lists them (newest first; approvals oldest first): what the webhook's digest announces."""
     items = sorted(await _attention_items(session, limit), key=lambda a: a["since"] or "", reverse=True)
-    return items, await _approvals(session, limit)
+    return items, await approvals(session, limit)
 
 
 async def _counts(session: AsyncSession) -> dict[str, dict[str, int]]:
@@ -297,7 +299,7 @@ async def _events(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
 
 async def refresh_item_gauges(store: Store) -> None:
     from mirrord import metrics  # here, not at the top: `mirrord status` has no use for prometheus_client
-    from mirrord.ui.actions import AWAITING_APPROVAL, HOLDABLE_JOBS
+    from mirrord.ui.actions import HOLDABLE_JOBS
 
     rows = []
     async with store.read() as session:

@@ -259,9 +259,9 @@ async def job_decision(request: web.Request) -> web.Response:
     if action not in ("hold", "resume"):
         raise web.HTTPNotFound(text=f"a job is held or resumed, not {action!r}")
     form, by_script = await _decision_form(request)
-    store = request.app[MIRRORD_KEY].store
+    app_state = request.app[MIRRORD_KEY]
     return await _decided(request, by_script, "../../status", form,
-                          lambda who: actions.hold(store, job, resume=action == "resume", **who))
+                          lambda who: actions.take(app_state.store, app_state.config, action, "job", job, **who))
 
 
 async def _decision_form(request: web.Request) -> tuple[Any, bool]:
@@ -305,27 +305,15 @@ async def _decide_item(request: web.Request, found: Any, action: str, who: dict[
     from mirrord.ui import actions
 
     app_state = request.app[MIRRORD_KEY]
-    store, kind, ref = app_state.store, found.kind, str(found.id)
     if action not in found.actions:
         offered = ", ".join(found.actions) or "none"
-        raise actions.InspectError(f"{kind} {ref} is {found.state}: {action} does not apply to it now "
+        raise actions.InspectError(f"{found.kind} {found.id} is {found.state}: {action} does not apply to it now "
                                    f"(what applies: {offered})")
-    if action == "retry":
-        return await actions.retry(store, kind, ref, instance=f"person:{who['actor']}",
-                                   reason=f"retried by {who['actor']}: {who['reason']!r}")
-    if action == "accept":
-        return await actions.accept(store, ref, **who)
-    if action in ("dismiss", "reopen"):
-        return await (actions.dismiss if action == "dismiss" else actions.reopen)(store, kind, ref, **who)
-    if action == "choose":
-        return await actions.choose(store, app_state.config, ref, **who)
-    return await actions.approve(store, ref=ref, action=action, **who)  # approve, reject
+    return await actions.take(app_state.store, app_state.config, action, found.kind, str(found.id), **who)
 
 
-def _describe(done: Any) -> str:
-    items = done if isinstance(done, list) else [done]
-    return "; ".join(d.describe() if hasattr(d, "describe") else
-                     f"{d.kind} {d.id} retried: {d.from_state} -> {d.to_state}" for d in items)
+def _describe(done: list[Any]) -> str:
+    return "; ".join(d.describe() for d in done)
 
 
 def _flash_query(token: str, ok: bool, text: str) -> str:
