@@ -518,10 +518,10 @@ class IspybJob(Job):
             accept = await decisions.active(session, "dataset", item.id, decisions.ACCEPT)
             if accept is None:
                 return problem
-            if accept.bound.get("files_signature") == scan.signature:
+            if decisions.covers_files(accept, scan.signature):
                 return None
-            decisions.end(accept, "lapsed: the files changed")
-        return f"the files changed after they were {decisions.describe(accept)}: {problem}"
+            why = decisions.lapse_accept(accept)
+        return f"{why}: {problem}"
 
     @staticmethod
     def _stable_since(item: Dataset, scan: DirScan, now: dt.datetime) -> dt.datetime:

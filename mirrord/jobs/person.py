@@ -57,18 +57,17 @@ async def _accepted_files_changed(store: Store, facts: DatasetFacts, instance: s
         return None
     scan = await asyncio.to_thread(scan_dataset, Path(dataset.local_dir or ""), dataset.file_template or "",
                                    dataset.number_of_images)
-    if scan.signature == accept.bound.get("files_signature"):
+    if decisions.covers_files(accept, scan.signature):
         return None
-    why = f"the files changed after they were {decisions.describe(accept)}"
     async with store.write() as session:
         accept = await session.get(type(accept), accept.id)
         row = await session.get(Dataset, dataset.id)
-        if accept.active:
-            decisions.end(accept, "lapsed: the files changed")
-            row.reason = row.last_error = why
-            # What is on disk now is what a new accept vouches for.
-            row.files, row.files_signature, row.total_bytes = list(scan.files), scan.signature, scan.total_bytes
-            move(session, row, "needs_attention", why, instance=instance, release=False)
+        if not accept.active:  # another replica saw the change first, and said why on the dataset
+            return f"dataset {dataset.id} needs attention: {row.reason}"
+        why = row.reason = row.last_error = decisions.lapse_accept(accept)
+        # What is on disk now is what a new accept vouches for.
+        row.files, row.files_signature, row.total_bytes = list(scan.files), scan.signature, scan.total_bytes
+        move(session, row, "needs_attention", why, instance=instance, release=False)
     return f"dataset {dataset.id} needs attention: {why}"
 
 

@@ -69,6 +69,17 @@ def check_who(reason: str | None, actor: str | None) -> tuple[str, str]:
     return reason, actor
 
 
+def covers_files(accept: PersonDecision, signature: str | None) -> bool:
+    """Does a dataset's accept vouch for files with this fingerprint (names, sizes, mtimes)?"""
+    return accept.bound.get("files_signature") == signature
+
+
+def lapse_accept(accept: PersonDecision) -> str:
+    """End an accept whose files changed; what to tell the person it asks again."""
+    end(accept, "lapsed: the files changed")
+    return f"the files changed after they were {describe(accept)}"
+
+
 def end(row: PersonDecision, why: str) -> None:
     """The decision no longer holds: replaced, undone, or its grounds changed (it lapsed)."""
     row.active = False
