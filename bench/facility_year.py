@@ -45,9 +45,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import String, cast, event, func, insert, literal, select, text, update  # noqa: E402
+from sqlalchemy import String, cast, func, insert, literal, select, text, update  # noqa: E402
 
-from bench.ispyb_poll import PROPOSAL, WriteCounter, build_emulator  # noqa: E402
+from bench.ispyb_poll import PROPOSAL, build_emulator, counted_poll  # noqa: E402
 from bench.measure import machine, run_measured, write_json  # noqa: E402
 from mirrord.config import Config  # noqa: E402
 from mirrord.jobs.base import JobContext, RunResult  # noqa: E402
@@ -293,15 +293,8 @@ async def poll_times(state: Path, url: str, served_url: str, prefix: str, repeat
         job = app.jobs["ispyb"]
         await job.poll(RunResult())
         for _ in range(repeat):
-            counter = WriteCounter()
-            event.listen(app.store.engine.sync_engine, "before_cursor_execute", counter)
-            t0 = time.perf_counter()
-            try:
-                await job.poll(RunResult())
-            finally:
-                elapsed = time.perf_counter() - t0
-                event.remove(app.store.engine.sync_engine, "before_cursor_execute", counter)
-            rows.append({"seconds": elapsed, "writes": counter.statements})
+            elapsed, writes = await counted_poll(app)
+            rows.append({"seconds": elapsed, "writes": writes})
     return rows
 
 

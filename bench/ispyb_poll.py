@@ -71,6 +71,19 @@ class WriteCounter:
             self.statements += 1
 
 
+async def counted_poll(app: Mirrord) -> tuple[float, int]:
+    """One ISPyB poll: its seconds, and the store writes it made (WriteCounter's)."""
+    counter = WriteCounter()
+    event.listen(app.store.engine.sync_engine, "before_cursor_execute", counter)
+    t0 = time.perf_counter()
+    try:
+        await app.jobs["ispyb"].poll(RunResult())
+    finally:
+        elapsed = time.perf_counter() - t0
+        event.remove(app.store.engine.sync_engine, "before_cursor_execute", counter)
+    return elapsed, counter.statements
+
+
 async def table_counts(app: Mirrord, since: dt.datetime) -> dict[str, int]:
     async with app.store.read() as session:
         return {
@@ -84,18 +97,10 @@ async def table_counts(app: Mirrord, since: dt.datetime) -> dict[str, int]:
 
 
 async def measure(app: Mirrord, served: Served, label: str) -> dict[str, Any]:
-    job = app.jobs["ispyb"]
-    counter = WriteCounter()
     before = await table_counts(app, dt.datetime.now(dt.UTC))
     served.requests.clear()
     started_at = dt.datetime.now(dt.UTC)
-    event.listen(app.store.engine.sync_engine, "before_cursor_execute", counter)
-    t0 = time.perf_counter()
-    try:
-        await job.poll(RunResult())
-    finally:
-        elapsed = time.perf_counter() - t0
-        event.remove(app.store.engine.sync_engine, "before_cursor_execute", counter)
+    elapsed, writes = await counted_poll(app)
     after = await table_counts(app, started_at)
     by_endpoint = Counter(f"{m} {p.rsplit('/api/v1', 1)[-1].split('/')[1]}" for m, p in served.requests.entries)
     pages = sum(1 for m, p in served.requests.entries if m == "GET" and p.endswith(LIST_ENDPOINTS))
@@ -103,7 +108,7 @@ async def measure(app: Mirrord, served: Served, label: str) -> dict[str, Any]:
     # Rows touched this poll that existed before it: updated_at moved, minus the ones just inserted.
     updated = after["updated"] - (after["sessions"] - before["sessions"]) - (after["datasets"] - before["datasets"])
     return {"poll": label, "requests": len(served.requests.entries), "pages": pages, "by_endpoint": dict(by_endpoint),
-            "write_statements": counter.statements, "rows_inserted": inserted, "rows_updated": updated,
+            "write_statements": writes, "rows_inserted": inserted, "rows_updated": updated,
             "seconds": round(elapsed, 3)}
 
 
