@@ -109,6 +109,13 @@ class JobSection(Section):
         return self
 
 
+def sqlite_file(database: str) -> Path | None:
+    """The file behind a SQLite database name: a `file:` URI names it after its scheme, `:memory:` none."""
+    if not database or database == ":memory:":
+        return None
+    return Path(database.removeprefix("file:"))
+
+
 class DaemonSection(Section):
     state_dir: Path = Field(default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "/var/lib/mirrord")))
     database_url: str = ""  # default: SQLite in state_dir
@@ -142,7 +149,7 @@ class DaemonSection(Section):
         if not self.database_url:
             return self.state_dir / "mirrord.db"
         if self.database_url.startswith("sqlite+aiosqlite:///"):
-            return Path(self.database_url.removeprefix("sqlite+aiosqlite:///").partition("?")[0])
+            return sqlite_file(self.database_url.removeprefix("sqlite+aiosqlite:///").partition("?")[0])
         return None
 
 

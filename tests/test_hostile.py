@@ -418,3 +418,16 @@ async def test_read_only_database_is_a_clear_error(tmp_path: Path) -> None:
     assert record.exit_code not in (*ONCE_DONE, None)
     assert "readonly database" in log and "Traceback" not in log, log[-3000:]
     assert len(log.splitlines()) < 20, log[-3000:]
+
+
+async def test_a_sqlite_file_uri_makes_no_directory_beside_the_working_one(tmp_path: Path, monkeypatch) -> None:
+    """A `file:` URI names the database after its scheme: the engine once made `./file:/…` in the working
+    directory (a stray tree in the checkout after every test run) instead of the database's own parent."""
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "deep" / "state" / "mirrord.db"
+    store = Store(f"sqlite+aiosqlite:///file:{db}?mode=rwc&uri=true")
+    try:
+        assert db.parent.is_dir()
+        assert not (tmp_path / "file:").exists()
+    finally:
+        await store.close()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from mirrord.config import sqlite_file
 
 BUSY_TIMEOUT_MS = 30_000
 # What a database that went away raises (a restart, a network cut): the driver's errors, and a refused
@@ -43,8 +44,8 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
 def create_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if (database := sqlite_file(parsed.database or "")) is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         _sqlite_pragmas(engine)
         return engine
