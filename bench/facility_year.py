@@ -21,7 +21,7 @@ ratio year/demo of each pair is the growth (a flat system stays near 1), its med
 - rss: peak RSS of a process running an hour of a daemon's ticks (6 ticks 10 minutes apart: the
   decision pass, the /status summary and the /metrics gauges) on the store.
 
-    python bench/facility_year.py [--scale 1.0] [--repeat 5] [--postgres]
+    python bench/facility_year.py [--scale 1.0] [--repeat 5] [--postgres] [--keep DIR]
 
 The last line is `facility-year: status R, plan R, page R, api R, metrics R, poll R, decide R, rss R
 (year/demo)`. JSON to bench/out/.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import random
 import resource
@@ -398,6 +399,18 @@ def summary_line(figures: dict[str, Any]) -> str:
 
 
 async def bench(scale: float, repeat: int, postgres: bool, workdir: Path) -> dict[str, Any]:
+    kept = workdir / "built.json"
+    if kept.exists() and not postgres:  # stores kept by an earlier --keep run: measure them again
+        built = json.loads(kept.read_text())
+        if built.get("scale") == scale:
+            stores = {name: (workdir / name, f"sqlite+aiosqlite:///{workdir / name / 'mirrord.db'}")
+                      for name in ("demo", "year")}
+            sizes = {name: await store_size(url, state) for name, (state, url) in stores.items()}
+            figures = await measure(stores, repeat)
+            return {"scale": scale, "repeat": repeat, "engine": "sqlite", **built["stores"],
+                    "year_bytes": sizes["year"], "demo_bytes": sizes["demo"], "figures": figures,
+                    "machine": machine()}
+        sys.exit(f"{workdir} holds stores of scale {built.get('scale')}, not {scale}")
     server = None
     if postgres:
         from tests.pg import PostgresServer, create_database, find_binaries
@@ -419,6 +432,8 @@ async def bench(scale: float, repeat: int, postgres: bool, workdir: Path) -> dic
             built[name] = await build(url, counts(scale, name == "demo"))
             print(f"  {built[name]['rows']} in {built[name]['build_seconds']} s", flush=True)
             stores[name] = (state, url)
+        if not postgres:
+            kept.write_text(json.dumps({"scale": scale, "stores": built}))
         sizes = {name: await store_size(url, state) for name, (state, url) in stores.items()}
         figures = await measure(stores, repeat)
     finally:
@@ -433,13 +448,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="the year's size (1: a whole year)")
     parser.add_argument("--repeat", type=int, default=5, help="paired runs of each figure")
     parser.add_argument("--postgres", action="store_true", help="both stores on a throwaway PostgreSQL server")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="build the SQLite stores in DIR and keep them; a later run with DIR measures them again")
     parser.add_argument("--ticks", nargs=2, metavar=("STATE", "URL"), help=argparse.SUPPRESS)  # the RSS child
     args = parser.parse_args(argv)
     if args.ticks:
         asyncio.run(ticks(Path(args.ticks[0]), args.ticks[1]))
         return 0
-    with tempfile.TemporaryDirectory(prefix="mirrord-year-") as tmp:
-        report = asyncio.run(bench(args.scale, args.repeat, args.postgres, Path(tmp)))
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        report = asyncio.run(bench(args.scale, args.repeat, args.postgres, args.keep.resolve()))
+    else:
+        with tempfile.TemporaryDirectory(prefix="mirrord-year-") as tmp:
+            report = asyncio.run(bench(args.scale, args.repeat, args.postgres, Path(tmp)))
     print_table(report)
     print(f"wrote {write_json('facility_year', report)}")
     print(summary_line(report["figures"]))

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -245,7 +246,8 @@ def cmd_db(args: argparse.Namespace) -> int:
                 from mirrord.store.retention import prune
 
                 done = await prune(store, config.daemon)
-                print(f"pruned {done.events} event(s), {done.runs} job run(s), {done.ticks} tick(s) "
+                print(f"pruned {done.events} event(s), {done.runs} job run(s), {done.ticks} tick(s); "
+                      f"folded {done.counts} item-count row(s) "
                       f"(keep_events {config.daemon.keep_events:g} s, keep_runs {config.daemon.keep_runs:g} s)")
             elif args.db_command == "revision":
                 await migrate.autogenerate(store, args.message)
@@ -280,20 +282,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load(args, logs=False)
 
     async def main() -> int:
-        from mirrord.jobs.deposit_policy import plan
+        from mirrord.jobs.deposit_policy import SETTLED_STATES, plan
+        from mirrord.store.counts import item_counts
 
         try:
             async with _recorded_store(config) as store, store.read() as session:
                 # Printed as they come, a page of decisions at a time: memory stays flat.
+                entries = plan(session, config.pdis, everything=args.all)
                 if args.json:
-                    await _print_plan_json(plan(session, config.pdis))
+                    await _print_plan_json(entries)
                     return EXIT_OK
                 mode = f"policy {config.pdis.deposit}" + (", dry run" if config.pdis.dry_run else "")
                 print(f"PDIS deposition plan ({mode}); nothing is uploaded by this command")
-                async for e in plan(session, config.pdis):
+                listed: Counter[str] = Counter()
+                async for e in entries:
                     f = e.facts
-                    print(f"dataset {f.dataset_id} {f.sample_name or '?'} ({f.proposal}, {f.beamline or '?'}) "
+                    listed[f.deposition_state or "new"] += 1
+                    # `mirrord show` takes either id; status lists depositions by theirs.
+                    ref = (f"deposition {f.deposition_id} (dataset {f.dataset_id})" if f.deposition_id is not None
+                           else f"dataset {f.dataset_id}")
+                    print(f"{ref} {f.sample_name or '?'} ({f.proposal}, {f.beamline or '?'}) "
                           f"[{f.deposition_state or 'new'}]: {e.decision.summary}")
+                if not args.all:
+                    kept = (await item_counts(session)).get("deposition", {})
+                    resting = {state: kept.get(state, 0) - listed[state] for state in SETTLED_STATES}
+                    if left := {state: n for state, n in resting.items() if n > 0}:
+                        print(f"{sum(left.values())} deposition(s) at rest not listed (the next decision pass "
+                              f"leaves them as they are): " + ", ".join(f"{n} {state}" for state, n in left.items())
+                              + "; `mirrord plan --all` decides every dataset again")
+                    elif not listed:
+                        print("nothing to decide and nothing under way")
         except NothingRecorded as exc:
             print("[]" if args.json else f"mirrord plan: {exc}")
         return EXIT_OK
@@ -537,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = command("plan", "what the PDIS job would deposit, and why not (from the store; no upload)",
                    "List each dataset with what the PDIS policy decides for it and why. Uploads nothing.")
     plan.add_argument("--json", action="store_true", help="print as JSON")
+    plan.add_argument("--all", action="store_true",
+                      help="decide every dataset again, also those at rest (published, not deposited, ...)")
     demo = command("demo", "run the whole pipeline against built-in emulators (no setup needed)",
                    "Run the whole pipeline once against built-in emulators of the four upstreams, in a "
                    "temporary directory, and print the result.")

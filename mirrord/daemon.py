@@ -196,7 +196,7 @@ class Mirrord:
         try:
             if await prune_due(self.store, self.config.daemon):
                 done = await prune(self.store, self.config.daemon, stop=self.runner.ctx.stopping)
-                log.info("store.pruned", events=done.events, runs=done.runs, ticks=done.ticks)
+                log.info("store.pruned", events=done.events, runs=done.runs, ticks=done.ticks, counts=done.counts)
         except Exception:  # retention failing must never stop the work; it is tried again next time
             log.exception("store.prune_failed")
 

@@ -35,6 +35,7 @@ from mirrord.jobs.fragalysis_mirror import (
     published_versions,
 )
 from mirrord.store import Store
+from mirrord.store.counts import item_counts
 from mirrord.store.models import ITEM_MODELS, Annotation, Dataset, Deposition, Target, Upload, utcnow
 from tests.ispyb_openapi import validating_middleware
 
@@ -224,6 +225,10 @@ async def check_invariants(pipeline: Pipeline) -> Summary:
                         leased.append(f"{kind} {r.id} [{r.state}] leased by {r.lease_owner}")
                     if r.state in TRANSIENT_STATES and r.lease_until is not None and r.lease_until < now:
                         violations.append(f"{kind} {r.id} stuck in {r.state} with an expired lease")
+            # The counts /status and /metrics show are kept by triggers: whatever moved, however it died.
+            kept = await item_counts(s)
+            violations += [f"item counts {kind}: kept {kept[kind]} != rows {states[kind]}"
+                           for kind in ITEM_MODELS if kept[kind] != states[kind]]
     finally:
         await store.close()
     violations += [f"still leased after exit: {line}" for line in leased]

@@ -326,7 +326,7 @@ async def test_one_deposition_per_pdb_code_the_others_superseded(tmp_path, campa
     # `mirrord plan` shows each decision with its reason.
     path = tmp_path / "plan.toml"
     path.write_text(f'[daemon]\nstate_dir = "{config.daemon.state_dir}"\n')
-    assert await asyncio.to_thread(cli.main, ["--config", str(path), "plan"]) == 0
+    assert await asyncio.to_thread(cli.main, ["--config", str(path), "plan", "--all"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if crystal.code in line]
     assert sorted(line.rsplit(": ", 1)[-1] for line in lines) == [
         f"deposit as {crystal.pdb_code}", superseded, superseded]

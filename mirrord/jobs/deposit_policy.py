@@ -44,7 +44,8 @@ from mirrord.clients.pdis import Synchrotron
 from mirrord.config import PdisSection
 from mirrord.jobs import pdb_codes
 from mirrord.store import decisions
-from mirrord.store.models import Dataset, Deposition, Experiment, KeyValue, PersonDecision
+from mirrord.store.counts import item_counts
+from mirrord.store.models import DISMISSED, Dataset, Deposition, Experiment, KeyValue, PersonDecision
 
 COMPLETE_DATASET_STATES = ("complete", "eligible")
 # Deposition states in which the decision may still change what happens (nothing has left the host).
@@ -515,15 +516,41 @@ class PlanEntry:
     decision: Decision
 
 
-async def plan(session: AsyncSession, section: PdisSection) -> AsyncIterator[PlanEntry]:
-    """The policy's decision for every complete (or already considered) dataset, a page at a time
-    (memory stays flat however many there are); no network."""
+# Depositions at rest: `plan` counts them rather than list them (a year leaves a hundred thousand), unless
+# the next pass would decide them again (a policy change, a new PDB code: `undecided_ids` has them).
+SETTLED_STATES = ("published", "not_deposited", "superseded", DISMISSED, "already_in_pdis")
+
+
+async def open_dataset_ids(session: AsyncSession, section: PdisSection) -> list[int]:
+    """What `plan` lists by default: the datasets the next decision pass decides (every undecided one
+    after a policy change), and every deposition still under way or waiting for a person."""
+    ids = set(await undecided_ids(session, section, await decided_since(session, section)))
+    moving = [state for state in (await item_counts(session)).get("deposition", {}) if state not in SETTLED_STATES]
+    ids.update(await session.scalars(select(Deposition.dataset_id).where(Deposition.state.in_(moving))))
+    return sorted(ids)
+
+
+async def plan(session: AsyncSession, section: PdisSection, *, everything: bool = False
+               ) -> AsyncIterator[PlanEntry]:
+    """The policy's decision for the open datasets (`open_dataset_ids`), or with `everything` for every
+    complete (or already considered) one, a page at a time (memory stays flat); no network."""
     listed = pdb_codes.load(section.pdb_codes_file)
-    after = 0
-    while page := await _rows(session, _considered(), Dataset.id > after, limit=PAGE):
+    pages = _every_page(session) if everything else _pages_of(session, await open_dataset_ids(session, section))
+    async for page in pages:
         considered = await _with_rivals(session, page, listed)
         decided = decide_all(considered, section)
         for f in considered[:len(page)]:
             yield PlanEntry(f, decided[f.dataset_id])
-        after = page[-1].dataset_id
         session.expunge_all()  # the page's rows are not needed again
+
+
+async def _every_page(session: AsyncSession) -> AsyncIterator[list[DatasetFacts]]:
+    after = 0
+    while page := await _rows(session, _considered(), Dataset.id > after, limit=PAGE):
+        yield page
+        after = page[-1].dataset_id
+
+
+async def _pages_of(session: AsyncSession, ids: Sequence[int]) -> AsyncIterator[list[DatasetFacts]]:
+    for start in range(0, len(ids), PAGE):
+        yield await _rows(session, Dataset.id.in_(ids[start:start + PAGE]))

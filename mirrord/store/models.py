@@ -118,6 +118,19 @@ class Event(Base):
     __table_args__ = (Index("ix_events_item", "item_type", "item_id"),)
 
 
+class ItemCount(Base):
+    """How many items are in each state, kept as they move: one row per change (+1 or -1), written by
+    triggers on the item tables (migration 9c4e2a7d5b13), so no code path can forget one. Read as a sum per
+    (kind, state); the prune folds the rows into one per state. Counting the item tables themselves read
+    every row of a year's store on each look at /status and each /metrics scrape."""
+
+    __tablename__ = "item_counts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(40))
+    n: Mapped[int] = mapped_column(Integer)
+
+
 class Tick(Base):
     """One row per (job, schedule slot): across replicas, only the inserter polls that slot."""
 

@@ -11,6 +11,7 @@ one batch for the writer's lock. Never pruned:
   person did (`operator@` instances: retries, decisions);
 - each job's most recent run, which says whether the job works (`mirrord status`).
 Tick rows (one per job and schedule slot) only matter for the slot at hand: they go with the runs.
+The item counts' change rows are folded at the same time (store/counts.py), whatever is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqlalchemy import and_, delete, func, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mirrord.config import DaemonSection
+from mirrord.store import counts
 from mirrord.store.engine import Store
 from mirrord.store.keyvalue import kv_get, kv_put
 from mirrord.store.models import ITEM_MODELS, Event, JobRun, Tick, utcnow
@@ -47,6 +49,7 @@ class Pruned:
     events: int = 0
     runs: int = 0
     ticks: int = 0
+    counts: int = 0  # item-count change rows folded
 
 
 def _audited() -> Any:
@@ -113,24 +116,24 @@ async def prune_runs(store: Store, older_than: dt.datetime, batch: int = BATCH) 
 
 async def prune(store: Store, daemon: DaemonSection, *, now: dt.datetime | None = None,
                 stop: asyncio.Event | None = None) -> Pruned:
-    """Apply `keep_events` and `keep_runs` (0: keep for ever) now, and record when. `stop` set (the
-    daemon drains) ends it between two batches: it is due again next time."""
+    """Apply `keep_events` and `keep_runs` (0: keep for ever) now, fold the item counts, and record
+    when. `stop` set (the daemon drains) ends it between two batches: it is due again next time."""
     now = now or utcnow()
-    done = Pruned()
+    done = Pruned(counts=await counts.fold(store))
     if daemon.keep_events > 0:
         done.events = await prune_events(store, now - dt.timedelta(seconds=daemon.keep_events), stop=stop)
     if stop is not None and stop.is_set():
         return done
     if daemon.keep_runs > 0:
         done.runs, done.ticks = await prune_runs(store, now - dt.timedelta(seconds=daemon.keep_runs))
-    await kv_put(store, PRUNED_KEY, {"at": now.isoformat(), "events": done.events, "runs": done.runs})
+    await kv_put(store, PRUNED_KEY, {"at": now.isoformat(), "events": done.events, "runs": done.runs,
+                                     "counts": done.counts})
     return done
 
 
 async def prune_due(store: Store, daemon: DaemonSection) -> bool:
-    """Whether `prune_interval` has passed since the last prune (by any process on this store)."""
-    if daemon.keep_events <= 0 and daemon.keep_runs <= 0:
-        return False
+    """Whether `prune_interval` has passed since the last prune (by any process on this store). Due even
+    when nothing is pruned (`keep_*` 0): the item counts are folded then too."""
     last = (await kv_get(store, PRUNED_KEY)).get("at")
     try:
         return utcnow() - dt.datetime.fromisoformat(last) >= dt.timedelta(seconds=daemon.prune_interval)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mirrord.redact import redact
 from mirrord.store import Store, decisions
+from mirrord.store.counts import item_counts
 from mirrord.store.items import why
 from mirrord.store.keyvalue import IDENTITY_KEY
 from mirrord.store.models import (
@@ -125,11 +126,25 @@ async def waiting_for_a_person(session: AsyncSession, limit: int = 500) -> tuple
 
 
 async def _counts(session: AsyncSession) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    for kind, model in ITEM_MODELS.items():
-        rows = (await session.execute(select(model.state, func.count()).group_by(model.state))).all()
-        counts[kind] = {state: n for state, n in sorted(rows, key=lambda r: state_rank(r[0]))}
-    return counts
+    """Items by kind and state, in pipeline order: from the counts kept as items move (never by counting
+    the item tables, which read every row a year leaves, on every look)."""
+    return {kind: dict(sorted(states.items(), key=lambda s: state_rank(s[0])))
+            for kind, states in (await item_counts(session)).items()}
+
+
+async def _oldest_changes(session: AsyncSession, counts: dict[str, dict[str, int]]) -> dict[tuple[str, str], Any]:
+    """The oldest change of each (kind, state) that holds items: one seek of the (state, updated_at) index
+    each, all in one query a kind."""
+    oldest: dict[tuple[str, str], Any] = {}
+    for kind, states in counts.items():
+        model = ITEM_MODELS[kind]
+        names = [state for state, n in states.items() if n > 0]
+        if names:
+            row = (await session.execute(select(*(
+                select(func.min(model.updated_at)).where(model.state == state).scalar_subquery()
+                for state in names)))).one()
+            oldest.update({(kind, state): when for state, when in zip(names, row, strict=True)})
+    return oldest
 
 
 async def _targets(session: AsyncSession) -> list[dict[str, Any]]:
@@ -301,13 +316,11 @@ async def refresh_item_gauges(store: Store) -> None:
     from mirrord import metrics  # here, not at the top: `mirrord status` has no use for prometheus_client
     from mirrord.ui.actions import HOLDABLE_JOBS
 
-    rows = []
     async with store.read() as session:
-        for kind, model in ITEM_MODELS.items():  # one query a kind: each state's count and oldest change
-            found = await session.execute(
-                select(model.state, func.count(), func.min(model.updated_at)).group_by(model.state))
-            rows += [(kind, state, n, oldest) for state, n, oldest in found]
+        counts = await item_counts(session)
+        since = await _oldest_changes(session, counts)
         held = await decisions.holds(session)
+    rows = [(kind, state, n, since.get((kind, state))) for kind, states in counts.items() for state, n in states.items()]
     for job in HOLDABLE_JOBS:
         metrics.job_held.labels(job).set(1 if job in held else 0)
     waiting = next(((n, oldest) for kind, state, n, oldest in rows
