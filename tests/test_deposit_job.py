@@ -547,10 +547,53 @@ async def test_a_lost_submit_answer_is_recorded_not_repeated(tmp_path, campaign,
     assert await step_failures(config) == 0
 
 
+async def test_packers_at_once_never_promise_the_same_spool_space_twice(tmp_path, campaign, emulator, served,
+                                                                         monkeypatch):
+    """Two packers (`pack_concurrency` 2) check the spool's free space at once, before either has written
+    a byte: room for one archive is promised to one of them; the other waits, without spending an
+    attempt. Before, each saw the space as its own and both packed (a full disk on a real spool)."""
+    config = config_for(tmp_path, served, pack_concurrency=2, upload_concurrency=1)
+    ids = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:2])
+    store = await open_store(config)
+    try:
+        async with store.read() as session:
+            sizes = [sum(f.stat().st_size for f in Path((await session.get(Dataset, i)).local_dir).iterdir())
+                     for i in ids]
+    finally:
+        await store.close()
+    room = max(sizes) * 21 // 20 + 256 * 1024**2 + 4096  # one archive, its margin and the reserve: not two
+    monkeypatch.setattr(deposit, "free_bytes", lambda directory: room)
+    original = deposit.pack_for_deposit
+    packing, most = [0], [0]
+
+    def slow_pack(*args, **kwargs):  # the other packer checks while this one packs
+        packing[0] += 1
+        most[0] = max(most[0], packing[0])
+        try:
+            time.sleep(0.5)
+            return original(*args, **kwargs)
+        finally:
+            packing[0] -= 1
+
+    monkeypatch.setattr(deposit, "pack_for_deposit", slow_pack)
+    await run(config, horizon=0)
+    assert most == [1]
+    rows = await depositions(config)
+    assert [(rows[i].state, rows[i].attempts) for i in ids] == [("published", 0), ("published", 0)]
+    store = await open_store(config)
+    try:
+        async with store.read() as session:
+            runs = (await session.scalars(select(JobRun.counters).where(JobRun.job == "pdis"))).all()
+            waited = sum(counters.get("waiting_for_space", 0) for counters in runs)
+    finally:
+        await store.close()
+    assert waited >= 1 and await step_failures(config) == 0
+
+
 async def test_waiting_for_spool_space_and_changed_files(tmp_path, campaign, emulator, served, monkeypatch):
     config = config_for(tmp_path, served)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
-    monkeypatch.setattr(deposit, "free_space_ok", lambda directory, needed: False)
+    monkeypatch.setattr(deposit, "free_bytes", lambda directory: 0)
     outcome = await run(config, horizon=0)
     row = (await depositions(config))[dataset_id]
     assert (row.state, row.attempts, row.status_details) == ("queued", 0, "waiting for spool space")

@@ -23,7 +23,15 @@ from mirrord.archive.common import (
     sync_tree,
 )
 from mirrord.archive.extract import ExtractResult, safe_extract, sniff_format
-from mirrord.archive.pack import PackResult, dataset_size, free_space_ok, pack_dataset, verify_spool
+from mirrord.archive.pack import (
+    PackResult,
+    dataset_size,
+    free_bytes,
+    free_space_ok,
+    pack_dataset,
+    room_for,
+    verify_spool,
+)
 
 # The preflight loads fabio, h5py and numpy (about 35 MB and a tenth of a second): only for who uses it,
 # not for every download, extraction or pack.
@@ -40,7 +48,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "ArchiveError", "CorruptArchive", "DatasetChanged", "ExtractResult", "PackResult", "Preflight",
-    "UnreadableFile", "UnsafeArchive", "UnsupportedFile", "dataset_size", "free_space_ok", "fsync_dir",
-    "image_format", "image_header_readable", "pack_dataset", "preflight_images", "safe_extract",
+    "UnreadableFile", "UnsafeArchive", "UnsupportedFile", "dataset_size", "free_bytes", "free_space_ok", "fsync_dir",
+    "image_format", "image_header_readable", "pack_dataset", "preflight_images", "room_for", "safe_extract",
     "sniff_format", "sync_tree", "verify_spool",
 ]

@@ -411,15 +411,22 @@ def dataset_size(files: Iterable[Path | str]) -> int:
     return sum(os.stat(path).st_size for path in files)
 
 
-def free_space_ok(directory: Path | str, needed_bytes: int, margin: float = 0.05,
-                  reserve_bytes: int = 256 * 1024**2) -> bool:
-    """Whether `directory` (or its nearest existing ancestor) has room for `needed_bytes`.
-
-    Keeps `margin` (a fraction of `needed_bytes`: tar headers, padding) and `reserve_bytes` free on
-    top, so a spool never fills the disk the lab's other software writes to.
-    """
+def free_bytes(directory: Path | str) -> int:
+    """Free bytes on the file system of `directory` (or of its nearest existing ancestor)."""
     path = Path(directory).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    free = shutil.disk_usage(path).free
+    return shutil.disk_usage(path).free
+
+
+def room_for(free: int, needed_bytes: int, margin: float = 0.05, reserve_bytes: int = 256 * 1024**2) -> bool:
+    """Whether `free` bytes hold `needed_bytes`, with `margin` (a fraction of `needed_bytes`: tar headers,
+    padding) and `reserve_bytes` left over, so a spool never fills the disk the lab's other software
+    writes to."""
     return free >= needed_bytes + int(needed_bytes * margin) + reserve_bytes
+
+
+def free_space_ok(directory: Path | str, needed_bytes: int, margin: float = 0.05,
+                  reserve_bytes: int = 256 * 1024**2) -> bool:
+    """Whether `directory` has room for `needed_bytes` (see `room_for`)."""
+    return room_for(free_bytes(directory), needed_bytes, margin, reserve_bytes)

@@ -56,9 +56,10 @@ from mirrord.archive import (
     DatasetChanged,
     PackResult,
     dataset_size,
-    free_space_ok,
+    free_bytes,
     pack_dataset,
     preflight_images,
+    room_for,
     verify_spool,
 )
 from mirrord.clients import pdis
@@ -147,6 +148,9 @@ class DepositJob(Job):
         self._client: PdisClient | None = None
         self._verified: set[tuple[int, str]] = set()  # (deposition, spool digest) packed by this process
         self._unknown_statuses: set[str] = set()  # reported once each
+        # Spool bytes promised to the packs under way here: a disk's free space does not show them until
+        # they are written, and `pack_concurrency` packers checking at once would each count it as theirs.
+        self._spool_promised = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
@@ -357,13 +361,23 @@ class DepositJob(Job):
             return await self._stop(dep, stop)
         files = [Path(facts.local_dir) / name for name in facts.files]  # type: ignore[arg-type]
         needed = facts.total_bytes or await asyncio.to_thread(dataset_size, files)
-        if not await asyncio.to_thread(free_space_ok, self.spool_dir, needed + self.section.spool_margin):
+        free = await asyncio.to_thread(free_bytes, self.spool_dir)
+        if not room_for(free - self._spool_promised, needed + self.section.spool_margin):
             # Not the item's fault: wait without spending an attempt.
-            self.log.warning("deposition.waiting_for_space", deposition=dep.id, needed=needed)
+            self.log.warning("deposition.waiting_for_space", deposition=dep.id, needed=needed,
+                             free=free, promised=self._spool_promised)
             result.count("waiting_for_space")
             await self.transition(Deposition, dep.id, QUEUED, "waiting for spool space",
                                   status_details="waiting for spool space", next_attempt_at=self._retry_later())
             return
+        self._spool_promised += needed  # no await since the check: the next packer's check counts it
+        try:
+            await self._pack_files(dep, facts, files, needed, result)
+        finally:
+            self._spool_promised -= needed
+
+    async def _pack_files(self, dep: Deposition, facts: DatasetFacts, files: list[Path], needed: int,
+                          result: RunResult) -> None:
         preflight = await asyncio.to_thread(preflight_images, files)
         if not preflight.ok:
             return await self._attention(dep.id, f"preflight: {preflight.reason}")
