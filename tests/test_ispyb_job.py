@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -395,6 +396,67 @@ async def test_links_datasets_to_experiments_even_when_they_arrive_later(tmp_pat
     await add_experiments(config, VISIT, "A71EV2A", samples[3:])
     await run(config)
     assert all(d.experiment_id is not None for d in (await datasets(config)).values())
+
+
+async def age_rows(session, model, days: float = 1.0) -> None:  # noqa: ANN001
+    """Every row of `model` last changed `days` earlier than it was."""
+    from sqlalchemy import update
+
+    rows = (await session.execute(select(model.id, model.updated_at))).all()
+    await session.execute(update(model), [{"id": i, "updated_at": at - dt.timedelta(days=days)} for i, at in rows])
+
+
+async def test_a_link_pass_reads_only_what_changed_since_the_last(tmp_path, ispyb, db_url):
+    """A year leaves a hundred thousand collections that never link (screening shots, grid scans): each
+    pass looked at every one of them. Now it reads the datasets and experiments changed since the last
+    pass (by their indexes, never the whole datasets table), and an experiment that arrives later still
+    links the old collections of its crystal; a new link rule starts over."""
+    from sqlalchemy import event, update
+
+    from mirrord.jobs.ispyb import LINKED_KEY
+    from mirrord.store.models import KeyValue
+
+    config = config_for(tmp_path, ispyb, database_url=db_url)
+    await run(config)  # the datasets; no experiments yet
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        async with store.write() as session:  # a day passes: the rows and the last pass's watermark age
+            for model in (Dataset, SessionRow):
+                await age_rows(session, model)
+            row = await session.get(KeyValue, LINKED_KEY)
+            since = dt.datetime.fromisoformat(row.value["since"]) - dt.timedelta(days=1)
+            row.value = {**row.value, "since": since.isoformat()}
+        samples = [e.code for e in ispyb.campaign.target("A71EV2A").experiments]
+        await add_experiments(config, VISIT, "A71EV2A", samples[:3])
+        statements: list[tuple[str, Any]] = []
+
+        def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+            if "experiment_id IS NULL" in statement and statement.lstrip().startswith("SELECT"):
+                statements.append((statement, parameters))
+
+        async with Mirrord(config) as app:
+            event.listen(app.store.engine.sync_engine, "before_cursor_execute", record)
+            await app.run_once(horizon=2.0)
+        found = list((await datasets(config)).values())
+        assert sum(d.experiment_id is not None for d in found) == 4  # by the changed experiments alone
+        assert len(statements) == 2  # datasets changed, then experiments changed
+        async with store.read() as session:
+            for statement, parameters in statements:
+                if store.is_sqlite:
+                    plan = await (await session.connection()).exec_driver_sql(
+                        f"EXPLAIN QUERY PLAN {statement}", parameters)
+                    rows = "\n".join(str(row) for row in plan.all())
+                    assert not re.search(r"SCAN datasets\b", rows), (statement, rows)
+        async with store.write() as session:  # a new rule (none, then back): the next pass reads every one
+            await session.execute(update(KeyValue).where(KeyValue.key == LINKED_KEY)
+                                  .values(value={"since": utcnow().isoformat(), "rule": "none"}))
+            await session.execute(update(Dataset).values(experiment_id=None))
+            for model in (Dataset, Experiment):  # nothing changed since then but the rule
+                await age_rows(session, model)
+        await run(config)
+        assert sum(d.experiment_id is not None for d in (await datasets(config)).values()) == 4
+    finally:
+        await store.close()
 
 
 async def test_link_rule_none_links_nothing(tmp_path, ispyb):

@@ -57,6 +57,7 @@ from mirrord.jobs.base import Job, JobContext, RunResult, aware
 from mirrord.jobs.datafiles import DirScan, Run, attribution_problem, map_path, scan_dataset, sharing
 from mirrord.store import decisions
 from mirrord.store.items import clear_retries, move
+from mirrord.store.keyvalue import kv_get, kv_put, kv_time
 from mirrord.store.models import Dataset, Event, Experiment, Target, utcnow
 from mirrord.store.models import Session as SessionRow
 
@@ -67,6 +68,10 @@ MISSING_RECHECK = 3600.0
 DECISIVE = ("run_status", "end", "local_dir", "file_template", "number_of_images")
 SCAN_CONCURRENCY = 4  # sessions (and samples) read at once
 WORK_BATCH = 50
+LINKED_KEY = "ispyb.linked"  # kv: {"since": ISO, "rule": link_rule} where the next link pass starts
+# The next link pass looks back this far before the last one's start: a row written by a transaction
+# still open then (or by a replica whose clock runs behind) carries an earlier updated_at.
+LINK_MARGIN = dt.timedelta(minutes=5)
 MIN_RECHECK = 0.05  # seconds; a waiting dataset is never due again at once (no busy loop)
 
 
@@ -542,28 +547,46 @@ class IspybJob(Job):
     # -- linking ------------------------------------------------------------------------------------
     async def _link(self, result: RunResult) -> None:
         """Unlinked datasets whose sample name is an experiment code of the target whose TAS is the
-        session name. Experiments may arrive after datasets, so this runs every pass (one read)."""
+        session name. Experiments may arrive after datasets, so this runs every pass; it looks only at
+        datasets and experiments changed since the last pass (a year leaves a hundred thousand datasets
+        that never link: screening shots, grid scans), or at all of them under a new rule."""
+        started = utcnow()
+        recorded = await kv_get(self.store, LINKED_KEY)
+        since = kv_time(recorded, "since") if recorded.get("rule") == self.section.link_rule else None
+        linkable = (select(Dataset.id, Experiment.id)
+                    .join(Target, Target.tas == Dataset.session_name)
+                    .join(Experiment, (Experiment.target_id == Target.id) & (Experiment.code == Dataset.sample_name))
+                    .where(Dataset.experiment_id.is_(None)))
         async with self.store.read() as session:
-            pairs = (await session.execute(
-                select(Dataset.id, Experiment.id)
-                .join(Target, Target.tas == Dataset.session_name)
-                .join(Experiment, (Experiment.target_id == Target.id) & (Experiment.code == Dataset.sample_name))
-                .where(Dataset.experiment_id.is_(None)))).all()
+            if since is None:
+                pairs = (await session.execute(linkable)).all()
+            else:  # each by an index: datasets by updated_at, a changed experiment's session by name
+                pairs = (await session.execute(linkable.where(Dataset.updated_at >= since))).all()
+                pairs += (await session.execute(
+                    linkable.join(SessionRow, SessionRow.id == Dataset.session_id)
+                    .where(Experiment.updated_at >= since, SessionRow.name == Target.tas))).all()
+        linked = await self._record_links(set(pairs), result)
+        await kv_put(self.store, LINKED_KEY, {"since": (started - LINK_MARGIN).isoformat(),
+                                              "rule": self.section.link_rule, "linked": linked})
+
+    async def _record_links(self, pairs: set[tuple[int, int]], result: RunResult) -> int:
+        """Link each dataset that has exactly one candidate experiment; how many were linked."""
         if not pairs:
-            return
+            return 0
         candidates: dict[int, set[int]] = {}
         for dataset_id, experiment_id in pairs:
             candidates.setdefault(dataset_id, set()).add(experiment_id)
         links = {d: next(iter(e)) for d, e in candidates.items() if len(e) == 1}
         ambiguous = sorted(set(candidates) - set(links))
-        if ambiguous:  # several targets share the TAS and the code: a person must decide (said each pass)
+        if ambiguous:  # several targets share the TAS and the code: a person must decide
             result.count("datasets_link_ambiguous", len(ambiguous))
             self.log.debug("ispyb.link_ambiguous", datasets=ambiguous)
         if not links:
-            return
+            return 0
         async with self.store.write() as session:
             for dataset_id, experiment_id in links.items():
                 await session.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.experiment_id.is_(None))
                                       .values(experiment_id=experiment_id))
         result.count("datasets_linked", len(links))
         self.log.info("ispyb.linked", datasets=len(links))
+        return len(links)

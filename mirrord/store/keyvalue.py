@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,3 +33,11 @@ async def kv_put_in(session: AsyncSession, key: str, value: dict[str, Any]) -> N
         session.add(KeyValue(key=key, value=value))
     else:
         row.value = value
+
+
+def kv_time(document: dict[str, Any], field: str) -> dt.datetime | None:
+    """A time a document holds as ISO text, or None when it holds none (or garbage: start over)."""
+    try:
+        return dt.datetime.fromisoformat(document[field])
+    except (KeyError, TypeError, ValueError):
+        return None

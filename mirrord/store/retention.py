@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from mirrord.config import DaemonSection
 from mirrord.store import counts
 from mirrord.store.engine import Store
-from mirrord.store.keyvalue import kv_get, kv_put
+from mirrord.store.keyvalue import kv_get, kv_put, kv_time
 from mirrord.store.models import ITEM_MODELS, Event, JobRun, Tick, utcnow
 
 BATCH = 500  # rows per delete: each batch holds the writer's lock for a few milliseconds
@@ -134,8 +134,5 @@ async def prune(store: Store, daemon: DaemonSection, *, now: dt.datetime | None 
 async def prune_due(store: Store, daemon: DaemonSection) -> bool:
     """Whether `prune_interval` has passed since the last prune (by any process on this store). Due even
     when nothing is pruned (`keep_*` 0): the item counts are folded then too."""
-    last = (await kv_get(store, PRUNED_KEY)).get("at")
-    try:
-        return utcnow() - dt.datetime.fromisoformat(last) >= dt.timedelta(seconds=daemon.prune_interval)
-    except (TypeError, ValueError):
-        return True
+    last = kv_time(await kv_get(store, PRUNED_KEY), "at")
+    return last is None or utcnow() - last >= dt.timedelta(seconds=daemon.prune_interval)
