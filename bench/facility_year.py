@@ -16,7 +16,8 @@ ratio year/demo of each pair is the growth (a flat system stays near 1), its med
 - plan: the `mirrord plan` process, whole (its peak RSS is reported too);
 - page, api, metrics: GET /status, /api/status and /metrics of a daemon's web app, over loopback
   (each pass: the median of 5 in one process, as a running daemon answers them);
-- poll: a quiet ISPyB poll of 50 active sessions against the emulator (writes counted; goal 0);
+- poll: a quiet ISPyB poll of 50 active sessions against the emulator, and the link pass of datasets to
+  experiments that follows it in each tick (writes counted; goal 0);
 - decide: one PDIS decision pass with nothing new (each pass: the median of 5 in one process);
 - rss: peak RSS of a process running an hour of a daemon's ticks (6 ticks 10 minutes apart: the
   decision pass, the /status summary and the /metrics gauges) on the store.
@@ -280,7 +281,7 @@ async def web_times(state: Path, url: str, repeat: int) -> dict[str, list[float]
 
 
 async def poll_times(state: Path, url: str, served_url: str, prefix: str, repeat: int) -> list[dict[str, Any]]:
-    """A first ISPyB poll of the active sessions (not measured), then `repeat` quiet ones."""
+    """A first ISPyB poll of the active sessions and link pass (not measured), then `repeat` quiet ones."""
     from mirrord.daemon import Mirrord
     from mirrord.emulators.ispyb import DEFAULT_USERS
 
@@ -293,8 +294,9 @@ async def poll_times(state: Path, url: str, served_url: str, prefix: str, repeat
     async with Mirrord(config) as app:
         job = app.jobs["ispyb"]
         await job.poll(RunResult())
+        await job._link(RunResult())
         for _ in range(repeat):
-            elapsed, writes = await counted_poll(app)
+            elapsed, writes = await counted_poll(app, link=True)
             rows.append({"seconds": elapsed, "writes": writes})
     return rows
 

@@ -71,13 +71,16 @@ class WriteCounter:
             self.statements += 1
 
 
-async def counted_poll(app: Mirrord) -> tuple[float, int]:
-    """One ISPyB poll: its seconds, and the store writes it made (WriteCounter's)."""
+async def counted_poll(app: Mirrord, *, link: bool = False) -> tuple[float, int]:
+    """One ISPyB poll (and with `link`, the link pass of the tick's work after it): its seconds, and the
+    store writes it made (WriteCounter's)."""
     counter = WriteCounter()
     event.listen(app.store.engine.sync_engine, "before_cursor_execute", counter)
     t0 = time.perf_counter()
     try:
         await app.jobs["ispyb"].poll(RunResult())
+        if link:
+            await app.jobs["ispyb"]._link(RunResult())
     finally:
         elapsed = time.perf_counter() - t0
         event.remove(app.store.engine.sync_engine, "before_cursor_execute", counter)

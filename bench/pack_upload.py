@@ -284,8 +284,11 @@ def tool(command: str) -> dict[str, Any]:
 
 
 # -- end to end through the job -----------------------------------------------------------------------
-async def end_to_end(root: Path, work: Path, bandwidth: float | None) -> dict[str, Any]:
-    """The 8 datasets of `root/a` through the real job; its timeline, from the start of `run_once`."""
+async def end_to_end(root: Path, work: Path, bandwidth: float | None, *, directories: list[Path] | None = None,
+                     pdis_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The 8 datasets of `root/a` (or `directories`, a dataset each) through the real job, with
+    `pdis_settings` over the bench's own; its timeline, from the start of `run_once`."""
+    directories = directories or [root / "a" / f"d{part}" for part in range(PARTS)]
     from sqlalchemy import func, select
 
     from mirrord import daemon
@@ -333,14 +336,13 @@ async def end_to_end(root: Path, work: Path, bandwidth: float | None) -> dict[st
         config = Config.model_validate({
             "daemon": {"state_dir": str(state), "retry_base": "50ms", "retry_max": "1s"},
             "pdis": {"enabled": True, "url": pdis.url, "username": USER, "password": PASSWORD, "deposit": "all",
-                     "authors": "Bench B.", "poll_interval": "100ms", "spool_margin": 0}})
+                     "authors": "Bench B.", "poll_interval": "100ms", "spool_margin": 0, **(pdis_settings or {})}})
         store = Store(config.daemon.resolved_database_url)
         await migrate.upgrade(store)
         async with store.write() as session:
             session.add(SessionRow(id=1, name="lb1-1", proposal="lb1", beamline="i04-1"))
             await session.flush()
-            for part in range(PARTS):
-                directory = root / "a" / f"d{part}"
+            for part, directory in enumerate(directories):
                 files = sorted(p.name for p in directory.iterdir())
                 session.add(Dataset(group_id=part, collection_id=part, session_id=1, session_name="lb1-1",
                                     proposal="lb1", beamline="i04-1", sample_name=f"bench-{part}",
@@ -366,8 +368,9 @@ async def end_to_end(root: Path, work: Path, bandwidth: float | None) -> dict[st
             PdisClient.upload = send
     shutil.rmtree(work / "pdis-e2e", ignore_errors=True)
     shutil.rmtree(state, ignore_errors=True)
-    if published != PARTS:  # a figure of a run that deposited nothing would be meaningless
-        raise SystemExit(f"end to end: {published} of {PARTS} datasets published (exit {outcome.exit_code})")
+    if published != len(directories):  # a figure of a run that deposited nothing would be meaningless
+        raise SystemExit(f"end to end: {published} of {len(directories)} datasets published "
+                         f"(exit {outcome.exit_code})")
     submitted = max(t["end"] for t in timeline if t["step"] == "submit")
     return {"seconds": submitted, "to_published_s": elapsed, "cpu_s": cpu, "published": published,
             "exit_code": outcome.exit_code, "timeline": sorted(timeline, key=lambda t: t["start"])}

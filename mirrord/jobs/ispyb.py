@@ -72,6 +72,7 @@ LINKED_KEY = "ispyb.linked"  # kv: {"since": ISO, "rule": link_rule} where the n
 # The next link pass looks back this far before the last one's start: a row written by a transaction
 # still open then (or by a replica whose clock runs behind) carries an earlier updated_at.
 LINK_MARGIN = dt.timedelta(minutes=5)
+LINK_REFRESH = dt.timedelta(hours=1)  # how old a watermark quiet ticks leave as it is (reading a bit more)
 MIN_RECHECK = 0.05  # seconds; a waiting dataset is never due again at once (no busy loop)
 
 
@@ -566,8 +567,9 @@ class IspybJob(Job):
                     linkable.join(SessionRow, SessionRow.id == Dataset.session_id)
                     .where(Experiment.updated_at >= since, SessionRow.name == Target.tas))).all()
         linked = await self._record_links(set(pairs), result)
-        await kv_put(self.store, LINKED_KEY, {"since": (started - LINK_MARGIN).isoformat(),
-                                              "rule": self.section.link_rule, "linked": linked})
+        if linked or since is None or started - since > LINK_REFRESH:  # a quiet tick writes nothing
+            await kv_put(self.store, LINKED_KEY, {"since": (started - LINK_MARGIN).isoformat(),
+                                                  "rule": self.section.link_rule})
 
     async def _record_links(self, pairs: set[tuple[int, int]], result: RunResult) -> int:
         """Link each dataset that has exactly one candidate experiment; how many were linked."""
