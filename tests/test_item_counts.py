@@ -160,7 +160,9 @@ def _count_steps(store: Store) -> list[int]:
 async def test_a_look_at_status_and_a_scrape_cost_the_same_however_many_items_have_settled(sqlite_url: str) -> None:
     """The summary behind `status`, /status and /api/status, and the /metrics item gauges: their
     work (SQLite's VM steps, not seconds: the same on any machine) does not grow with the items that
-    settled long ago. Counting the item tables grew it with every row (18 times, a year against a demo)."""
+    settled long ago, nor with the old problems beyond the 25 listed. Counting the item tables grew it with
+    every row (18 times, a year against a demo); so did reading every failed and needs-attention item to
+    list the newest, and every published deposition to name the one that carries a PDB code."""
     async def work() -> int:
         store = Store(sqlite_url)  # a fresh engine: every connection counts its steps
         steps = _count_steps(store)
@@ -177,11 +179,17 @@ async def test_a_look_at_status_and_a_scrape_cost_the_same_however_many_items_ha
         await _seed(store, 20, deposition_state="queued", when=utcnow() - dt.timedelta(hours=1))
         async with store.write() as session:
             await session.execute(update(Dataset).where(Dataset.id <= 3).values(state="needs_attention"))
+            await session.execute(update(Deposition).where(Deposition.dataset_id <= 2)
+                                  .values(state="needs_attention", pdb_code="5ABC"))
             session.add_all([Event(item_type="dataset", item_id=str(n), from_state="complete", to_state="x")
                              for n in range(1, 30)])
         small = await work()
         await _seed(store, 6_000, first=1_000, deposition_state="not_deposited")
         await _seed(store, 3_000, first=10_000, state="skipped", deposition_state="published")
+        await _seed(store, 2_000, first=20_000, state="needs_attention")  # older than the 25 listed
+        async with store.write() as session:  # each carries a PDB code, as the remedies look them up
+            await session.execute(update(Deposition).where(Deposition.state == "published")
+                                  .values(pdb_code=func.printf("%04d", Deposition.id)))
         await fold(store)  # as the hourly prune does
         big = await work()
     finally:

@@ -27,6 +27,8 @@ async def test_year_size_reads_go_through_indexes(db_url: str) -> None:
         "ix_depositions_updated_at": "SELECT dataset_id FROM depositions WHERE updated_at >= '2026-01-01'",
         "ix_experiments_updated_at": "SELECT id FROM experiments WHERE updated_at >= '2026-01-01'",
         "ix_experiments_pdb_code_upper": "SELECT id FROM experiments WHERE upper(pdb_code) IN ('5ABC')",
+        "ix_depositions_pdb_code_upper": "SELECT id FROM depositions WHERE upper(pdb_code) IN ('5ABC') "
+                                         "AND state IN ('published', 'submitted')",
         "ix_datasets_experiment_id": "SELECT id FROM datasets WHERE experiment_id = 3",
         "ix_datasets_session_id": "SELECT group_id, collection_id FROM datasets WHERE session_id IN (1, 2)",
         **{f"ix_{table}_state_updated": f"SELECT state, count(*), min(updated_at) FROM {table} GROUP BY state"

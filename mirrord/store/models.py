@@ -341,6 +341,10 @@ class Deposition(WorkItem, Base):
                       Index("ix_depositions_updated_at", "updated_at"))
 
 
+# Which deposition carries a PDB code (any letter case): the remedies of /status and each decision pass.
+Index("ix_depositions_pdb_code_upper", func.upper(Deposition.pdb_code))
+
+
 # -- Design Hub -----------------------------------------------------------------------------------
 class Compound(Timestamps, Base):
     """The local mirror of Design Hub's compound list."""

@@ -205,9 +205,11 @@ async def _labels(session: AsyncSession, kind: str, items: list[Any]) -> dict[in
 async def _attention_items(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
     found = []
     for kind, model in ITEM_MODELS.items():
-        items = list((await session.scalars(
-            select(model).where(model.state.in_(FAILED_STATES))
-            .order_by(desc(model.updated_at)).limit(limit))).all())
+        items = []
+        for state in FAILED_STATES:  # a state at a time: each the newest `limit` by its (state, updated_at)
+            items += (await session.scalars(select(model).where(model.state == state)  # index; an IN read all
+                                            .order_by(desc(model.updated_at)).limit(limit))).all()
+        items = sorted(items, key=lambda item: item.updated_at, reverse=True)[:limit]
         labels = await _labels(session, kind, items)
         advice = await remedies.for_items(session, kind, items)
         found += [{"kind": kind, "id": item.id, "label": labels.get(item.id, ""), "state": item.state,
