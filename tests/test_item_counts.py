@@ -179,8 +179,8 @@ async def test_a_look_at_status_and_a_scrape_cost_the_same_however_many_items_ha
         await _seed(store, 20, deposition_state="queued", when=utcnow() - dt.timedelta(hours=1))
         async with store.write() as session:
             await session.execute(update(Dataset).where(Dataset.id <= 3).values(state="needs_attention"))
-            await session.execute(update(Deposition).where(Deposition.dataset_id <= 2)
-                                  .values(state="needs_attention", pdb_code="5ABC"))
+            await session.execute(update(Deposition).where(Deposition.dataset_id <= 20)  # codes of their own
+                                  .values(state="needs_attention", pdb_code=func.printf("A%03d", Deposition.id)))
             session.add_all([Event(item_type="dataset", item_id=str(n), from_state="complete", to_state="x")
                              for n in range(1, 30)])
         small = await work()

@@ -103,13 +103,15 @@ async def carriers(session: AsyncSession, deps: Sequence[Any]) -> dict[int, tupl
     codes = {dep.id: code for dep in deps if (code := (dep.pdb_code or await _experiment_code(session, dep)))}
     if not codes:
         return {}
+    # By the code alone (its index: a code has few depositions); the state is looked at here, since with
+    # both in SQL SQLite may read every deposition in the carrying states (a year's published ones).
     rows = (await session.execute(
         select(Deposition.id, Deposition.state, func.upper(Deposition.pdb_code))
-        .where(func.upper(Deposition.pdb_code).in_(set(codes.values())), Deposition.state.in_(CARRYING_STATES))
-        .order_by(Deposition.id))).all()
+        .where(func.upper(Deposition.pdb_code).in_(set(codes.values()))).order_by(Deposition.id))).all()
     by_code: dict[str, tuple[int, str]] = {}
     for dep_id, state, code in rows:
-        by_code.setdefault(code, (dep_id, state))
+        if state in CARRYING_STATES:
+            by_code.setdefault(code, (dep_id, state))
     return {dep_id: (other[0], other[1], code) for dep_id, code in codes.items()
             if (other := by_code.get(code)) is not None and other[0] != dep_id}
 
