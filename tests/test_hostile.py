@@ -366,7 +366,7 @@ async def test_disk_full_while_extracting_and_spooling(tmp_path: Path, tiny_disk
 
         # Spooling: the free-space preflight is fooled (the disk fills while packing); the item fails.
         filler = fill(tiny_disk, 2 * 1024)
-        monkeypatch.setattr("mirrord.jobs.deposit.free_space_ok", lambda *a, **k: True)
+        monkeypatch.setattr("mirrord.jobs.deposit.free_bytes", lambda directory: 1 << 60)
         await run_in_process(pipeline)
         deps = await rows(pipeline, Deposition)
         assert deps and not [d for d in deps if d.state == "published"]
