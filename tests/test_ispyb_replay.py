@@ -155,6 +155,9 @@ def test_once_makes_no_request_the_recordings_cannot_answer(replayed):
     assert unrecorded == []
     assert code == EXIT_ATTENTION, output  # 90404 needs a person, and nothing else went wrong
     assert "needs attention: dataset" in output and "1 need attention" in output
+    # The line names the dataset's own collection first, then the one that shares its files.
+    line = next(line for line in output.splitlines() if line.startswith("needs attention: dataset"))
+    assert "90403" in line and line.index("90404") < line.index("90403"), line
 
 
 def test_every_successful_rotation_is_complete(replayed):
