@@ -228,8 +228,8 @@ def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.C
     """An older schema: say what to run (a running daemon may own the database, so no migration here).
 
     The schema is looked at only when a query fails, which keeps `status` quick: behind by a table or
-    a column the queries read (the person-decisions table, depositions.detected_pdb), the commands say
-    to upgrade."""
+    a column the queries read (datasets.run_number, the person-decisions table, depositions.detected_pdb),
+    the commands say to upgrade."""
     from alembic.script import ScriptDirectory
 
     def downgrade(revision: str) -> None:
@@ -243,8 +243,9 @@ def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.C
         asyncio.run(run())
 
     scripts = ScriptDirectory.from_config(migrate._alembic_config())
-    assert scripts.get_revision(migrate.head_revision()).down_revision == "f7a3c9e1d2b4"  # decisions is the head
-    for revision in ("f7a3c9e1d2b4", "dd5a1c7e9b42"):  # without the decisions table; then without detected_pdb
+    assert scripts.get_revision(migrate.head_revision()).down_revision == "e7d3c1a9f420"  # run_number is the head
+    # Without datasets.run_number; then without the decisions table; then without detected_pdb.
+    for revision in ("e7d3c1a9f420", "f7a3c9e1d2b4", "dd5a1c7e9b42"):
         downgrade(revision)
         for command in (["status"], ["plan"]):
             assert main([*command, "-c", str(seeded)]) == 1, command

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ from mirrord.redact import redact, register_secret
 log = structlog.get_logger("mirrord.ispyb")
 
 SERVICE = "ispyb"
+# `x_2_%04d.cbf`, `x_2_####.cbf`, `x_2_master.h5`: the run is the number before the frame field.
+_RUN_IN_TEMPLATE = re.compile(r".+_(?P<run>\d+)_(?:%0?\d*d|#+|master)\.[^._]+")
+
+
+def run_number(file_template: str | None) -> int | None:
+    """ISPyB's `dataCollectionNumber`, read from the template: the API does not expose it (fact 18),
+    and every recorded row's `fileTemplate` is `<imagePrefix>_<dataCollectionNumber>_<frames>`
+    (seed.json); None for a template of another shape."""
+    found = _RUN_IN_TEMPLATE.fullmatch(file_template or "")
+    return int(found["run"]) if found else None
 
 
 # -- typed results ------------------------------------------------------------------------------------
@@ -87,6 +98,10 @@ class DataCollection:
     number_of_passes: int | None
     experiment_type: str | None  # the group's: "OSC" a rotation, "Mesh" a grid scan (031)
     session_id: int | None
+
+    @property
+    def run_number(self) -> int | None:
+        return run_number(self.file_template)
 
     @property
     def succeeded(self) -> bool:

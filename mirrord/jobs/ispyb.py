@@ -338,7 +338,8 @@ class IspybJob(Job):
             "proposal": _proposal(s), "beamline": s.beamline,
             "sample_name": c.sample_name, "sample_id": c.sample_id, "facility_dir": c.image_directory,
             "local_dir": map_path(c.image_directory, self.section.path_map) if c.image_directory else None,
-            "file_template": c.file_template, "number_of_images": c.number_of_images, "run_status": c.run_status,
+            "file_template": c.file_template, "number_of_images": c.number_of_images,
+            "run_number": c.run_number, "run_status": c.run_status,
             "experiment_type": c.experiment_type, "start": aware(c.start), "end": aware(c.end),
         }
         if acronym is not None:  # never forget an acronym because one lookup failed
