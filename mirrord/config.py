@@ -225,6 +225,7 @@ class IspybSection(JobSection):
     password_file: Path | None = None
     token: SecretStr | None = None  # e.g. a Keycloak access token for keycloak plugins
     token_file: Path | None = None
+    token_cache: Path | None = None  # the session JWT between runs; default: <state_dir>/ispyb.token (0600)
     proposals: list[str] = Field(default_factory=list)
     beamlines: list[str] = Field(default_factory=list)
     lookback: Duration = 30 * 86400.0
@@ -373,6 +374,11 @@ class Config(Section):
     @property
     def pdis_token_cache(self) -> Path:
         return self.pdis.token_cache or self.daemon.state_dir / "pdis.token"
+
+    @property
+    def ispyb_token_cache(self) -> Path:
+        return self.ispyb.token_cache or self.daemon.state_dir / "ispyb.token"
+
 
 def missing_credentials(config: Config) -> list[str]:
     """Credentials an enabled job cannot work without (checked by `mirrord check-config`)."""

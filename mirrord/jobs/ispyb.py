@@ -88,11 +88,12 @@ class Verdict:
     values: dict[str, Any]
 
 
-def make_client(section: IspybSection, **http: Any) -> IspybClient:
+def make_client(section: IspybSection, token_cache: Path | None = None, **http: Any) -> IspybClient:
+    """The job's client reuses the session token across runs (`token_cache`); `check` logs in afresh."""
     password = section.password.get_secret_value() if section.password else None
     token = section.token.get_secret_value() if section.token else None
     return IspybClient(section.url, plugin=section.plugin, login=section.login, password=password, token=token,
-                       http=http or None)
+                       http=http or None, token_file=token_cache)
 
 
 async def check_proposal(client: IspybClient, proposal: str) -> tuple[bool, str]:
@@ -181,7 +182,7 @@ class IspybJob(Job):
         self._sample_lists: dict[str, asyncio.Future[dict[int, Sample]]] = {}
 
     async def start(self) -> None:
-        self.client = make_client(self.section)
+        self.client = make_client(self.section, self.ctx.config.ispyb_token_cache)
         # As every job's start: the credentials are proved here, within daemon.start_timeout, so a silent
         # ISPyB fails the start like any other upstream instead of holding the first poll for minutes.
         await self.client.sign_in()
@@ -193,7 +194,7 @@ class IspybJob(Job):
 
     def _client(self) -> IspybClient:
         if self.client is None:
-            self.client = make_client(self.section)
+            self.client = make_client(self.section, self.ctx.config.ispyb_token_cache)
         return self.client
 
     # -- poll ---------------------------------------------------------------------------------------
