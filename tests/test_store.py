@@ -106,7 +106,7 @@ async def test_run_number_migration_reads_the_runs_of_recorded_rows(db_url: str)
                     "file_template, state, attempts, created_at, updated_at) VALUES (:id, 1, :collection, 1, 'lb1-1', "
                     "'lb1', '[]', :template, 'complete', 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
                     {"id": row_id, "collection": 40000 + row_id, "template": template})
-        assert await migrate.upgrade(store) == ("e7d3c1a9f420", "b8d2f4a61c07")
+        assert await migrate.upgrade(store, "b8d2f4a61c07") == ("e7d3c1a9f420", "b8d2f4a61c07")
         async with store.read() as session:
             runs = dict((await session.execute(select(Dataset.id, Dataset.run_number))).all())
         assert runs == {1: 2, 2: 3, 3: 1, 4: None, 5: None}

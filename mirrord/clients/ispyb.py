@@ -11,9 +11,10 @@ exposed. What the login cannot see answers `200 total 0`, never an error (018, 0
 Auth is a JWT from `POST /auth/login` with no refresh endpoint: we read its `exp` (unverified; only
 the server can verify it), log in again shortly before it runs out, and on any 401 log in again once
 and retry. With a `token_file` the JWT outlives the process (it is valid for 5 hours, fact 15): the
-next run uses it while it is fresh and names our login, instead of logging in again. Lists page with `skip`/`limit` until `skip >= total`. Parsing is lenient (site forks add
-fields, and null appears where the spec says it cannot) but a missing key we rely on is a
-`ProtocolError` naming the endpoint and the record.
+next run uses it while it is fresh and names our login, instead of logging in again. Lists page with
+`skip`/`limit` until `skip >= total`. Parsing is lenient (site forks add fields, and null appears
+where the spec says it cannot) but a missing key we rely on is a `ProtocolError` naming the endpoint
+and the record.
 """
 
 from __future__ import annotations
