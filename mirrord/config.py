@@ -225,6 +225,7 @@ class IspybSection(JobSection):
     password_file: Path | None = None
     token: SecretStr | None = None  # e.g. a Keycloak access token for keycloak plugins
     token_file: Path | None = None
+    token_cache: Path | None = None  # the session JWT between runs; default: <state_dir>/ispyb.token (0600)
     proposals: list[str] = Field(default_factory=list)
     beamlines: list[str] = Field(default_factory=list)
     lookback: Duration = 30 * 86400.0
@@ -268,6 +269,10 @@ class BeamlineOverride(Section):
     beamline_id: int
 
 
+# What `pdis.title_template` may name (`deposit_policy.render_title` fills each in).
+TITLE_FIELDS = ("sample", "run", "collection", "proposal", "visit", "beamline", "protein")
+
+
 class PdisSection(JobSection):
     url: str = "https://proteindiffraction.org/api/v1"
     username: str = ""
@@ -286,7 +291,10 @@ class PdisSection(JobSection):
     exclude_proposals: list[str] = Field(default_factory=list)
     include_beamlines: list[str] = Field(default_factory=list)
     exclude_beamlines: list[str] = Field(default_factory=list)
-    title_template: str = "Raw diffraction data for {sample} ({proposal}, {beamline})"
+    # Placeholders: TITLE_FIELDS. The collection id tells two sweeps of one sample apart, even two that
+    # ISPyB gave the same run number (a re-collection over a failed run); {run} is empty for a template
+    # without one.
+    title_template: str = "Raw diffraction data for {sample} ({proposal}, {beamline}, collection {collection})"
     authors: str = ""
     equipment: dict[str, BeamlineOverride] = Field(default_factory=dict)  # ISPyB beamline -> PDIS ids
     synchrotron: str = "Diamond"  # the PDIS synchrotron short name our beamlines belong to
@@ -305,6 +313,22 @@ class PdisSection(JobSection):
     prefer: Literal["newest", "oldest"] = "newest"
     # PDIS answers an upload with `is_pdb_exists`: submit anyway (an additional dataset for that code)?
     allow_additional_datasets: bool = False
+
+
+    @field_validator("title_template")
+    @classmethod
+    def _title_placeholders(cls, v: str) -> str:
+        # Filled in exactly as the deposit policy fills it (every field as text), so what passes here renders.
+        known = ", ".join(f"{{{name}}}" for name in TITLE_FIELDS)
+        try:
+            v.format(**dict.fromkeys(TITLE_FIELDS, ""))
+        except KeyError as exc:
+            raise ValueError(f"unknown placeholder {{{exc.args[0]}}}; known: {known}") from None
+        except IndexError:
+            raise ValueError(f"placeholders are named, not numbered or empty; known: {known}") from None
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"not a valid template ({exc}); placeholders: {known}") from None
+        return v
 
 
 class DesignHubSection(JobSection):
@@ -350,6 +374,10 @@ class Config(Section):
     @property
     def pdis_token_cache(self) -> Path:
         return self.pdis.token_cache or self.daemon.state_dir / "pdis.token"
+
+    @property
+    def ispyb_token_cache(self) -> Path:
+        return self.ispyb.token_cache or self.daemon.state_dir / "ispyb.token"
 
 
 def missing_credentials(config: Config) -> list[str]:

@@ -59,7 +59,7 @@ def test_recorded_pair_the_failed_runs_frames_are_not_the_recollections(tmp_path
     failed, again = pair
     write_frames(tmp_path, range(1, 21), failed.start)  # 10:00:00..10:00:19, inside 90403's run
     assert verdict(tmp_path, again, failed) == (
-        "20 of 20 files were last written during collection 90403 (Data collection failed) "
+        "20 of collection 90404's 20 files were last written during collection 90403 (Data collection failed) "
         "(2026-03-10 09:58:00 UTC to 2026-03-10 10:02:20 UTC), e.g. A71EV2A-x0153_1_0001.cbf")
 
 
@@ -68,7 +68,7 @@ def test_recorded_pair_a_partly_overwritten_failed_run_is_not_attributable(tmp_p
     write_frames(tmp_path, range(1, 21), failed.start)
     write_frames(tmp_path, range(1, 20), again.start + dt.timedelta(seconds=5))  # frame 20 was never rewritten
     assert verdict(tmp_path, again, failed).startswith(
-        "1 of 20 files were last written during collection 90403 (Data collection failed)")
+        "1 of collection 90404's 20 files were last written during collection 90403 (Data collection failed)")
 
 
 def test_recorded_pair_a_fully_overwritten_failed_run_is_the_recollections(tmp_path, pair):
@@ -85,17 +85,17 @@ def test_recorded_pair_overwrites_not_trusted_by_config(tmp_path, pair):
     write_frames(tmp_path, range(1, 21), again.start + dt.timedelta(seconds=5))
     scan = scan_dataset(tmp_path, again.template, 20)
     assert attribution_problem(scan, again, sharing(scan, [failed]), UTC_ZONE, SLACK, trust_overwrites=False) == (
-        "collection 90403 (Data collection failed) names the same files (A71EV2A-x0153_1_%04d.cbf): "
-        "which run wrote them cannot be shown (ispyb.trust_overwrites = false)")
+        "collection 90404 (DataCollection Successful) and collection 90403 (Data collection failed) name the "
+        "same files (A71EV2A-x0153_1_%04d.cbf): which run wrote them cannot be shown (ispyb.trust_overwrites = false)")
 
 
 def test_recorded_pair_files_copied_later_cannot_be_attributed(tmp_path, pair):
     failed, again = pair
     write_frames(tmp_path, range(1, 21), dt.datetime(2026, 12, 7, 1, 0))  # an rsync without -t, say
     assert verdict(tmp_path, again, failed) == (
-        "20 of 20 files were modified outside this collection's run (2026-03-10 10:08:00 UTC to "
+        "20 of 20 files were modified outside collection 90404's run (2026-03-10 10:08:00 UTC to "
         "2026-03-10 10:13:05 UTC), e.g. A71EV2A-x0153_1_0001.cbf at 2026-12-07 01:00:00 UTC; "
-        "collection 90403 (Data collection failed) names the same files")
+        "collection 90404 shares its file names with collection 90403 (Data collection failed)")
 
 
 def test_two_successful_runs_writing_the_same_names_are_never_attributable(tmp_path, pair):
@@ -104,8 +104,8 @@ def test_two_successful_runs_writing_the_same_names_are_never_attributable(tmp_p
                   again.end - dt.timedelta(hours=1))
     write_frames(tmp_path, range(1, 21), again.start + dt.timedelta(seconds=5))  # all within 90404's run
     assert verdict(tmp_path, again, earlier) == (
-        "collection 90402 (DataCollection Successful) names the same files (A71EV2A-x0153_1_%04d.cbf): "
-        "which run wrote them cannot be shown")
+        "collection 90404 (DataCollection Successful) and collection 90402 (DataCollection Successful) name the "
+        "same files (A71EV2A-x0153_1_%04d.cbf): which run wrote them cannot be shown")
 
 
 def test_more_frames_than_the_collection_took_are_not_its_own(tmp_path, pair):
@@ -181,6 +181,8 @@ async def test_problem_cases_of_a_visit_end_to_end(tmp_path, ispyb_emulator_fact
     one, two = by_sample[f"{target.name}-x0991"]
     for col, other in ((one, two), (two, one)):
         state, reason = outcome(col)
-        assert state == "needs_attention" and f"collection {other.collection_id} (Data collection successful) " \
-            f"names the same files ({one.file_template})" in reason
+        # The dataset's own collection first: the reason is read beside the dataset's id.
+        assert state == "needs_attention" and reason.startswith(
+            f"collection {col.collection_id} (Data collection successful) and collection {other.collection_id} "
+            f"(Data collection successful) name the same files ({one.file_template})")
         assert datasets[col.collection_id].id not in deposits

@@ -228,8 +228,8 @@ def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.C
     """An older schema: say what to run (a running daemon may own the database, so no migration here).
 
     The schema is looked at only when a query fails, which keeps `status` quick: behind by a table or
-    a column the queries read (the item counts, the person-decisions table, depositions.detected_pdb), the commands say
-    to upgrade."""
+    a column the queries read (the item counts, datasets.run_number, the person-decisions table,
+    depositions.detected_pdb), the commands say to upgrade."""
 
     def downgrade(revision: str) -> None:
         async def run() -> None:
@@ -241,8 +241,9 @@ def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.C
 
         asyncio.run(run())
 
-    # Without the item counts; then without the decisions table; then without detected_pdb.
-    for revision in ("e7d3c1a9f420", "f7a3c9e1d2b4", "dd5a1c7e9b42"):
+    # Without the item counts; then without datasets.run_number; then without the decisions table; then without
+    # detected_pdb.
+    for revision in ("b8d2f4a61c07", "e7d3c1a9f420", "f7a3c9e1d2b4", "dd5a1c7e9b42"):
         downgrade(revision)
         for command in (["status"], ["plan"]):
             assert main([*command, "-c", str(seeded)]) == 1, command

@@ -205,10 +205,8 @@ def facts(**overrides: Any) -> DatasetFacts:
     ({"include_beamlines": ["I04-1"]}, {"pdb_code": "5ABC"}, "deposit as 5ABC"),
     ({"exclude_beamlines": ["I04-1"]}, {"pdb_code": "5ABC"}, "not deposited: beamline i04-1 is in exclude_beamlines"),
     ({"deposit": "all", "authors": "Smith J."}, {},
-     "deposit as other: 'Raw diffraction data for A71EV2A-x0152 (lb32627, i04-1)'"),
+     "deposit as other: 'Raw diffraction data for A71EV2A-x0152 (lb32627, i04-1, collection 7)'"),
     ({"deposit": "all"}, {}, "not deposited: authors is not configured (required without a PDB code)"),
-    ({"deposit": "all", "authors": "S", "title_template": "{nope}"}, {},
-     "not deposited: title_template cannot be filled in: 'nope'"),
     ({"deposit": "all", "authors": "S", "title_template": "{visit}"}, {"session_name": "lb1-1"},
      "not deposited: title 'lb1-1' is shorter than 10 characters"),
     # Only rotation datasets (recorded py-ispyb, fact 2: a grid scan is an ordinary dc event).
@@ -229,8 +227,8 @@ def test_policy_decisions(section, overrides, expected):
 
 
 def test_title_template_fields():
-    title = render_title("{protein}: {sample} {visit} {beamline} {proposal}", facts())
-    assert title == "A71EV2A: A71EV2A-x0152 lb32627-66 i04-1 lb32627"
+    title = render_title("{protein}: {sample} {visit} {beamline} {proposal} {collection} {run}", facts(run_number=3))
+    assert title == "A71EV2A: A71EV2A-x0152 lb32627-66 i04-1 lb32627 7 3"
 
 
 def test_one_deposition_per_pdb_code_by_rule():
@@ -406,7 +404,8 @@ async def test_all_policy_maps_equipment_with_override_and_fallback(tmp_path, ca
     assert (mapped.synchrotron.short, mapped.beamline.short) == ("Diamond", "I04-1")  # case-insensitive match
     assert (overridden.synchrotron.id, overridden.beamline.id) == (25, 42)  # the override table wins
     assert fallback.synchrotron is None and fallback.equipment_other == "Diamond i99"
-    assert mapped.project_title == f"Raw diffraction data for loose-i04-1 ({target.proposal}, i04-1)"
+    assert mapped.project_title == (f"Raw diffraction data for loose-i04-1 ({target.proposal}, i04-1, "
+                                    f"collection {cols[0].collection_id})")
     assert mapped.project_authors == "Smith J., Doe A." and mapped.dataset_type == "other"
 
 

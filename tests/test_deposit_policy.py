@@ -8,13 +8,14 @@ wins a PDB code at each stage, how far a deposition has gone, and how equipment 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from mirrord.clients.pdis import Beamline, Synchrotron
-from mirrord.config import PdisSection
+from mirrord.config import TITLE_FIELDS, ConfigError, PdisSection, load_config
 from mirrord.jobs.deposit_policy import (
     Decision,
     Equipment,
@@ -70,8 +71,6 @@ ALL = {"deposit": "all", "authors": "Smith J."}
      "not deposited: title 'lb1234-56' is shorter than 10 characters"),
     ({**ALL, "title_template": "{visit}"}, {"session_name": "lb1234-567"}, "deposit as other: 'lb1234-567'"),
     ({**ALL, "authors": "   "}, {}, "not deposited: authors is not configured (required without a PDB code)"),
-    ({**ALL, "title_template": "{sample!r:>{width}}"}, {}, "not deposited: title_template cannot be filled in: 'width'"),
-    ({**ALL, "title_template": "{0}"}, {}, "not deposited: title_template cannot be filled in: '0'"),
 ])
 def test_policy_edges(section, overrides, expected):
     decision = decide(facts(**overrides), PdisSection(**section))
@@ -82,11 +81,52 @@ def test_policy_edges(section, overrides, expected):
 def test_a_deposit_without_pdb_code_carries_title_and_stripped_authors():
     decision = decide(facts(), PdisSection(deposit="all", authors="  Smith J., Doe A.  "))
     assert decision == Decision(True, "complete dataset (policy: all)", "other", None,
-                                "Raw diffraction data for A71EV2A-x0152 (lb32627, i04-1)", "Smith J., Doe A.")
+                                "Raw diffraction data for A71EV2A-x0152 (lb32627, i04-1, collection 7)",
+                                "Smith J., Doe A.")
     assert needs_equipment(decision) and not needs_equipment(replace(decision, deposit=False))
     linked = decide(facts(pdb_code="5abc", experiment_code="X"), PdisSection())
     assert (linked.dataset_type, linked.pdb_code, linked.title, linked.authors) == ("pdb", "5ABC", None, None)
     assert linked.reason == "linked to X with PDB code 5abc" and not needs_equipment(linked)
+
+
+def test_the_default_title_tells_two_sweeps_of_one_sample_apart():
+    """Collections 40514 and 40515 of one sample got the same PDIS title: the default names the collection."""
+    first, second = (decide(facts(collection_id=cid, run_number=run), PdisSection(**ALL)).title
+                     for cid, run in ((40514, 1), (40515, 2)))
+    assert first == "Raw diffraction data for A71EV2A-x0152 (lb32627, i04-1, collection 40514)"
+    assert second == "Raw diffraction data for A71EV2A-x0152 (lb32627, i04-1, collection 40515)"
+    # Even two that ISPyB gave the same run number (a re-collection over a failed run's template).
+    assert render_title(PdisSection().title_template, facts(collection_id=1, run_number=1)) != \
+        render_title(PdisSection().title_template, facts(collection_id=2, run_number=1))
+
+
+@pytest.mark.parametrize(("template", "problem"), [
+    ("{nope}", "unknown placeholder {nope}"),
+    ("{sample!r:>{width}}", "unknown placeholder {width}"),
+    ("{0}", "placeholders are named, not numbered or empty"),
+    ("{}", "placeholders are named, not numbered or empty"),
+    ("{sample", "not a valid template (expected '}' before end of string)"),
+    ("{run:d}", "not a valid template (Unknown format code 'd'"),
+])
+def test_an_unknown_title_placeholder_is_a_config_error_naming_the_key(tmp_path, template, problem):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[pdis]\ntitle_template = {json.dumps(template)}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    [said] = err.value.problems
+    assert said.startswith("pdis.title_template: ") and problem in said, said
+    assert "{collection}" in said and "{run}" in said  # and says what it may name
+
+
+def test_every_offered_placeholder_is_filled_in():
+    title = render_title(" ".join(f"<{{{name}}}>" for name in TITLE_FIELDS), facts(collection_id=40515, run_number=2))
+    assert title == "<A71EV2A-x0152> <2> <40515> <lb32627> <lb32627-66> <i04-1> <A71EV2A>"
+    assert render_title("{sample} run {run}", facts(run_number=None)) == "A71EV2A-x0152 run"
+
+
+def test_a_template_that_escaped_validation_never_crashes_the_decision():
+    section = PdisSection(**ALL).model_copy(update={"title_template": "{nope}"})
+    assert decide(facts(), section).summary == "not deposited: title_template cannot be filled in: 'nope'"
 
 
 def test_titles_collapse_the_blanks_that_empty_fields_leave():

@@ -77,6 +77,50 @@ async def test_logs_in_again_shortly_before_the_token_expires(ispyb_emulator_fac
     assert served.served.requests.count("GET", "/ispyb/api/v1/sessions") == 3  # no call was refused
 
 
+async def test_a_cached_token_saves_the_next_runs_login(ispyb_emulator, tmp_path):  # noqa: F811
+    """The next `once` (a new client on the same state) uses the stored JWT while it is fresh."""
+    cache = tmp_path / "state" / "ispyb.token"
+
+    def logins() -> int:
+        return ispyb_emulator.served.requests.count("POST", "/ispyb/api/v1/auth/login")
+
+    async with client_for(ispyb_emulator, token_file=cache) as client:
+        first = [s async for s in client.sessions()]
+    assert logins() == 1 and cache.stat().st_mode & 0o777 == 0o600
+    assert jwt.decode(cache.read_text().strip(), options={"verify_signature": False})["login"] == "mirrord"
+    async with client_for(ispyb_emulator, token_file=cache) as client:
+        await client.sign_in()
+        assert [s async for s in client.sessions()] == first
+    assert (client.logins, logins()) == (0, 1)
+    # Refused after all (the server's secret changed, say): one login, and the new token is kept.
+    ispyb_emulator.emulator.expire_tokens()
+    async with client_for(ispyb_emulator, token_file=cache) as client:
+        assert [s async for s in client.sessions()] == first
+    assert (client.logins, logins()) == (1, 2)
+    async with client_for(ispyb_emulator, token_file=cache) as client:
+        await client.sign_in()
+    assert (client.logins, logins()) == (0, 2)
+
+
+@pytest.mark.parametrize(("login", "ttl", "content"), [
+    ("someone-else", 18000, None),  # another login's token (the config changed)
+    ("mirrord", 30, None),  # inside the refresh margin
+    ("mirrord", -10, None),  # expired
+    ("mirrord", 18000, "not-a-jwt"),  # an opaque token: its age is unknown
+])
+async def test_a_cached_token_is_not_used_unless_it_is_ours_and_fresh(ispyb_emulator, tmp_path,  # noqa: F811
+                                                                      login, ttl, content):
+    cache = tmp_path / "ispyb.token"
+    if content is None:
+        content = jwt.encode({"login": login, "iat": int(time.time()), "exp": int(time.time()) + ttl},
+                             "a key the client never checks: only the server can", algorithm="HS256")
+    cache.write_text(content + "\n")
+    async with client_for(ispyb_emulator, token_file=cache) as client:
+        await client.sign_in()
+        [s async for s in client.sessions()]
+    assert client.logins == 1 and cache.read_text().strip() != content
+
+
 async def test_a_401_means_one_new_login_and_one_retry(ispyb_emulator):  # noqa: F811
     async with client_for(ispyb_emulator) as client:
         first = [s async for s in client.sessions()]

@@ -112,6 +112,9 @@ async def test_discovers_a_growing_session_over_several_polls(tmp_path, ispyb, d
         f"{added.prefix}_{i:04d}.cbf" for i in (1, 2, 3)]
     assert found[regrouped.collection_id].group_id == good.group_id
     assert found[regrouped.collection_id].state == "complete"
+    # Each further run of the sample has the next run number, read from its template (`{run}` of titles).
+    assert (added.file_template, regrouped.file_template) == (f"{good.sample}_3_####.cbf", f"{good.sample}_4_%04d.cbf")
+    assert [found[c.collection_id].run_number for c in (good, added, regrouped)] == [1, 3, 4]
     (session,) = [s for (s,) in await query(config, select(SessionRow))]
     assert session.scanned_collections == 9
     discovered = await query(config, select(func.count()).select_from(Event).where(Event.to_state == "discovered"))

@@ -155,6 +155,17 @@ def test_once_makes_no_request_the_recordings_cannot_answer(replayed):
     assert unrecorded == []
     assert code == EXIT_ATTENTION, output  # 90404 needs a person, and nothing else went wrong
     assert "needs attention: dataset" in output and "1 need attention" in output
+    # The line names the dataset's own collection first, then the one that shares its files.
+    line = next(line for line in output.splitlines() if line.startswith("needs attention: dataset"))
+    assert "90403" in line and line.index("90404") < line.index("90403"), line
+
+
+def test_the_run_number_is_the_recorded_data_collection_number(replayed):
+    """py-ispyb does not expose dataCollectionNumber (fact 18); read from the template it is the database's."""
+    found = replayed[0]
+    numbers = {row["dataCollectionId"]: row["dataCollectionNumber"] for row in seed("ispyb")["tables"]["DataCollection"]}
+    assert {cid: row.run_number for cid, row in found.items()} == {cid: numbers[cid] for cid in found}
+    assert sorted({row.run_number for row in found.values()}) == [1, 2, 3]  # not all 1: the comparison says something
 
 
 def test_every_successful_rotation_is_complete(replayed):

@@ -27,7 +27,7 @@ from mirrord.store.models import (
 from mirrord.store.models import Session as SessionRow
 from mirrord.ui.summary import refresh_item_gauges, summary
 
-BEFORE = "e7d3c1a9f420"  # the revision before the counts
+BEFORE = "b8d2f4a61c07"  # the revision before the counts
 
 
 async def _group_by(store: Store) -> dict[str, dict[str, int]]:

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
 from mirrord.daemon import Mirrord
 from mirrord.emulators.base import Served
 from mirrord.emulators.campaign import Campaign
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs.base import Job, RunResult
+from mirrord.store import Store
 from mirrord.store.models import Deposition, JobRun, Upload
 from tests.conftest import make_config
 from tests.fakejobs import seed_building_uploads, use_job
@@ -124,6 +126,99 @@ async def test_a_restart_during_a_pdis_upload_converges_exactly_once(
     assert_exactly_once(emulator, published)
     assert all(r.lease_owner is None for r in rows)
     assert runs[0] == ("failed", True) and all(finished for _, finished in runs), runs
+
+
+class LingeringClose:
+    """A TCP relay to the server that passes on everything the server sends, but its close only after
+    `linger` seconds, as a busy host, a NAT or a proxy may: the client reads the server's last words
+    ("terminating connection due to administrator command") on a socket that still looks open."""
+
+    def __init__(self, port: int, linger: float) -> None:
+        self.upstream, self.linger = port, linger
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._relays: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> LingeringClose:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Cut every relayed connection now (a client's own close would wait out the linger)."""
+        if self._server is not None:
+            self._server.close()
+        for relay in list(self._relays):
+            relay.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        for task in (self._relay(reader, up_writer, 0.0), self._relay(up_reader, writer, self.linger)):
+            relay = asyncio.create_task(task)
+            self._relays.add(relay)
+            relay.add_done_callback(self._relays.discard)
+
+    @staticmethod
+    async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, linger: float) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            await asyncio.sleep(linger)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_connections_the_restart_ended_are_dropped_not_reused(pg_server: PostgresServer | None,
+                                                                    pg_url: str) -> None:
+    """Issue 21: replicas logged asyncpg's "cannot switch to state 15; another operation (2) is in
+    progress" after a restart. It is the ROLLBACK that closes a session on a connection the server has
+    ended (its farewell read, its close not yet): that connection is invalidated there and then, and
+    no connection of before the restart is used again (`pool_pre_ping`), although their sockets still
+    look open."""
+    if pg_server is None:
+        pytest.skip("restarts the suite's own PostgreSQL server; MIRRORD_TEST_PG_URL names another")
+    async with LingeringClose(pg_server.port, linger=120.0) as relay:
+        store = Store(pg_url.replace(f":{pg_server.port}/", f":{relay.port}/"))
+        before_restart: set[int] = set()
+        entered = asyncio.Barrier(3)
+
+        async def backend(restart: bool = False) -> int:
+            async with store.read() as session:
+                pid = await session.scalar(text("SELECT pg_backend_pid()"))
+                if restart:
+                    await asyncio.to_thread(pg_server.stop_server)
+                    await asyncio.to_thread(pg_server.start_server)
+            return pid
+
+        async def pooled() -> int:
+            async with store.read() as session:
+                await entered.wait()  # three connections at once: the pool keeps all three
+                return await session.scalar(text("SELECT pg_backend_pid()"))
+
+        try:
+            # Three idle in the pool when the server restarts: dead, though their sockets look open.
+            before_restart.update(await asyncio.gather(pooled(), pooled(), pooled()))
+            await asyncio.to_thread(pg_server.stop_server)
+            await asyncio.to_thread(pg_server.start_server)
+            after = await asyncio.gather(*(backend() for _ in range(4)))  # none of them is used again
+            assert not set(after) & before_restart, (after, before_restart)
+            # One in use across a restart: its session's close (a ROLLBACK) is what says "cannot switch".
+            with pytest.raises(DBAPIError) as cut:
+                await backend(restart=True)
+            assert "cannot switch to state 15; another operation (2) is in progress" in str(cut.value)
+            assert cut.value.connection_invalidated  # dropped at once, not put back in the pool
+            assert await backend() not in {*before_restart, *after}
+        finally:
+            await relay.close()
+            await store.close()
+            _answering_again(pg_server)
 
 
 def _answering_again(server: PostgresServer) -> None:

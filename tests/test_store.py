@@ -86,6 +86,37 @@ async def test_spool_digest_migration_keeps_packed_archives_verifiable(db_url: s
         await store.close()
 
 
+async def test_run_number_migration_reads_the_runs_of_recorded_rows(db_url: str) -> None:
+    """Rows recorded before `{run}` existed get theirs from the template they hold; one of another
+    shape (or none) stays empty."""
+    from mirrord.store.models import Dataset
+
+    templates = {1: "A71EV2A-x0152_2_%04d.cbf", 2: "A71EV2A-x0154_3_####.cbf", 3: "A71EV2A-x0155_1_master.h5",
+                 4: "x_%04d.cbf", 5: None}
+    store = Store(db_url)
+    try:
+        await migrate.upgrade(store, "e7d3c1a9f420")
+        async with store.write() as session:
+            await session.execute(text(
+                "INSERT INTO sessions (id, name, proposal, created_at, updated_at) "
+                "VALUES (1, 'lb1-1', 'lb1', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            for row_id, template in templates.items():
+                await session.execute(text(
+                    "INSERT INTO datasets (id, group_id, collection_id, session_id, session_name, proposal, files, "
+                    "file_template, state, attempts, created_at, updated_at) VALUES (:id, 1, :collection, 1, 'lb1-1', "
+                    "'lb1', '[]', :template, 'complete', 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
+                    {"id": row_id, "collection": 40000 + row_id, "template": template})
+        assert await migrate.upgrade(store, "b8d2f4a61c07") == ("e7d3c1a9f420", "b8d2f4a61c07")
+        async with store.read() as session:
+            runs = dict((await session.execute(select(Dataset.id, Dataset.run_number))).all())
+        assert runs == {1: 2, 2: 3, 3: 1, 4: None, 5: None}
+        await migrate.downgrade(store, "e7d3c1a9f420")
+        async with store.read() as session:
+            assert await session.scalar(text("SELECT count(*) FROM datasets")) == 5
+    finally:
+        await store.close()
+
+
 async def test_newer_schema_is_refused(db_url: str) -> None:
     store = Store(db_url)
     try:

@@ -12,7 +12,7 @@ drops its triggers with it and must create them again: tests/test_item_counts.py
 item table has its triggers at head.
 
 Revision ID: 9c4e2a7d5b13
-Revises: e7d3c1a9f420
+Revises: b8d2f4a61c07
 Create Date: 2026-12-07 14:00:00
 """
 
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '9c4e2a7d5b13'
-down_revision = 'e7d3c1a9f420'
+down_revision = 'b8d2f4a61c07'
 branch_labels = None
 depends_on = None
 

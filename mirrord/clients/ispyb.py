@@ -10,18 +10,22 @@ exposed. What the login cannot see answers `200 total 0`, never an error (018, 0
 
 Auth is a JWT from `POST /auth/login` with no refresh endpoint: we read its `exp` (unverified; only
 the server can verify it), log in again shortly before it runs out, and on any 401 log in again once
-and retry. Lists page with `skip`/`limit` until `skip >= total`. Parsing is lenient (site forks add
-fields, and null appears where the spec says it cannot) but a missing key we rely on is a
-`ProtocolError` naming the endpoint and the record.
+and retry. With a `token_file` the JWT outlives the process (it is valid for 5 hours, fact 15): the
+next run uses it while it is fresh and names our login, instead of logging in again. Lists page with
+`skip`/`limit` until `skip >= total`. Parsing is lenient (site forks add fields, and null appears
+where the spec says it cannot) but a missing key we rely on is a `ProtocolError` naming the endpoint
+and the record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -29,11 +33,22 @@ import structlog
 
 from mirrord.clients.errors import AuthError, ProtocolError
 from mirrord.clients.http import HttpClient, UpstreamClient
+from mirrord.clients.token_file import TokenFile
 from mirrord.redact import redact, register_secret
 
 log = structlog.get_logger("mirrord.ispyb")
 
 SERVICE = "ispyb"
+# `x_2_%04d.cbf`, `x_2_####.cbf`, `x_2_master.h5`: the run is the number before the frame field.
+_RUN_IN_TEMPLATE = re.compile(r".+_(?P<run>\d+)_(?:%0?\d*d|#+|master)\.[^._]+")
+
+
+def run_number(file_template: str | None) -> int | None:
+    """ISPyB's `dataCollectionNumber`, read from the template: the API does not expose it (fact 18),
+    and every recorded row's `fileTemplate` is `<imagePrefix>_<dataCollectionNumber>_<frames>`
+    (seed.json); None for a template of another shape."""
+    found = _RUN_IN_TEMPLATE.fullmatch(file_template or "")
+    return int(found["run"]) if found else None
 
 
 # -- typed results ------------------------------------------------------------------------------------
@@ -87,6 +102,10 @@ class DataCollection:
     number_of_passes: int | None
     experiment_type: str | None  # the group's: "OSC" a rotation, "Mesh" a grid scan (031)
     session_id: int | None
+
+    @property
+    def run_number(self) -> int | None:
+        return run_number(self.file_template)
 
     @property
     def succeeded(self) -> bool:
@@ -244,7 +263,7 @@ class IspybClient(UpstreamClient):
     def __init__(self, base_url: str, *, plugin: str = "dummy", login: str, password: str | None = None,
                  token: str | None = None, page_size: int = 100, refresh_margin: float = 60.0,
                  http: HttpClient | Mapping[str, Any] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, token_file: Path | None = None) -> None:
         if page_size < 1:
             raise ValueError("page_size must be at least 1 (the server refuses limit=0)")
         self.plugin = plugin
@@ -260,6 +279,7 @@ class IspybClient(UpstreamClient):
         super().__init__(SERVICE, base_url, http)
         self._jwt: str | None = None
         self._jwt_expires: float | None = None
+        self._tokens = TokenFile(token_file) if token_file is not None else None
         self._login_lock = asyncio.Lock()
         self._samples: dict[int, Sample] = {}
         self.logins = 0
@@ -282,6 +302,8 @@ class IspybClient(UpstreamClient):
         async with self._login_lock:
             if self._jwt is not None and self._jwt != stale:
                 return self._jwt
+            if stale is None and (cached := await self._cached_token()) is not None:
+                return cached
             body = {"plugin": self.plugin, "login": self.login_name, "password": self._password,
                     "token": self._sso_token}
             try:
@@ -296,7 +318,27 @@ class IspybClient(UpstreamClient):
             self._jwt, self._jwt_expires = token, self._expiry(token)
             self.logins += 1
             log.debug("ispyb.login", login=self.login_name, plugin=self.plugin, expires=self._jwt_expires)
+            if self._tokens is not None:
+                await asyncio.to_thread(self._tokens.write, token)
             return token
+
+    async def _cached_token(self) -> str | None:
+        """The token a previous run stored, if it names our login and stays fresh for a while yet; it
+        is taken as held (a 401 replaces it). Only a JWT qualifies: an opaque token's age is unknown."""
+        if self._tokens is None or (token := await asyncio.to_thread(self._tokens.read)) is None:
+            return None
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            return None
+        expires = self._expiry(token)
+        if claims.get("login", self.login_name) != self.login_name or expires is None \
+                or self._clock() >= expires - self.refresh_margin:
+            return None
+        register_secret(token)
+        self._jwt, self._jwt_expires = token, expires
+        log.debug("ispyb.token_reused", login=self.login_name, expires=expires)
+        return token
 
     @staticmethod
     def _expiry(token: str) -> float | None:

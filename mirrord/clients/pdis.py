@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import re
-import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from mirrord.clients.http import (
     error_for_status,
     read_bounded,
 )
+from mirrord.clients.token_file import TokenFile
 from mirrord.redact import redact, register_secret
 
 SERVICE = "pdis"
@@ -271,36 +270,6 @@ def _with_server_message(exc: UpstreamError) -> UpstreamError:
     return err
 
 
-# -- token storage ----------------------------------------------------------------------------------
-class TokenFile:
-    """The API token on disk: owner-only (0600), replaced atomically, reused across restarts."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def read(self) -> str | None:
-        try:
-            token = self.path.read_text().strip()
-        except FileNotFoundError:
-            return None
-        return token or None
-
-    def write(self, token: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        # Created 0600 from the first byte: the token is never readable by others, not even briefly.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w") as out:
-                out.write(token + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-
 # -- streamed upload body ---------------------------------------------------------------------------
 class _FilePayload(aiohttp_payload.Payload):
     """A file streamed chunk by chunk with a known size, reporting progress and detecting stalls.
@@ -363,6 +332,11 @@ class PdisClient(UpstreamClient):
         return f"PdisClient(base_url={self.base_url!r}, username={self.username!r})"
 
     # -- authentication ---------------------------------------------------------------------------
+    async def sign_in(self) -> None:
+        """Hold a token: the cached one (no request; a 401 later replaces it), else exchange the
+        credentials for one, which proves them."""
+        await self._current_token()
+
     async def _current_token(self) -> str:
         async with self._token_lock:
             if self._token is None:

@@ -88,13 +88,15 @@ class Collection:
     beamline: str
     corrupt: bool = False  # images whose headers no reader can parse (a detector fault)
     experiment_type: str = "OSC"  # the group's: "OSC" (rotation), "Mesh" (grid scan), "Screening", ...
-    # Two collections given the same run prefix share directory and template (ISPyB recording, fact 19).
-    run_prefix: str | None = None
+    # ISPyB's dataCollectionNumber: the sample's n-th run in the visit, written into the template as
+    # `<sample>_<run>_…` like every recorded row (seed.json). Two collections given the same run share
+    # directory and template (ISPyB recording, fact 19: 90403 and 90404 are both run 1).
+    run: int = 1
     frames_left: int = 0  # frames a failed run left on disk (a successful run writes all of them)
 
     @property
     def prefix(self) -> str:
-        return self.run_prefix or f"{self.sample}_{self.collection_id}"
+        return f"{self.sample}_{self.run}"
 
     @property
     def succeeded(self) -> bool:
@@ -220,20 +222,21 @@ class Campaign:
         later = max(c.end or c.start for c in self.collections) + dt.timedelta(hours=1)
         failed = self.add_collection(tas, crystals[3].code, beamline=beamline, images=images, start=later,
                                      run_status="Data collection failed", frames_left=images // 2)
-        self.add_collection(tas, crystals[3].code, beamline=beamline, images=images, run_prefix=failed.prefix,
+        self.add_collection(tas, crystals[3].code, beamline=beamline, images=images, run=failed.run,
                             start=later + dt.timedelta(hours=1))
         shared = f"{target.name}-x0991"  # not a Fragalysis experiment: recorded, never deposited
         first = self.add_collection(tas, shared, beamline=beamline, images=images, start=later + dt.timedelta(hours=2))
-        self.add_collection(tas, shared, beamline=beamline, images=images, run_prefix=first.prefix,
+        self.add_collection(tas, shared, beamline=beamline, images=images, run=first.run,
                             start=later + dt.timedelta(hours=3))
 
     # -- growth over time (tests and the demo call these) ----------------------------------------
     def add_collection(self, session: str, sample: str, *, beamline: str = "i04-1", style: str = "cbf",
                        images: int = 12, run_status: str = "Data collection successful",
                        group_id: int | None = None, finished: bool = True, start: dt.datetime | None = None,
-                       experiment_type: str = "OSC", run_prefix: str | None = None,
+                       experiment_type: str = "OSC", run: int | None = None,
                        frames_left: int = 0) -> Collection:
-        """A new collection; `start` (naive facility-local) defaults to one minute after the previous one."""
+        """A new collection; `start` (naive facility-local) defaults to one minute after the previous one,
+        `run` to the sample's next run in the visit (a run already taken re-uses its template)."""
         self._next_collection_id += 1
         cid = self._next_collection_id
         start = start or EPOCH + dt.timedelta(minutes=cid - 1_000_000)
@@ -241,7 +244,9 @@ class Campaign:
                          sample_id=200_000 + _stable_int(sample) % 100_000, style=style, images=images,
                          run_status=run_status, start=start,
                          end=start + dt.timedelta(minutes=3) if finished else None, beamline=beamline,
-                         experiment_type=experiment_type, run_prefix=run_prefix, frames_left=frames_left)
+                         experiment_type=experiment_type, frames_left=frames_left,
+                         run=run or 1 + max((c.run for c in self.collections
+                                             if (c.session, c.sample) == (session, sample)), default=0))
         self.collections.append(col)
         return col
 

@@ -24,7 +24,8 @@ its own, from what the API and the file system offer:
    of a file in place when they overwrite sets `ispyb.trust_overwrites = false`: then any other run
    naming the same files needs a person.
 
-When 2 or 3 fails the dataset needs a person; the reason names the other collection.
+When 2 or 3 fails the dataset needs a person; the reason names the dataset's own collection first, then
+the other one (a reason is read beside the dataset's id, not its collection's).
 """
 
 from __future__ import annotations
@@ -261,33 +262,38 @@ def attribution_problem(scan: DirScan, own: Run, others: list[Run], zone: ZoneIn
     `trust_overwrites` a failed one is no different from a successful one: a person decides.
     """
     if scan.mismatch is not None:
-        return scan.mismatch + _naming(others)
+        return scan.mismatch + _naming(own, others)
     for other in others:
-        unknown = f"{other.describe()} names the same files ({other.template}): which run wrote them cannot be shown"
+        unknown = (f"{own.describe()} and {other.describe()} name the same files ({other.template}): "
+                   "which run wrote them cannot be shown")
         if not other.failed:
             return unknown
         if not trust_overwrites:
             return unknown + " (ispyb.trust_overwrites = false)"
     window = own.window(zone, slack)
     if window is None:
-        return "ISPyB gives no start or end time: whether the files were written by this run cannot be shown"
+        return (f"ISPyB gives collection {own.collection_id} no start or end time: whether the files were "
+                "written by its run cannot be shown")
     for other in others:
         theirs = other.window(zone, slack)
         if theirs is None:
-            return f"{other.describe()} names the same files and ISPyB gives it no start or end time"
+            return (f"{own.describe()} and {other.describe()} name the same files, and ISPyB gives collection "
+                    f"{other.collection_id} no start or end time")
         written = [s for s in scan.stats if theirs[0] <= s.mtime <= theirs[1]]
         if written:
-            return (f"{len(written)} of {len(scan.stats)} files were last written during {other.describe()} "
-                    f"({_span(theirs, zone)}), e.g. {written[0].name}")
+            return (f"{len(written)} of collection {own.collection_id}'s {len(scan.stats)} files were last written "
+                    f"during {other.describe()} ({_span(theirs, zone)}), e.g. {written[0].name}")
     outside = [s for s in scan.stats if not window[0] <= s.mtime <= window[1]]
     if outside:
-        return (f"{len(outside)} of {len(scan.stats)} files were modified outside this collection's run "
-                f"({_span(window, zone)}), e.g. {outside[0].name} at {_at(outside[0].mtime, zone)}" + _naming(others))
+        return (f"{len(outside)} of {len(scan.stats)} files were modified outside collection {own.collection_id}'s "
+                f"run ({_span(window, zone)}), e.g. {outside[0].name} at {_at(outside[0].mtime, zone)}"
+                + _naming(own, others))
     return None
 
 
-def _naming(others: list[Run]) -> str:
-    return f"; {', '.join(o.describe() for o in others)} names the same files" if others else ""
+def _naming(own: Run, others: list[Run]) -> str:
+    named = ", ".join(o.describe() for o in others)
+    return f"; collection {own.collection_id} shares its file names with {named}" if others else ""
 
 
 def _at(when: dt.datetime, zone: ZoneInfo) -> str:

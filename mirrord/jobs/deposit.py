@@ -169,7 +169,8 @@ class DepositJob(Job):
         # On SQLite the instance lock proves no other packer is alive: every temp file is stale.
         await asyncio.to_thread(self._remove_temp_files, 0.0 if self.store.is_sqlite else STALE_TEMP_AGE)
         await self._sweep_spool()
-        await self.client.equipment()  # proves the credentials (and caches the list)
+        # Proves the credentials unless a token is cached; `/equipment/` is read only once a deposit needs it.
+        await self.client.sign_in()
 
     async def close(self) -> None:
         if self._client is not None:

@@ -75,6 +75,7 @@ class DatasetFacts:
     total_bytes: int | None
     experiment_type: str | None = None  # the group's ISPyB experimentType: "OSC", "Mesh", ...
     number_of_images: int | None = None
+    run_number: int | None = None  # ISPyB's dataCollectionNumber (from the template), if it has one
     collected_at: dt.datetime | None = None  # the collection's end (else start) time
     experiment_code: str | None = None
     pdb_code: str | None = None
@@ -163,9 +164,11 @@ def _filtered_out(facts: DatasetFacts, section: PdisSection) -> str | None:
 
 
 def render_title(template: str, facts: DatasetFacts) -> str:
-    """`title_template` filled in; unknown fields raise KeyError/ValueError naming them."""
+    """`title_template` filled in (every field of `TITLE_FIELDS`, as text); unknown fields raise
+    KeyError/ValueError naming them."""
     fields = {"sample": facts.sample_name or "", "proposal": facts.proposal, "visit": facts.session_name,
-              "beamline": facts.beamline or "", "protein": facts.protein_acronym or ""}
+              "beamline": facts.beamline or "", "protein": facts.protein_acronym or "",
+              "collection": str(facts.collection_id), "run": "" if facts.run_number is None else str(facts.run_number)}
     for _text, name, _spec, _conv in string.Formatter().parse(template):
         if name is not None and name not in fields:
             raise KeyError(name)
@@ -267,7 +270,7 @@ def _facts(dataset: Dataset, experiment: Experiment | None, deposition: Depositi
         sample_name=dataset.sample_name, protein_acronym=dataset.protein_acronym, local_dir=dataset.local_dir,
         files=tuple(str(f) for f in dataset.files or ()), total_bytes=dataset.total_bytes,
         experiment_type=dataset.experiment_type, number_of_images=dataset.number_of_images,
-        collected_at=dataset.end or dataset.start,
+        run_number=dataset.run_number, collected_at=dataset.end or dataset.start,
         experiment_code=experiment.code if experiment else None,
         pdb_code=(experiment.pdb_code or None) if experiment else None,
         deposition_id=deposition.id if deposition else None,

@@ -94,11 +94,12 @@ class Verdict:
     values: dict[str, Any]
 
 
-def make_client(section: IspybSection, **http: Any) -> IspybClient:
+def make_client(section: IspybSection, token_cache: Path | None = None, **http: Any) -> IspybClient:
+    """The job's client reuses the session token across runs (`token_cache`); `check` logs in afresh."""
     password = section.password.get_secret_value() if section.password else None
     token = section.token.get_secret_value() if section.token else None
     return IspybClient(section.url, plugin=section.plugin, login=section.login, password=password, token=token,
-                       http=http or None)
+                       http=http or None, token_file=token_cache)
 
 
 async def check_proposal(client: IspybClient, proposal: str) -> tuple[bool, str]:
@@ -187,7 +188,7 @@ class IspybJob(Job):
         self._sample_lists: dict[str, asyncio.Future[dict[int, Sample]]] = {}
 
     async def start(self) -> None:
-        self.client = make_client(self.section)
+        self.client = make_client(self.section, self.ctx.config.ispyb_token_cache)
         # As every job's start: the credentials are proved here, within daemon.start_timeout, so a silent
         # ISPyB fails the start like any other upstream instead of holding the first poll for minutes.
         await self.client.sign_in()
@@ -199,7 +200,7 @@ class IspybJob(Job):
 
     def _client(self) -> IspybClient:
         if self.client is None:
-            self.client = make_client(self.section)
+            self.client = make_client(self.section, self.ctx.config.ispyb_token_cache)
         return self.client
 
     # -- poll ---------------------------------------------------------------------------------------
@@ -344,7 +345,8 @@ class IspybJob(Job):
             "proposal": _proposal(s), "beamline": s.beamline,
             "sample_name": c.sample_name, "sample_id": c.sample_id, "facility_dir": c.image_directory,
             "local_dir": map_path(c.image_directory, self.section.path_map) if c.image_directory else None,
-            "file_template": c.file_template, "number_of_images": c.number_of_images, "run_status": c.run_status,
+            "file_template": c.file_template, "number_of_images": c.number_of_images,
+            "run_number": c.run_number, "run_status": c.run_status,
             "experiment_type": c.experiment_type, "start": aware(c.start), "end": aware(c.end),
         }
         if acronym is not None:  # never forget an acronym because one lookup failed

@@ -278,6 +278,8 @@ class Dataset(WorkItem, Base):
     local_dir: Mapped[str | None] = mapped_column(Text, default=None)
     file_template: Mapped[str | None] = mapped_column(Text, default=None)
     number_of_images: Mapped[int | None] = mapped_column(default=None)
+    # ISPyB's dataCollectionNumber, read from the template (`DataCollection.run_number`): the sample's n-th run
+    run_number: Mapped[int | None] = mapped_column(default=None)
     run_status: Mapped[str | None] = mapped_column(String(200), default=None)
     experiment_type: Mapped[str | None] = mapped_column(String(40), default=None)  # group's: OSC, Mesh, …
     start: Mapped[dt.datetime | None] = mapped_column(default=None)
