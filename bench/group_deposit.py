@@ -1,6 +1,6 @@
 """A group deposition: hundreds of datasets decided at once, packed into a spool far smaller than they are.
 
-`--datasets` datasets of `--dataset-mb` MB each (incompressible frames) go through the real PDIS job
+`--datasets` datasets of `--dataset-mb` MB each (miniCBF frames of incompressible pixels) go through the real PDIS job
 (`Mirrord.run_once`, as `pack_upload.py`'s end-to-end run does) to the emulator, its uploads capped at
 `--bandwidth` MiB/s (the link), with the spool on a tmpfs of `--spool-mb` MB mounted for the run (so its
 free space is what the job sees, not a guess; needs root). The rule under test: the spool never holds
@@ -30,10 +30,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import machine, write_json  # noqa: E402
-from pack_upload import MiB, end_to_end, link_idle  # noqa: E402
+from pack_upload import MiB, cbf_bytes, end_to_end, link_idle  # noqa: E402
 
 RESERVE = 256 * MiB  # what `room_for` always leaves free besides the margin
-FILE_BYTES = 512 * 1024
+MIN_FRAMES = 10  # pdis.min_images: fewer frames are a screening shot, not a dataset
 
 
 def generate(root: Path, datasets: int, dataset_bytes: int) -> list[Path]:
@@ -41,8 +41,9 @@ def generate(root: Path, datasets: int, dataset_bytes: int) -> list[Path]:
     for n in range(datasets):
         directory = root / f"d{n:03d}"
         directory.mkdir(parents=True, exist_ok=True)
-        for i in range(max(1, dataset_bytes // FILE_BYTES)):
-            (directory / f"frame_{i:05d}.cbf").write_bytes(os.urandom(FILE_BYTES))
+        frames = max(MIN_FRAMES, dataset_bytes // (1024 * 1024))
+        for i in range(frames):
+            (directory / f"frame_{i:05d}.cbf").write_bytes(cbf_bytes(i, dataset_bytes // frames))
         directories.append(directory)
     return directories
 

@@ -589,6 +589,41 @@ async def test_packers_at_once_never_promise_the_same_spool_space_twice(tmp_path
     assert waited >= 1 and await step_failures(config) == 0
 
 
+async def test_a_group_larger_than_the_spool_is_packed_as_room_frees(tmp_path, campaign, emulator, served,
+                                                                       monkeypatch):
+    """Three datasets decided at once into a spool with room for one archive (its free space is what the
+    spool directory holds less than that): each is packed when the one before is published and its
+    archive removed, all in one `once`, the spool never holding two. Before, a pack that found no room
+    left its item due again at once (a short retry_base), the packers kept claiming it for ever and the
+    status poll that frees the spool never ran (bench/group_deposit.py found it: 11,000 waits a minute)."""
+    config = config_for(tmp_path, served)
+    ids = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:4])
+    largest = max(sum(f.stat().st_size for f in d.iterdir())
+                  for d in (tmp_path / "dls").rglob("*") if d.is_dir() and any(p.is_file() for p in d.iterdir()))
+    capacity = largest * 21 // 20 + 256 * 1024**2 + 64 * 1024  # one archive, its margin, the reserve
+    peak = [0]
+
+    def free_bytes(directory) -> int:  # noqa: ANN001
+        held = sum(p.stat().st_size for p in Path(directory).glob("*") if p.is_file())
+        peak[0] = max(peak[0], held)
+        return capacity - held
+
+    monkeypatch.setattr(deposit, "free_bytes", free_bytes)
+    outcome = await asyncio.wait_for(run(config, horizon=5.0), 240)
+    rows = await depositions(config)
+    going = [rows[i] for i in ids if rows[i].state != "not_deposited"]  # one crystal collected twice
+    assert len(going) == 3 and all(r.state == "published" for r in going), outcome
+    assert peak[0] <= largest * 21 // 20
+    store = await open_store(config)
+    try:
+        async with store.read() as session:
+            runs = (await session.scalars(select(JobRun.counters).where(JobRun.job == "pdis"))).all()
+    finally:
+        await store.close()
+    assert sum(counters.get("waiting_for_space", 0) for counters in runs) <= len(runs)  # one a pass at most
+    assert_exactly_once(emulator, going)
+
+
 async def test_waiting_for_spool_space_and_changed_files(tmp_path, campaign, emulator, served, monkeypatch):
     config = config_for(tmp_path, served)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])

@@ -151,6 +151,10 @@ class DepositJob(Job):
         # Spool bytes promised to the packs under way here: a disk's free space does not show them until
         # they are written, and `pack_concurrency` packers checking at once would each count it as theirs.
         self._spool_promised = 0
+        # Set when a pack found no room: the pass packs no more (the rest would only wait too, and an
+        # item due again at once kept the packers claiming for ever, so the status poll that frees the
+        # spool never came).
+        self._spool_full = False
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
@@ -298,6 +302,7 @@ class DepositJob(Job):
         if self.section.dry_run:
             return  # a dry run only decides (in poll): nothing is packed or sent
         packed, uploaded = _Wake(), _Wake()
+        self._spool_full = False
 
         async def stage(workers: list[Any], done: _Wake) -> None:
             try:
@@ -321,7 +326,7 @@ class DepositJob(Job):
         return True
 
     async def _pack_worker(self, result: RunResult, packed: _Wake) -> None:
-        while items := await self.claim(Deposition, PACK_STATES):
+        while not self._spool_full and (items := await self.claim(Deposition, PACK_STATES)):
             await self._step(items[0], self._pack, result)
             packed.notify()
 
@@ -368,6 +373,7 @@ class DepositJob(Job):
             self.log.warning("deposition.waiting_for_space", deposition=dep.id, needed=needed,
                              free=free, promised=self._spool_promised)
             result.count("waiting_for_space")
+            self._spool_full = True
             await self.transition(Deposition, dep.id, QUEUED, "waiting for spool space",
                                   status_details="waiting for spool space", next_attempt_at=self._retry_later())
             return
