@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import stat
 import tarfile
 from pathlib import Path
@@ -14,8 +15,8 @@ import zstandard
 from aiohttp import web
 
 from mirrord.clients.errors import AuthError, BadRequest, Conflict, NotFound, ProtocolError, TransientError
-from mirrord.clients.http import HttpClient, RetryPolicy
-from mirrord.clients.pdis import PdisClient, SubmitMetadata, parse_submission
+from mirrord.clients.http import CHUNK, HttpClient, RetryPolicy
+from mirrord.clients.pdis import PdisClient, SubmitMetadata, _FilePayload, parse_submission
 from mirrord.emulators.base import Served
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.redact import redact
@@ -178,6 +179,19 @@ async def test_duplicate_upload_is_a_conflict_with_the_server_message(env):
         with pytest.raises(Conflict) as caught:
             await client.upload(env.tmp / "a.tar.zst", filename="renamed.tar.zst")
     assert "Duplicate file hash" in caught.value.detail and first.md5hash in caught.value.detail
+    # Mutant _send_upload_90: the refusal names its address.
+    assert (caught.value.service, caught.value.url) == ("pdis", env.url + "upload/")
+
+
+async def test_the_upload_is_a_form_with_its_dataset_type(env):
+    """What PDIS (Django REST framework) parses: a multipart/form-data body whose `dataset_type` field it
+    reads (kills _send_upload_2 to _4, another multipart subtype, and _12, _13, the field misnamed, which
+    PDIS takes as the default "pdb")."""
+    write_tar(env.tmp / "a.tar", {"a.cbf": CBF})
+    async with env.client() as client:
+        token = (await client.upload(env.tmp / "a.tar", dataset_type="other")).token
+        assert (await client.submission(token)).dataset_type == "other"
+    assert env.upload_headers[0]["Content-Type"].startswith("multipart/form-data; boundary=")
 
 
 async def test_lost_upload_answer_is_reconciled_and_published_exactly_once(env):
@@ -185,8 +199,13 @@ async def test_lost_upload_answer_is_reconciled_and_published_exactly_once(env):
     md5 = hashlib.md5(inner).hexdigest()
     env.emu.fail_next("/upload/", "truncate")  # stored by the server, answer cut off
     async with env.client() as client:
-        with pytest.raises(TransientError):
+        with pytest.raises(TransientError) as caught:
             await client.upload(env.tmp / "a.tar.zst")
+        # What the job logs and shows (mutants _send_upload_62 to _73: the message, service, url, detail).
+        size = (env.tmp / "a.tar.zst").stat().st_size
+        assert str(caught.value).startswith(f"pdis: upload interrupted after {size} of {size} bytes; it may have")
+        assert caught.value.url == env.url + "upload/"
+        assert caught.value.detail.startswith("ClientPayloadError: ")
         assert env.served.requests.count("POST", "/api/v1/upload/") == 1  # never retried by itself
         with pytest.raises(Conflict):
             await client.upload(env.tmp / "a.tar.zst")
@@ -236,6 +255,7 @@ async def test_stalled_upload_is_cut_by_the_watchdog(env, member_size, phrase):
             await client.upload(env.tmp / "a.tar")
     assert asyncio.get_running_loop().time() - started < 3
     assert phrase in str(caught.value) and "may have reached the server" in str(caught.value)
+    assert caught.value.url == env.url + "upload/" and re.match(r"\w*TimeoutError: ", caught.value.detail)
 
 
 def rss_bytes() -> int:
@@ -387,6 +407,8 @@ async def test_another_users_submission_is_forbidden(env):
         with pytest.raises(AuthError) as caught:
             await other.submission(token)
     assert caught.value.status == 403 and "permission" in caught.value.detail
+    # A 403 is not a stale token (mutant _authorized_7): no new exchange, the call is not sent again.
+    assert env.served.requests.count("GET", f"/api/v1/submissions/{token}/") == 1 and env.auth_requests() == 2
 
 
 # -- equipment ------------------------------------------------------------------------------------
@@ -405,15 +427,16 @@ async def test_equipment_is_cached_and_beamlines_resolve(env):
 # -- odd answers (a scripted server: aioresponses 0.7.9 does not work with aiohttp 3.14) ----------
 @pytest.fixture
 async def scripted(tmp_path: Path):
-    """A server answering each path from a queue of (status, body, content type); every call is logged."""
-    answers: dict[str, list[tuple[int, str, str]]] = {}
+    """A server answering each path from a queue of (status, body, content type, headers); every call is
+    logged."""
+    answers: dict[str, list[tuple[int, str, str, dict[str, str] | None]]] = {}
     calls: list[str] = []
 
     async def handler(request: web.Request) -> web.Response:
         calls.append(f"{request.method} {request.path}")
         await request.read()
-        status, body, content_type = answers[request.path].pop(0)
-        return web.Response(status=status, text=body, content_type=content_type)
+        status, body, content_type, headers = answers[request.path].pop(0)
+        return web.Response(status=status, text=body, content_type=content_type, headers=headers)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
@@ -425,9 +448,10 @@ async def scripted(tmp_path: Path):
                              http=http), answers, calls
 
 
-def answer(answers, path: str, status: int, body, content_type: str = "application/json") -> None:
+def answer(answers, path: str, status: int, body, content_type: str = "application/json",
+           headers: dict[str, str] | None = None) -> None:
     text = body if isinstance(body, str) else json.dumps(body)
-    answers.setdefault("/api/v1/" + path, []).append((status, text, content_type))
+    answers.setdefault("/api/v1/" + path, []).append((status, text, content_type, headers))
 
 
 async def test_malformed_upload_answer_is_a_protocol_error(scripted, tmp_path):
@@ -479,3 +503,93 @@ def test_submission_parsing_is_lenient_about_extras_and_optionals():
     assert parsed.inserted is None and parsed.synchrotron.id == 25 and parsed.md5hash == "abc"
     with pytest.raises(ProtocolError):
         parse_submission(["not", "an", "object"])
+
+
+async def test_a_forbidden_submit_is_sent_once(scripted):
+    """A 403 is PDIS's "no", not a stale token: no token exchange and no second submit (mutant
+    _authorized_7 takes every AuthError for a 401)."""
+    client, answers, calls = scripted
+    answer(answers, "submit/", 403, {"detail": "You do not have permission to perform this action."})
+    with pytest.raises(AuthError) as caught:
+        await client.submit("t", SubmitMetadata(pdb_code="5ABC"))
+    assert caught.value.status == 403 and calls == ["POST /api/v1/submit/"]
+
+
+async def test_a_redirected_upload_is_not_followed(scripted, tmp_path):
+    """A redirect (a proxy's login page, http to https) must not turn the upload into a second request,
+    re-sent or as a GET (mutants _send_upload_44, _49, _50 follow it)."""
+    client, answers, calls = scripted
+    answer(answers, "upload/", 307, "", "text/plain", {"Location": "/api/v1/elsewhere/"})
+    answer(answers, "elsewhere/", 201, {"token": "t" * 40, "md5hash": "0" * 32, "size": 10})
+    write_tar(tmp_path / "a.tar", {"a.cbf": CBF})
+    with pytest.raises(BadRequest) as caught:
+        await client.upload(tmp_path / "a.tar")
+    assert caught.value.status == 307 and calls == ["POST /api/v1/upload/"]
+    assert caught.value.service == "pdis"  # not rebuilt (not a 4xx): error_for_status names it (mutant _88)
+
+
+async def test_upload_answers_200_or_201_and_not_json_names_pdis(scripted, tmp_path):
+    """Both success statuses are accepted (mutant _send_upload_87 refuses 200); an answer that is not JSON
+    is a protocol error that names PDIS, the status and the address (_75, _78, _99), and one over 1 MiB
+    is not read whole (_57, _58 read 1 KiB more)."""
+    client, answers, calls = scripted
+    write_tar(tmp_path / "a.tar", {"a.cbf": CBF})
+    answer(answers, "upload/", 200, {"token": "t" * 40, "md5hash": "A" * 32, "size": 10})
+    assert (await client.upload(tmp_path / "a.tar")).md5hash == "a" * 32
+    answer(answers, "upload/", 201, "<html>ok</html>", "text/html")
+    with pytest.raises(ProtocolError) as caught:
+        await client.upload(tmp_path / "a.tar")
+    assert (caught.value.service, caught.value.status) == ("pdis", 201)
+    assert caught.value.url == client.http.url("upload/") and "not JSON" in str(caught.value)
+    big = {"token": "t" * 40, "md5hash": "0" * 32, "size": 10, "filename": "f" * (1024 * 1024)}
+    answer(answers, "upload/", 201, big)
+    with pytest.raises(ProtocolError, match="not JSON"):
+        await client.upload(tmp_path / "a.tar")
+
+
+async def test_submit_answers_that_are_not_a_status_name_the_submit(scripted):
+    """Kills submit_18 to _35: which answer was wrong is named, and the service with it."""
+    client, answers, _ = scripted
+    for body, message in [("<html>", "answer is not JSON"), ([], "submit answer is not an object"),
+                          ({"token": "t"}, "submit answer has no valid 'status'")]:
+        answer(answers, "submit/", 200, body, "text/html" if isinstance(body, str) else "application/json")
+        with pytest.raises(ProtocolError) as caught:
+            await client.submit("t", SubmitMetadata(pdb_code="5ABC"))
+        assert str(caught.value).startswith(f"pdis: {message}")
+
+
+@pytest.mark.parametrize(("status", "accepted"), [(200, True), (202, True), (204, True), (201, False)])
+async def test_delete_accepts_exactly_its_success_statuses(scripted, status, accepted):
+    """200, 202 (queued) and 204 mean deleted; a 201 "created" answers something else (mutants delete_6,
+    _9, _10)."""
+    client, answers, calls = scripted
+    answer(answers, "submissions/t/", status, "" if status == 204 else {"detail": "ok"})
+    if accepted:
+        await client.delete("t")
+    else:
+        with pytest.raises(BadRequest):
+            await client.delete("t")
+    assert calls == ["DELETE /api/v1/submissions/t/"]
+
+
+class _Collect:
+    """The writer aiohttp hands a payload: here, one that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def write(self, chunk: bytes) -> None:
+        self.data += chunk
+
+
+async def test_the_streamed_body_is_exactly_the_announced_size(tmp_path):
+    """Never more than the Content-Length announced (mutant _FilePayload.write_17 reads past it when the
+    file grew), and a file that shrank is an error naming how far it got (_19)."""
+    path = tmp_path / "a.tar"
+    path.write_bytes(b"x" * (3 * CHUNK))
+    announced = CHUNK + 1000  # the last read is the one that must stop short
+    sink = _Collect()
+    await _FilePayload(path, announced, stall_timeout=5, progress=None).write(sink)
+    assert len(sink.data) == announced
+    with pytest.raises(OSError, match=rf"a\.tar shrank to {3 * CHUNK} bytes during the upload"):
+        await _FilePayload(path, 4 * CHUNK, stall_timeout=5, progress=None).write(_Collect())
