@@ -35,6 +35,7 @@ from mirrord.archive import (
     image_header_readable,
     pack_dataset,
     preflight_images,
+    room_for,
     safe_extract,
     sniff_format,
     verify_spool,
@@ -323,6 +324,17 @@ def test_free_space_and_dataset_size(tmp_path):
     assert not free_space_ok(tmp_path, 1 << 60)
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     assert not free_space_ok(tmp_path, free - 1024, margin=0.0, reserve_bytes=64 * MiB)
+
+
+def test_room_for_keeps_a_margin_of_the_archive_and_the_reserve(tmp_path, monkeypatch):
+    """The rule the packers apply to the free space they read: the archive, 5% of it, and the reserve.
+    Kills `room_for`'s margin default changed (1.05: room for half the archives) and `free_space_ok`
+    dropping the reserve it is given for the default."""
+    assert room_for(1050, 1000, reserve_bytes=0) and not room_for(1049, 1000, reserve_bytes=0)
+    assert room_for(1050 + 7, 1000, reserve_bytes=7) and not room_for(1050 + 6, 1000, reserve_bytes=7)
+    monkeypatch.setattr(pack_mod, "free_bytes", lambda directory: 1024 * MiB)
+    assert pack_mod.free_space_ok(tmp_path, 1000 * MiB, margin=0.0, reserve_bytes=0)
+    assert not pack_mod.free_space_ok(tmp_path, 1000 * MiB, margin=0.0)  # the default reserve is 256 MiB
 
 
 # -- sniffing ---------------------------------------------------------------------------------

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import structlog
 from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mirrord.store.engine import Store
 from mirrord.store.models import ITEM_MODELS, ItemCount
 
+log = structlog.get_logger("mirrord.store")
 BATCH = 5_000  # change rows folded per transaction: a few milliseconds of the writer's lock
 
 
@@ -51,9 +54,20 @@ async def fold(store: Store, batch: int = BATCH) -> int:
             break
         await asyncio.sleep(0)  # let the daemon's own writes in between batches
     if removed and not store.is_sqlite:
-        # PostgreSQL leaves the deleted rows in the table until a vacuum, and every read of the counts
-        # would scan them (10 ms after a year's first fold); a small table's vacuum takes milliseconds.
-        async with store.engine.connect() as conn:
-            await (await conn.execution_options(isolation_level="AUTOCOMMIT")).exec_driver_sql(
-                "VACUUM (ANALYZE) item_counts")
+        await _vacuum(store, full=removed >= batch)
     return removed
+
+
+async def _vacuum(store: Store, *, full: bool) -> None:
+    """PostgreSQL keeps deleted rows until a vacuum, and every read of the counts scanned them (10 ms of a
+    year's /metrics after its first fold). After a large fold (a first poll of years of collections) a
+    plain vacuum would leave the emptied pages to be scanned: the table is rewritten (a few rows, so its
+    lock lasts milliseconds; one that cannot be had at once is left to the next fold)."""
+    async with store.engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if full:
+            await conn.exec_driver_sql("SET lock_timeout = '2s'")
+        try:
+            await conn.exec_driver_sql(f"VACUUM ({'FULL, ' if full else ''}ANALYZE) item_counts")
+        except DBAPIError as exc:
+            log.info("store.counts_vacuum_deferred", error=str(exc.orig))
