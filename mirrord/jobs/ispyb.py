@@ -567,6 +567,11 @@ class IspybJob(Job):
                 rows += (await session.execute(
                     linkable.join(SessionRow, SessionRow.id == Dataset.session_id)
                     .where(Experiment.updated_at >= since, SessionRow.name == Target.tas))).all()
+                # Every candidate of those, old ones too: a new experiment must not settle a dataset that
+                # two older ones already make ambiguous.
+                found = sorted({dataset_id for dataset_id, _e, linked_to in rows if linked_to is None})
+                rows = [row for start in range(0, len(found), 500) for row in (await session.execute(
+                    linkable.where(Dataset.id.in_(found[start:start + 500])))).all()]
         # Unlinked ones only, picked here: in SQL, SQLite would read them by their (null) experiment_id,
         # which is most of a year's datasets, rather than by the few rows that changed.
         pairs = {(dataset_id, experiment_id) for dataset_id, experiment_id, linked_to in rows if linked_to is None}
