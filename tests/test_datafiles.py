@@ -239,29 +239,32 @@ def test_attribution_verdicts_in_the_facility_zone(tmp_path: Path) -> None:
 
     running = Run(11, "x_%04d.cbf", None, START, None)
     assert attribution_problem(scan, own, [running], LONDON, 0) == (
-        "collection 11 (still running) names the same files (x_%04d.cbf): which run wrote them cannot be shown")
+        "collection 10 (Successful) and collection 11 (still running) name the same files (x_%04d.cbf): "
+        "which run wrote them cannot be shown")
     failed = Run(12, "x_%04d.cbf", "failed", START - dt.timedelta(hours=2), START - dt.timedelta(hours=1))
     assert attribution_problem(scan, own, [failed], LONDON, 0, trust_overwrites=False) == (
-        "collection 12 (failed) names the same files (x_%04d.cbf): which run wrote them cannot be shown "
-        "(ispyb.trust_overwrites = false)")
+        "collection 10 (Successful) and collection 12 (failed) name the same files (x_%04d.cbf): which run "
+        "wrote them cannot be shown (ispyb.trust_overwrites = false)")
     assert attribution_problem(scan, own, [failed], LONDON, 0) is None  # an overwritten failed run
     timeless = Run(13, "x_%04d.cbf", "failed", None, None)
     assert attribution_problem(scan, own, [timeless], LONDON, 0) == (
-        "collection 13 (failed) names the same files and ISPyB gives it no start or end time")
+        "collection 10 (Successful) and collection 13 (failed) name the same files, and ISPyB gives "
+        "collection 13 no start or end time")
     no_times = Run(10, "x_%04d.cbf", "Successful", START, None)
     assert attribution_problem(scan, no_times, [], LONDON, 0) == (
-        "ISPyB gives no start or end time: whether the files were written by this run cannot be shown")
+        "ISPyB gives collection 10 no start or end time: whether the files were written by its run cannot be "
+        "shown")
 
     during = Run(14, "x_%04d.cbf", "Aborted", START, START + dt.timedelta(seconds=2))
     assert attribution_problem(scan, own, [during], LONDON, 0) == (
-        "2 of 3 files were last written during collection 14 (Aborted) "
+        "2 of collection 10's 3 files were last written during collection 14 (Aborted) "
         "(2026-07-01 10:00:00 BST to 2026-07-01 10:00:02 BST), e.g. x_0001.cbf")
 
     late = Run(10, "x_%04d.cbf", "Successful", START - dt.timedelta(minutes=5), START - dt.timedelta(seconds=58))
     assert attribution_problem(scan, late, [failed], LONDON, 60) == (
-        "1 of 3 files were modified outside this collection's run (2026-07-01 09:54:00 BST to "
+        "1 of 3 files were modified outside collection 10's run (2026-07-01 09:54:00 BST to "
         "2026-07-01 10:00:02 BST), e.g. x_0003.cbf at 2026-07-01 10:00:03 BST; "
-        "collection 12 (failed) names the same files")
+        "collection 10 shares its file names with collection 12 (failed)")
 
 
 def test_the_windows_include_their_ends(tmp_path: Path) -> None:
@@ -273,7 +276,7 @@ def test_the_windows_include_their_ends(tmp_path: Path) -> None:
     assert attribution_problem(scan, own, [], LONDON, 0) is None
     other = Run(11, "x_%04d.cbf", "failed", START + dt.timedelta(seconds=3), START + dt.timedelta(seconds=9))
     assert attribution_problem(scan, own, [other], LONDON, 0).startswith(
-        "1 of 3 files were last written during collection 11 (failed)")
+        "1 of collection 10's 3 files were last written during collection 11 (failed)")
 
 
 def test_a_mismatch_names_every_other_run(tmp_path: Path) -> None:
@@ -283,4 +286,4 @@ def test_a_mismatch_names_every_other_run(tmp_path: Path) -> None:
     others = [Run(11, "x_%04d.cbf", "failed", None, None), Run(12, "x_####.cbf", None, None, None)]
     assert attribution_problem(scan, own, others, LONDON, 0) == (
         "4 files match the template where ISPyB says 3 images (frames 1..4): other runs' frames are among them; "
-        "collection 11 (failed), collection 12 (still running) names the same files")
+        "collection 10 shares its file names with collection 11 (failed), collection 12 (still running)")
