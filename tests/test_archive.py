@@ -260,6 +260,18 @@ def _status_kib(field: str) -> int:
     raise LookupError(field)
 
 
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS to its current RSS (or skip where that cannot be done); the RSS, KiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here")
+    before = _status_kib("VmRSS")
+    if _status_kib("VmHWM") - before > 8 * 1024:
+        pytest.skip("this kernel does not reset the peak RSS")
+    return before
+
+
 def test_packing_uses_bounded_memory(tmp_path):
     src = tmp_path / "ds"
     src.mkdir()
@@ -269,13 +281,7 @@ def test_packing_uses_bounded_memory(tmp_path):
     with open(src / "random.cbf", "wb") as fh:
         for _ in range(48):
             fh.write(os.urandom(MiB))  # incompressible: the output is as large as the input
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    except OSError:
-        pytest.skip("cannot reset the peak RSS here")
-    before = _status_kib("VmRSS")
-    if _status_kib("VmHWM") - before > 8 * 1024:
-        pytest.skip("this kernel does not reset the peak RSS")
+    before = reset_peak_rss()
     result = pack_dataset(src, tmp_path / "big.tar.zst")
     growth_mib = (_status_kib("VmHWM") - before) / 1024
     assert result.source_bytes == 288 * MiB

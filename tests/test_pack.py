@@ -17,7 +17,7 @@ import zstandard
 from mirrord.archive import pack as pack_module
 from mirrord.archive.common import BLOCK, CHUNK, RECORD, ArchiveError, DatasetChanged, UnsupportedFile
 from mirrord.archive.pack import free_space_ok, pack_dataset, verify_spool
-from tests.test_archive import _status_kib, leftovers
+from tests.test_archive import _status_kib, leftovers, reset_peak_rss
 
 MiB = 1024 * 1024
 
@@ -89,13 +89,7 @@ def test_verify_spool_reads_in_bounded_memory(tmp_path: Path) -> None:
     path = tmp_path / "big.tar.zst"
     with open(path, "wb") as fh:
         fh.truncate(200 * MiB)  # sparse: quick to make, still read in full
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    except OSError:
-        pytest.skip("cannot reset the peak RSS here")
-    before = _status_kib("VmRSS")
-    if _status_kib("VmHWM") - before > 8 * 1024:
-        pytest.skip("this kernel does not reset the peak RSS")
+    before = reset_peak_rss()
     assert not verify_spool(path, "xxh3_128:" + "0" * 32, 200 * MiB)
     growth_mib = (_status_kib("VmHWM") - before) / 1024
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.0f} MiB"
