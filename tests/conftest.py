@@ -59,6 +59,17 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
 
 
+@pytest.fixture
+async def store(db_url: str):
+    """A migrated store on SQLite, then on PostgreSQL."""
+    from mirrord.store import Store, migrate
+
+    store = Store(db_url)
+    await migrate.upgrade(store)
+    yield store
+    await store.close()
+
+
 def make_config(tmp_path: Path, **sections: dict[str, Any]):
     """A validated Config with state under tmp_path; sections override defaults."""
     from mirrord.config import Config

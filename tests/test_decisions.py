@@ -15,19 +15,11 @@ from mirrord.config import PdisSection
 from mirrord.jobs import person
 from mirrord.jobs.datafiles import scan_dataset
 from mirrord.jobs.deposit_policy import Decision
-from mirrord.store import Store, decisions, migrate
+from mirrord.store import Store, decisions
 from mirrord.store.models import Dataset, Deposition, PersonDecision
 from mirrord.store.models import Session as SessionRow
 from mirrord.ui import remedies
 from tests.test_deposit_job import facts
-
-
-@pytest.fixture
-async def store(db_url: str):
-    store = Store(db_url)
-    await migrate.upgrade(store)
-    yield store
-    await store.close()
 
 
 async def rows(store: Store) -> list[PersonDecision]:

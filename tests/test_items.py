@@ -30,14 +30,6 @@ from mirrord.store.items import (
 from mirrord.store.models import Dataset, Deposition, Event, Target, Upload, utcnow
 
 
-@pytest.fixture
-async def store(db_url: str):
-    store = Store(db_url)
-    await migrate.upgrade(store)
-    yield store
-    await store.close()
-
-
 async def _uploads(store: Store, *rows: dict) -> list[int]:
     """One upload per dict (state waiting_settle unless given), ids in the order given."""
     async with store.write() as session:
