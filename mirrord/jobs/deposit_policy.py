@@ -45,6 +45,7 @@ from mirrord.config import PdisSection
 from mirrord.jobs import pdb_codes
 from mirrord.store import decisions
 from mirrord.store.counts import item_counts
+from mirrord.store.keyvalue import kv_time
 from mirrord.store.models import DISMISSED, Dataset, Deposition, Experiment, KeyValue, PersonDecision
 
 COMPLETE_DATASET_STATES = ("complete", "eligible")
@@ -483,11 +484,7 @@ def policy_fingerprint(section: PdisSection) -> str:
 
 def _recorded(row: KeyValue | None) -> tuple[dt.datetime | None, str | None]:
     value = row.value if row is not None and isinstance(row.value, dict) else {}
-    try:
-        since = dt.datetime.fromisoformat(value["since"])
-    except (KeyError, TypeError, ValueError):
-        since = None
-    return since, value.get("policy")
+    return kv_time(value, "since"), value.get("policy")
 
 
 async def decided_since(session: AsyncSession, section: PdisSection) -> dt.datetime | None:
