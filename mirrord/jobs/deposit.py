@@ -79,6 +79,7 @@ from mirrord.jobs.deposit_policy import (
     undecided,
     undecided_ids,
 )
+from mirrord.store.engine import batches
 from mirrord.store.items import log_event, move
 from mirrord.store.models import AWAITING_APPROVAL, Deposition, utcnow
 
@@ -196,9 +197,9 @@ class DepositJob(Job):
             ids = await undecided_ids(session, self.section, since)
         if since is None:
             self.log.info("deposition.deciding_all", datasets=len(ids))
-        for start in range(0, len(ids), PAGE):
+        for page in batches(ids, PAGE):
             async with self.store.read() as session:
-                decided = await undecided(session, self.section, ids[start:start + PAGE])
+                decided = await undecided(session, self.section, page)
             result.count("considered", len(decided))
             await self._record_decisions(decided, result)
         try:

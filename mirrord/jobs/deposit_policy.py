@@ -45,6 +45,7 @@ from mirrord.config import PdisSection
 from mirrord.jobs import pdb_codes
 from mirrord.store import decisions
 from mirrord.store.counts import item_counts
+from mirrord.store.engine import batches
 from mirrord.store.keyvalue import kv_time
 from mirrord.store.models import DISMISSED, Dataset, Deposition, Experiment, KeyValue, PersonDecision
 
@@ -433,10 +434,8 @@ async def changed_dataset_ids(session: AsyncSession, section: PdisSection, since
     return found
 
 
-def _chunks(values: Iterable[Any]) -> Iterator[list[Any]]:
-    ordered = sorted(values)
-    for start in range(0, len(ordered), CHUNK):
-        yield ordered[start:start + CHUNK]
+def _chunks(values: Iterable[Any]) -> Iterator[Sequence[Any]]:
+    return batches(sorted(values), CHUNK)
 
 
 async def _rival_ids(session: AsyncSession, section: PdisSection, dataset_ids: Iterable[int]) -> set[int]:
@@ -552,5 +551,5 @@ async def _every_page(session: AsyncSession) -> AsyncIterator[list[DatasetFacts]
 
 
 async def _pages_of(session: AsyncSession, ids: Sequence[int]) -> AsyncIterator[list[DatasetFacts]]:
-    for start in range(0, len(ids), PAGE):
-        yield await _rows(session, Dataset.id.in_(ids[start:start + PAGE]))
+    for page in batches(ids, PAGE):
+        yield await _rows(session, Dataset.id.in_(page))

@@ -52,6 +52,7 @@ from mirrord.config import Config, DesignHubSection
 from mirrord.jobs.base import Job, JobContext, RunResult
 from mirrord.jobs.fragalysis_mirror import MirrorLayout
 from mirrord.store import Store
+from mirrord.store.engine import batches
 from mirrord.store.items import clear_retries, log_event, move
 from mirrord.store.keyvalue import kv_get, kv_put, kv_put_in
 from mirrord.store.models import Annotation, Compound, Experiment, KeyValue, Target, utcnow
@@ -396,9 +397,9 @@ class DesignHubJob(Job):
         async with self.store.read() as session:
             known = set((await session.scalars(select(Compound.id).where(Compound.current_id.is_(None)))).all())
         gone = sorted(known - seen_ids)
-        for start in range(0, len(gone), 500):
+        for ids in batches(gone):
             async with self.store.write() as session:
-                await session.execute(delete(Compound).where(Compound.id.in_(gone[start:start + 500])))
+                await session.execute(delete(Compound).where(Compound.id.in_(ids)))
         if gone:
             self.log.info("designhub.compounds_removed", count=len(gone), sample=gone[:5])
         return len(gone)

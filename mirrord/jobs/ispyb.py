@@ -56,6 +56,7 @@ from mirrord.config import IspybSection
 from mirrord.jobs.base import Job, JobContext, RunResult, aware
 from mirrord.jobs.datafiles import DirScan, Run, attribution_problem, map_path, scan_dataset, sharing
 from mirrord.store import decisions
+from mirrord.store.engine import batches
 from mirrord.store.items import clear_retries, move
 from mirrord.store.keyvalue import kv_get, kv_put, kv_time
 from mirrord.store.models import Dataset, Event, Experiment, Target, utcnow
@@ -570,8 +571,8 @@ class IspybJob(Job):
                 # Every candidate of those, old ones too: a new experiment must not settle a dataset that
                 # two older ones already make ambiguous.
                 found = sorted({dataset_id for dataset_id, _e, linked_to in rows if linked_to is None})
-                rows = [row for start in range(0, len(found), 500) for row in (await session.execute(
-                    linkable.where(Dataset.id.in_(found[start:start + 500])))).all()]
+                rows = [row for ids in batches(found)
+                        for row in (await session.execute(linkable.where(Dataset.id.in_(ids)))).all()]
         # Unlinked ones only, picked here: in SQL, SQLite would read them by their (null) experiment_id,
         # which is most of a year's datasets, rather than by the few rows that changed.
         pairs = {(dataset_id, experiment_id) for dataset_id, experiment_id, linked_to in rows if linked_to is None}

@@ -7,8 +7,9 @@ Reads stay deferred so they never queue behind writers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -16,6 +17,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from mirrord.config import sqlite_file
+
+T = TypeVar("T")
+IN_LIST = 500  # ids per IN (...) list: well below every driver's limit on bound parameters
 
 BUSY_TIMEOUT_MS = 30_000
 # What a database that went away raises (a restart, a network cut): the driver's errors, and a refused
@@ -79,3 +83,10 @@ class Store:
 
     def describe(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
+
+
+def batches(values: Sequence[T], size: int = IN_LIST) -> Iterator[Sequence[T]]:
+    """`values` in consecutive slices of at most `size`: bounded IN (...) lists, or pages a transaction
+    each."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
