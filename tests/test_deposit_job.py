@@ -67,9 +67,9 @@ def config_for(tmp_path: Path, served: Served, *, database_url: str = "", **pdis
     return make_config(tmp_path, pdis=section, daemon=daemon)
 
 
-async def run(config, *, horizon: float = 3.0):
+async def run(config, *, horizon: float = 3.0, max_passes: int = 200):
     async with Mirrord(config) as app:
-        return await app.run_once(horizon=horizon)
+        return await app.run_once(horizon=horizon, max_passes=max_passes)
 
 
 async def open_store(config) -> Store:
@@ -628,7 +628,8 @@ async def test_waiting_for_spool_space_and_changed_files(tmp_path, campaign, emu
     config = config_for(tmp_path, served)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
     monkeypatch.setattr(deposit, "free_bytes", lambda directory: 0)
-    outcome = await run(config, horizon=0)
+    # The wait is due again within the tests' 10 ms retry, so a once run would look 200 times.
+    outcome = await run(config, horizon=0, max_passes=3)
     row = (await depositions(config))[dataset_id]
     assert (row.state, row.attempts, row.status_details) == ("queued", 0, "waiting for spool space")
     assert outcome.exit_code == 0 and uploads(served) == 0

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
+from mirrord.clients.http import HttpClient
 from mirrord.clients.pdis import PdisClient
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs.base import JobContext, RunResult
@@ -193,9 +194,11 @@ async def test_an_adopted_upload_is_deleted_and_recorded_as_to_be_uploaded_again
     assert served.requests.count("POST", SUBMIT) == 0 and uploads[1:] == ["packed"]
 
 
-async def test_a_delete_that_fails_is_logged_with_its_error(tmp_path, campaign, emulator, served):  # noqa: F811
+async def test_a_delete_that_fails_is_logged_with_its_error(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                           monkeypatch):
     """Kills the mutants of `_delete_remote`'s warning: a damaged upload is never submitted, and when
     PDIS will not delete it either, the operator is told why (the upload waits on PDIS)."""
+    monkeypatch.setattr(HttpClient, "_wait", lambda self, state: 0.001)  # the client's retries, not their pauses
     config = config_for(tmp_path, served)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
     emulator.damage_next_uploads = 1
