@@ -1,0 +1,206 @@
+"""The deposition job's steps one at a time, each test written for mutants that lived (issue 23).
+
+A mutation run of `mirrord/jobs/deposit.py` found steps whose details no test looked at, because the
+job recovers by another path: the spool sweep removes an archive the step forgot, a later pass repeats
+a step that left the row where it was. Each test names the mutants it kills, and looks at the step's
+own effect (a row's columns, a file, a counter, the requests PDIS received), not only the end state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+from sqlalchemy import update
+
+from mirrord.clients.pdis import PdisClient, SubmitMetadata
+from mirrord.emulators.pdis import PdisEmulator
+from mirrord.jobs.base import JobContext, RunResult
+from mirrord.jobs.deposit import DepositJob, pack_for_deposit
+from mirrord.jobs.deposit_policy import Decision, decision_for
+from mirrord.store.models import Deposition, utcnow
+from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
+    PASSWORD,
+    USER,
+    add_datasets,
+    campaign,
+    config_for,
+    counted,
+    depositions,
+    emulator,
+    last_reason,
+    open_store,
+    run,
+    served,
+    submits,
+    uploads,
+)
+from tests.test_deposit_rechecks import linked_collection, stop_at_uploaded
+
+
+async def stop_at_packed(config, monkeypatch) -> None:
+    """One run whose upload stage does nothing: the archive waits in the spool, `packed`."""
+    with monkeypatch.context() as patch:
+        patch.setattr(DepositJob, "_upload", lambda self, dep, result: asyncio.sleep(0))
+        await run(config, horizon=0)
+
+
+async def set_columns(config, deposition_id: int, **values) -> None:
+    store = await open_store(config)
+    try:
+        async with store.write() as session:
+            await session.execute(update(Deposition).where(Deposition.id == deposition_id).values(**values))
+    finally:
+        await store.close()
+
+
+async def one_step(config, step: str, deposition_id: int, decision: Decision | None = None) -> RunResult:
+    """Run one of the job's item steps on one row, outside any pass (no sweep, no status poll after it).
+    With `decision`, the policy answers that instead of deciding."""
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    if decision is not None:
+        async def current(dep):
+            async with store.read() as session:
+                found, _ = await decision_for(session, dep.dataset_id, config.pdis)
+            return found, decision
+        job._current = current
+    result = RunResult()
+    try:
+        async with store.read() as session:
+            dep = await session.get(Deposition, deposition_id)
+        await getattr(job, step)(dep, result)
+    finally:
+        await job.close()
+        await store.close()
+    return result
+
+
+# -- a decision against depositing, taken at the upload ----------------------------------------------------
+async def test_a_packed_archive_decided_against_is_removed_at_once(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                   monkeypatch):
+    """Kills `_not_deposited`'s `removed = None` and its `status_details=` mutants: the step itself removes
+    the archive and records when (the spool sweep would only do it on a later pass), with the policy's
+    reason as the row's details and the decision's summary as the event's reason."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_packed(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "packed" and Path(row.spool_path).exists()
+    before = utcnow()
+    result = await one_step(config, "_upload", row.id, Decision(False, "proposal lb1 is in exclude_proposals"))
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.status_details) == ("not_deposited", "proposal lb1 is in exclude_proposals")
+    assert not Path(row.spool_path).exists() and before <= after.spool_removed_at <= utcnow()
+    assert await last_reason(config, row.id) == "not deposited: proposal lb1 is in exclude_proposals"
+    assert result.failures == [] and uploads(served) == 0
+
+
+async def test_a_decision_a_person_must_settle_keeps_the_archive(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                  monkeypatch):
+    """Kills `_not_deposited`'s attention branch mutants (`self._attention(None, ...)`, `(dep.id, None)`,
+    arguments dropped): a decision that needs a person (a PDB code file that disagrees with Fragalysis)
+    moves this row to `needs_attention` with the decision's words, and keeps its archive for when the
+    person settles it."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_packed(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    why = "Fragalysis gives experiment X PDB code 5ABC, the pdb_codes_file gives 6DEF: correct the file"
+    result = await one_step(config, "_upload", row.id, Decision(False, why, attention=True))
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.status_details, after.spool_removed_at) == ("needs_attention", why, None)
+    assert Path(row.spool_path).exists() and result.failures == []
+    assert await last_reason(config, row.id) == why
+
+
+# -- adopting what PDIS already holds -----------------------------------------------------------------------
+async def test_an_archive_pdis_holds_as_another_deposition_s_is_not_adopted(tmp_path, campaign, emulator,  # noqa: F811
+                                                                            served, monkeypatch):  # noqa: F811
+    """Kills `_adopt`'s owner check mutants (`owner = None`, the query's conditions dropped or inverted,
+    the attention's arguments): after an interrupted upload, PDIS holds this archive (same md5) as the
+    submission another deposition owns. Adopting it would give two rows one submission; a person looks."""
+    config = config_for(tmp_path, served)
+    cols = [c for c in campaign.collections if campaign.experiment(c.sample)[1].pdb_code][:2]
+    first_id, second_id = await add_datasets(config, campaign, tmp_path / "dls", cols)
+    await stop_at_uploaded(config, monkeypatch)
+    rows = await depositions(config)
+    first, second = rows[first_id], rows[second_id]
+    assert {first.state, second.state} == {"uploaded"}
+    # The second row's upload was interrupted, and its archive's md5 is the first one's.
+    await set_columns(config, second.id, state="uploading", tar_md5=first.tar_md5, upload_token=None)
+    result = await one_step(config, "_upload", second.id)
+    after = (await depositions(config))[second_id]
+    assert (after.state, after.status_details) == (
+        "needs_attention", f"PDIS holds this archive as deposition {first.id}'s submission")
+    assert after.upload_token is None and result.counters.get("adopted", 0) == 0
+    assert (await depositions(config))[first_id].upload_token == first.upload_token
+    assert uploads(served) == 2 and submits(served) == 0  # the check is a lookup, nothing sent
+
+
+async def test_an_upload_submitted_before_its_answer_was_lost_is_adopted_where_it_is(  # noqa: F811
+        tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills `_adopt`'s `result.count("adopted")` and `server_md5=sub.md5hash` mutants: an earlier attempt
+    uploaded and submitted this archive but mirrord heard neither answer. The upload answers 409; the
+    submission is adopted in its state (submitted), with its token and md5, and never submitted again."""
+    config = config_for(tmp_path, served)
+    col = linked_collection(campaign)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
+    store = await open_store(config)
+    async with store.read() as session:
+        found, decision = await decision_for(session, dataset_id, config.pdis)
+    await store.close()
+    packed = pack_for_deposit(found, tmp_path / "earlier.tar.zst", level=config.pdis.zstd_level)
+    emulator.step_seconds = None  # the adopted submission stays `submitted`
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        earlier = await client.upload(packed.path)
+        await client.submit(earlier.token, SubmitMetadata(pdb_code=decision.pdb_code))
+    outcome = await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.upload_token, row.server_md5) == ("submitted", earlier.token, packed.tar_md5)
+    assert row.pdis_status == "submitted" and await counted(config, "adopted") == 1
+    assert submits(served) == 1 and uploads(served) == 2 and not outcome.failed
+
+
+# -- retries are later, not now --------------------------------------------------------------------------------
+async def test_a_dataset_that_changed_while_packed_is_packed_again_after_the_retry_delay(  # noqa: F811
+        tmp_path, campaign, emulator, served, monkeypatch):  # noqa: F811
+    """Kills `_retry_later`'s `utcnow() - timedelta(...)`: a dataset still being written is packed again
+    `retry_base` later, not at once (which would re-read a growing dataset in a loop)."""
+    from mirrord.jobs import deposit
+
+    config = config_for(tmp_path, served)
+    config.daemon.retry_base = 600.0
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:1])
+
+    def changed(*args, **kwargs):
+        raise deposit.DatasetChanged("x.cbf", "grew while being read")
+
+    monkeypatch.setattr(deposit, "pack_for_deposit", changed)
+    before = utcnow()
+    await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "queued" and row.attempts == 0
+    assert before + dt.timedelta(seconds=590) <= row.next_attempt_at <= utcnow() + dt.timedelta(seconds=610)
+
+
+# -- forgetting an upload whose verdict was not heard ---------------------------------------------------------
+async def test_a_withdrawal_without_recorded_words_still_says_why(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                  monkeypatch):
+    """Kills `_withdraw`'s default reason mutants: a row left `withdrawing` without details (by a version
+    that did not record them) is withdrawn, and its event says so in the words "upload withdrawn"."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    await set_columns(config, row.id, state="withdrawing", status_details=None, pdb_exists=True,
+                      detected_pdb=row.pdb_code)
+    result = await one_step(config, "_submit_or_withdraw", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.pdis_status) == ("already_in_pdis", "deleted")
+    assert await last_reason(config, row.id) == "upload withdrawn" and result.counters["withdrawn"] == 1
+    assert row.upload_token not in emulator.held and submits(served) == 0
+    assert (await run(config, horizon=0)).exit_code == 0 and submits(served) == 0
+
