@@ -13,12 +13,14 @@ import datetime as dt
 from pathlib import Path
 
 from sqlalchemy import update
+from structlog.testing import capture_logs
 
 from mirrord.clients.pdis import PdisClient, SubmitMetadata
 from mirrord.emulators.pdis import PdisEmulator
-from mirrord.jobs.base import JobContext, RunResult
+from mirrord.jobs.base import JobContext, NoNotifier, RunResult
 from mirrord.jobs.deposit import DepositJob, pack_for_deposit
 from mirrord.jobs.deposit_policy import Decision, decision_for
+from mirrord.jobs.person import Stop
 from mirrord.store.models import Deposition, utcnow
 from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     PASSWORD,
@@ -55,17 +57,32 @@ async def set_columns(config, deposition_id: int, **values) -> None:
         await store.close()
 
 
-async def one_step(config, step: str, deposition_id: int, decision: Decision | None = None) -> RunResult:
+class Notified(NoNotifier):
+    """The notifications a step queued, as (kind, item, state, detail)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, str, str]] = []
+
+    def item(self, kind: str, item_id: str, state: str, detail: str) -> None:
+        self.items.append((kind, item_id, state, detail))
+
+
+async def one_step(config, step: str, deposition_id: int, decision: Decision | None = None, *,
+                   stop: Stop | None = None, notified: Notified | None = None) -> RunResult:
     """Run one of the job's item steps on one row, outside any pass (no sweep, no status poll after it).
-    With `decision`, the policy answers that instead of deciding."""
+    With `decision`, the policy answers that instead of deciding; with `stop`, a person's decisions do."""
     store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    job = DepositJob(JobContext(config=config, store=store, instance="test", notifier=notified or NoNotifier()))
     if decision is not None:
         async def current(dep):
             async with store.read() as session:
                 found, _ = await decision_for(session, dep.dataset_id, config.pdis)
             return found, decision
         job._current = current
+    if stop is not None:
+        async def person(dep, facts, decision, step):
+            return stop
+        job._person = person
     result = RunResult()
     try:
         async with store.read() as session:
@@ -108,11 +125,18 @@ async def test_a_decision_a_person_must_settle_keeps_the_archive(tmp_path, campa
     await stop_at_packed(config, monkeypatch)
     row = (await depositions(config))[dataset_id]
     why = "Fragalysis gives experiment X PDB code 5ABC, the pdb_codes_file gives 6DEF: correct the file"
-    result = await one_step(config, "_upload", row.id, Decision(False, why, attention=True))
+    notified = Notified()
+    with capture_logs() as logs:
+        result = await one_step(config, "_upload", row.id, Decision(False, why, attention=True), notified=notified)
     after = (await depositions(config))[dataset_id]
     assert (after.state, after.status_details, after.spool_removed_at) == ("needs_attention", why, None)
     assert Path(row.spool_path).exists() and result.failures == []
     assert await last_reason(config, row.id) == why
+    # Kills `_attention`'s log and notification mutants: the operator is told which item, and why.
+    told = [(e["log_level"], e.get("deposition"), e.get("detail")) for e in logs
+            if e["event"] == "deposition.needs_attention"]
+    assert told == [("warning", row.id, why)]
+    assert notified.items == [("deposition", str(row.id), "needs_attention", why)]
 
 
 # -- adopting what PDIS already holds -----------------------------------------------------------------------
@@ -204,3 +228,52 @@ async def test_a_withdrawal_without_recorded_words_still_says_why(tmp_path, camp
     assert row.upload_token not in emulator.held and submits(served) == 0
     assert (await run(config, horizon=0)).exit_code == 0 and submits(served) == 0
 
+
+
+# -- a person's decisions stop the deposition ------------------------------------------------------------------
+async def test_a_stop_before_the_submit_deletes_the_upload_and_forgets_it(tmp_path, campaign, emulator,  # noqa: F811
+                                                                          served, monkeypatch):  # noqa: F811
+    """Kills `_stop`'s mutants for an uploaded row (`_delete_upload(None)`, the forgotten columns left
+    out or misnamed, the event's reason, the awaiting-approval log): an approval that lapsed after the
+    upload stops the submit. The upload is deleted from PDIS (it must not wait there for metadata), the
+    row forgets it entirely and waits for a person, and the archive stays for when they approve."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    assert row.upload_token in emulator.held and row.server_md5 and row.pdb_exists is not None
+    why = "the approval lapsed: what was approved changed"
+    served.requests.clear()
+    with capture_logs() as logs:
+        result = await one_step(config, "_submit_or_withdraw", row.id, stop=Stop("awaiting_approval", why))
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.status_details) == ("awaiting_approval", why)
+    forgotten = (after.upload_token, after.server_md5, after.server_size, after.pdis_status, after.detected_pdb,
+                 after.pdb_exists)
+    assert forgotten == (None,) * 6
+    assert served.requests.count("DELETE", f"/api/v1/submissions/{row.upload_token}/") == 1
+    assert row.upload_token not in emulator.held and submits(served) == 0
+    assert Path(row.spool_path).exists() and after.spool_removed_at is None
+    assert await last_reason(config, row.id) == why and result.failures == []
+    assert [e.get("deposition") for e in logs if e["event"] == "deposition.awaiting_approval"] == [row.id]
+
+
+async def test_a_stop_before_the_upload_deletes_nothing_and_drops_the_archive_it_rejects(  # noqa: F811
+        tmp_path, campaign, emulator, served, monkeypatch):  # noqa: F811
+    """Kills `_stop`'s `uploaded=True` default and its not-deposited branch mutants: the files a person
+    accepted changed, so the packed archive is not deposited. Nothing was uploaded, so nothing is
+    deleted on PDIS; the archive is removed at once and when is recorded; no approval is awaited."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_packed(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    why = f"dataset {dataset_id} needs attention: the files changed since they were accepted"
+    served.requests.clear()
+    before = utcnow()
+    with capture_logs() as logs:
+        await one_step(config, "_upload", row.id, stop=Stop("not_deposited", why))
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.status_details) == ("not_deposited", why)
+    assert not Path(row.spool_path).exists() and before <= after.spool_removed_at <= utcnow()
+    assert served.requests.entries == []  # no delete of an upload that never was, no upload
+    assert not [e for e in logs if e["event"] == "deposition.awaiting_approval"]
