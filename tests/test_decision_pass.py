@@ -1,5 +1,5 @@
 """The PDIS decision pass is incremental: a tick with nothing new decides (almost) nothing, on a store
-holding thousands of datasets that are never deposited; what changed since the last pass, and its rivals
+holding many datasets that are never deposited; what changed since the last pass, and its rivals
 for a PDB code, are decided again; a policy change decides everything again. Real SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from mirrord.store.models import Dataset, Deposition, Experiment, KeyValue, Targ
 from mirrord.store.models import Session as SessionRow
 from tests.conftest import make_config
 
-QUIET = 3000  # complete collections never deposited (screening shots, unlinked crystals)
+# Complete collections never deposited (screening shots, unlinked crystals): more than two of the pass's
+# pages, so that paging is crossed, and no more, since every test here decides them all at least once.
+QUIET = 2 * deposit_policy.PAGE + 200
 
 
 def config_for(tmp_path: Path, db_url: str, **pdis):
