@@ -17,6 +17,7 @@ from aiohttp import web
 from mirrord.clients.errors import AuthError, BadRequest, Conflict, NotFound, ProtocolError, TransientError
 from mirrord.clients.http import CHUNK, HttpClient, RetryPolicy
 from mirrord.clients.pdis import PdisClient, SubmitMetadata, _FilePayload, parse_submission
+from mirrord.clients.token_file import TokenFile, account
 from mirrord.emulators.base import Served
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.redact import redact
@@ -57,6 +58,10 @@ class Env:
         self.url = PdisEmulator.api_url(served.url)
         self.token_file = tmp / "state" / "pdis.token"
         self.upload_headers: list[dict[str, str]] = []
+        self.authorizations: list[str] = []  # the Authorization header of every request, in order
+
+    def stored(self) -> dict[str, str]:
+        return json.loads(self.token_file.read_text())
 
     def client(self, **kwargs) -> PdisClient:
         kwargs.setdefault("http", FAST_RETRY)
@@ -69,17 +74,19 @@ class Env:
 async def start_env(tmp_path: Path, **options) -> tuple[Env, Served]:
     emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, **options)
     seen: list[dict[str, str]] = []
+    authorizations: list[str] = []
 
     @web.middleware
-    async def record_upload_headers(request, handler):
+    async def record_headers(request, handler):
         if request.path.endswith("/upload/"):
             seen.append(dict(request.headers))
+        authorizations.append(request.headers.get("Authorization", ""))
         return await handler(request)
 
-    emulator.app.middlewares.insert(0, record_upload_headers)
+    emulator.app.middlewares.insert(0, record_headers)
     served = await Served(emulator.app).start()
     env = Env(emulator, served, tmp_path)
-    env.upload_headers = seen
+    env.upload_headers, env.authorizations = seen, authorizations
     return env, served
 
 
@@ -101,8 +108,8 @@ async def upload_submitted(env: Env, client: PdisClient, files: dict[str, bytes]
 async def test_token_is_stored_0600_and_reused_across_clients(env):
     async with env.client() as client:
         assert await client.equipment()
-    token = env.token_file.read_text().strip()
-    assert len(token) == 40
+    stored = env.stored()
+    assert stored == {"account": f"{USER} at {env.url}", "token": stored["token"]} and len(stored["token"]) == 40
     assert stat.S_IMODE(env.token_file.stat().st_mode) == 0o600
     assert env.auth_requests() == 1
     async with env.client() as again:  # a restart: the stored token is used, no new exchange
@@ -114,21 +121,52 @@ async def test_token_is_stored_0600_and_reused_across_clients(env):
 async def test_a_401_re_exchanges_once_and_rewrites_the_file(env):
     async with env.client() as client:
         await client.submissions()
-        old = env.token_file.read_text()
+        old = env.stored()["token"]
         env.emu.regenerate_token(USER)
         assert await client.submissions() == []
     assert env.auth_requests() == 2
-    assert env.token_file.read_text() != old
+    assert env.stored() == {"account": f"{USER} at {env.url}", "token": env.authorizations[-1].removeprefix("Token ")}
+    assert env.stored()["token"] != old
     assert stat.S_IMODE(env.token_file.stat().st_mode) == 0o600
 
 
 async def test_a_stale_stored_token_is_replaced(env):
-    env.token_file.parent.mkdir(parents=True)
-    env.token_file.write_text("f" * 40)
+    TokenFile(env.token_file, account(USER, env.url)).write("f" * 40)
     async with env.client() as client:
         await client.submissions()
-    assert env.token_file.read_text().strip() != "f" * 40
+    assert env.authorizations[0] == "Token " + "f" * 40  # the stored token was tried: it is this account's
+    assert env.stored()["token"] != "f" * 40
     assert env.auth_requests() == 1
+
+
+OTHER_USER, OTHER_PASSWORD = "other@lab.edu", "other-pass"
+
+
+@pytest.mark.parametrize("cache", ["another user's", "another server's", "the bare format's"])
+async def test_a_token_stored_for_another_account_is_never_sent(env, cache):
+    """A deposit is filed under the account whose token it carries: after `[pdis] username` or `url`
+    changes, the token stored for the old account must not be used (it would file public, irreversible
+    deposits under the wrong account). Nor a token of the earlier bare format, whose account is unknown.
+    The client exchanges its own credentials once, sends only its own token, and stores that instead."""
+    env.emu.users[OTHER_USER] = OTHER_PASSWORD
+    async with PdisClient(env.url, username=OTHER_USER, password=OTHER_PASSWORD, token_file=env.tmp / "o.token",
+                          http=FAST_RETRY) as other:
+        await other.upload(write_and_return(env, "theirs.tar", {"a.cbf": CBF}))
+        theirs = TokenFile(env.tmp / "o.token", account(OTHER_USER, env.url)).read()
+    assert theirs is not None and env.auth_requests() == 1
+    if cache == "another user's":  # written by a client of OTHER_USER on this same server
+        TokenFile(env.token_file, account(OTHER_USER, env.url)).write(theirs)
+    elif cache == "another server's":  # a test server's, say: a token PDIS would take, but not ours
+        TokenFile(env.token_file, account(USER, "https://pdis.test.example/api/v1/")).write(theirs)
+    else:
+        env.token_file.parent.mkdir(parents=True)
+        env.token_file.write_text(theirs + "\n")
+    env.authorizations.clear()
+    async with env.client() as client:
+        assert await client.submissions() == []  # not the other account's upload
+    ours = env.stored()
+    assert ours["account"] == f"{USER} at {env.url}" and ours["token"] != theirs
+    assert env.auth_requests() == 2 and env.authorizations == ["", f"Token {ours['token']}"]
 
 
 async def test_persistent_401_is_an_auth_error(env):
@@ -153,7 +191,7 @@ async def test_wrong_password_is_an_auth_error_with_the_server_message(env):
 async def test_secrets_stay_out_of_repr_and_errors(env):
     async with env.client() as client:
         await client.submissions()
-        token = env.token_file.read_text().strip()
+        token = env.stored()["token"]
         assert PASSWORD not in repr(client) and token not in repr(client)
         assert redact(f"Authorization: Token {token} pw={PASSWORD}") == "Authorization: Token *** pw=***"
 
@@ -440,8 +478,8 @@ async def scripted(tmp_path: Path):
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    (tmp_path / "tok").write_text("a" * 40)
     async with Served(app) as served:
+        TokenFile(tmp_path / "tok", account(USER, served.url + "/api/v1/")).write("a" * 40)
         async with HttpClient("pdis", served.url + "/api/v1", **FAST_RETRY) as http:
             # A client given an HttpClient uses it as is and leaves closing it to its owner.
             yield PdisClient(served.url + "/api/v1", username=USER, password=PASSWORD, token_file=tmp_path / "tok",
@@ -593,3 +631,4 @@ async def test_the_streamed_body_is_exactly_the_announced_size(tmp_path):
     assert len(sink.data) == announced
     with pytest.raises(OSError, match=rf"a\.tar shrank to {3 * CHUNK} bytes during the upload"):
         await _FilePayload(path, 4 * CHUNK, stall_timeout=5, progress=None).write(_Collect())
+
