@@ -172,7 +172,7 @@ def _timestamp(value: Any) -> dt.datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return dt.datetime.fromisoformat(value)  # PDIS's `...Z` included: Python 3.11 reads it
     except ValueError:
         return None
 
