@@ -487,12 +487,12 @@ async def test_revoked_token_is_exchanged_again(tmp_path, campaign, emulator, se
     first, second = campaign.collections[0], campaign.collections[1]
     await add_datasets(config, campaign, tmp_path / "dls", [first])
     assert (await run(config)).exit_code == 0
-    old_token = config.pdis_token_cache.read_text().strip()
+    old_token = json.loads(config.pdis_token_cache.read_text())["token"]
     emulator.regenerate_token(USER)  # the stored token answers 401 from now on
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [second])
     assert (await run(config)).exit_code == 0
     assert (await depositions(config))[dataset_id].state == "published"
-    assert config.pdis_token_cache.read_text().strip() != old_token
+    assert json.loads(config.pdis_token_cache.read_text())["token"] != old_token
     assert served.requests.count("POST", "/api/v1/auth/token/") == 2
 
 

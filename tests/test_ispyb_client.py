@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -15,6 +16,7 @@ from aiohttp import web
 from mirrord.clients.errors import AuthError, BadRequest, ProtocolError
 from mirrord.clients.http import RetryPolicy
 from mirrord.clients.ispyb import IspybClient
+from mirrord.clients.token_file import TokenFile, account
 from mirrord.emulators.campaign import Campaign
 from mirrord.emulators.ispyb import DEFAULT_USERS, SeedData
 from tests.ispyb_openapi import (
@@ -87,7 +89,9 @@ async def test_a_cached_token_saves_the_next_runs_login(ispyb_emulator, tmp_path
     async with client_for(ispyb_emulator, token_file=cache) as client:
         first = [s async for s in client.sessions()]
     assert logins() == 1 and cache.stat().st_mode & 0o777 == 0o600
-    assert jwt.decode(cache.read_text().strip(), options={"verify_signature": False})["login"] == "mirrord"
+    stored = json.loads(cache.read_text())
+    assert stored["account"] == f"mirrord at {ispyb_emulator.url}/"
+    assert jwt.decode(stored["token"], options={"verify_signature": False})["login"] == "mirrord"
     async with client_for(ispyb_emulator, token_file=cache) as client:
         await client.sign_in()
         assert [s async for s in client.sessions()] == first
@@ -114,11 +118,42 @@ async def test_a_cached_token_is_not_used_unless_it_is_ours_and_fresh(ispyb_emul
     if content is None:
         content = jwt.encode({"login": login, "iat": int(time.time()), "exp": int(time.time()) + ttl},
                              "a key the client never checks: only the server can", algorithm="HS256")
-    cache.write_text(content + "\n")
+    TokenFile(cache, account("mirrord", ispyb_emulator.url + "/")).write(content)  # stored for this account
     async with client_for(ispyb_emulator, token_file=cache) as client:
         await client.sign_in()
         [s async for s in client.sessions()]
-    assert client.logins == 1 and cache.read_text().strip() != content
+    assert client.logins == 1 and json.loads(cache.read_text())["token"] != content
+
+
+@pytest.mark.parametrize("cache", ["another server's", "another login's", "the bare format's"])
+async def test_a_token_stored_for_another_account_is_never_sent(ispyb_emulator_factory, tmp_path,  # noqa: F811
+                                                                cache):
+    """After `[ispyb] url` or `login` changes, the JWT stored for the old account is not sent, even one
+    that looks fresh and names our login: a test server's token would go to the real server. Nor a JWT
+    of the earlier bare format, whose server is unknown. One login, only our own token sent, and stored."""
+    sent: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler):
+        sent.append(request.headers.get("Authorization", ""))
+        return await handler(request)
+
+    test_server = await ispyb_emulator_factory()
+    served = await ispyb_emulator_factory(extra_middlewares=[record])
+    path = tmp_path / "ispyb.token"
+    foreign = test_server.emulator.issue_token("mirrord")  # fresh, names our login: only the file tells
+    if cache == "another server's":
+        TokenFile(path, account("mirrord", test_server.url + "/")).write(foreign)
+    elif cache == "another login's":
+        TokenFile(path, account("someone-else", served.url + "/")).write(foreign)
+    else:
+        path.write_text(foreign + "\n")
+    async with client_for(served, token_file=path) as client:
+        [s async for s in client.sessions()]
+    ours = json.loads(path.read_text())
+    assert ours["account"] == f"mirrord at {served.url}/" and ours["token"] != foreign
+    assert client.logins == served.emulator.logins == 1
+    assert f"Bearer {foreign}" not in sent and sent[1:] == [f"Bearer {ours['token']}"] * (len(sent) - 1)
 
 
 async def test_a_401_means_one_new_login_and_one_retry(ispyb_emulator):  # noqa: F811

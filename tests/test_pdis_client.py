@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import re
+import secrets
 import stat
 import tarfile
 from pathlib import Path
@@ -16,7 +17,15 @@ from aiohttp import web
 
 from mirrord.clients.errors import AuthError, BadRequest, Conflict, NotFound, ProtocolError, TransientError
 from mirrord.clients.http import CHUNK, HttpClient, RetryPolicy
-from mirrord.clients.pdis import PdisClient, SubmitMetadata, _FilePayload, parse_submission
+from mirrord.clients.pdis import (
+    EquipmentRef,
+    PdisClient,
+    Submission,
+    SubmitMetadata,
+    _FilePayload,
+    parse_submission,
+)
+from mirrord.clients.token_file import TokenFile, account
 from mirrord.emulators.base import Served
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.redact import redact
@@ -57,6 +66,10 @@ class Env:
         self.url = PdisEmulator.api_url(served.url)
         self.token_file = tmp / "state" / "pdis.token"
         self.upload_headers: list[dict[str, str]] = []
+        self.authorizations: list[str] = []  # the Authorization header of every request, in order
+
+    def stored(self) -> dict[str, str]:
+        return json.loads(self.token_file.read_text())
 
     def client(self, **kwargs) -> PdisClient:
         kwargs.setdefault("http", FAST_RETRY)
@@ -69,17 +82,19 @@ class Env:
 async def start_env(tmp_path: Path, **options) -> tuple[Env, Served]:
     emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, **options)
     seen: list[dict[str, str]] = []
+    authorizations: list[str] = []
 
     @web.middleware
-    async def record_upload_headers(request, handler):
+    async def record_headers(request, handler):
         if request.path.endswith("/upload/"):
             seen.append(dict(request.headers))
+        authorizations.append(request.headers.get("Authorization", ""))
         return await handler(request)
 
-    emulator.app.middlewares.insert(0, record_upload_headers)
+    emulator.app.middlewares.insert(0, record_headers)
     served = await Served(emulator.app).start()
     env = Env(emulator, served, tmp_path)
-    env.upload_headers = seen
+    env.upload_headers, env.authorizations = seen, authorizations
     return env, served
 
 
@@ -101,8 +116,8 @@ async def upload_submitted(env: Env, client: PdisClient, files: dict[str, bytes]
 async def test_token_is_stored_0600_and_reused_across_clients(env):
     async with env.client() as client:
         assert await client.equipment()
-    token = env.token_file.read_text().strip()
-    assert len(token) == 40
+    stored = env.stored()
+    assert stored == {"account": f"{USER} at {env.url}", "token": stored["token"]} and len(stored["token"]) == 40
     assert stat.S_IMODE(env.token_file.stat().st_mode) == 0o600
     assert env.auth_requests() == 1
     async with env.client() as again:  # a restart: the stored token is used, no new exchange
@@ -114,21 +129,52 @@ async def test_token_is_stored_0600_and_reused_across_clients(env):
 async def test_a_401_re_exchanges_once_and_rewrites_the_file(env):
     async with env.client() as client:
         await client.submissions()
-        old = env.token_file.read_text()
+        old = env.stored()["token"]
         env.emu.regenerate_token(USER)
         assert await client.submissions() == []
     assert env.auth_requests() == 2
-    assert env.token_file.read_text() != old
+    assert env.stored() == {"account": f"{USER} at {env.url}", "token": env.authorizations[-1].removeprefix("Token ")}
+    assert env.stored()["token"] != old
     assert stat.S_IMODE(env.token_file.stat().st_mode) == 0o600
 
 
 async def test_a_stale_stored_token_is_replaced(env):
-    env.token_file.parent.mkdir(parents=True)
-    env.token_file.write_text("f" * 40)
+    TokenFile(env.token_file, account(USER, env.url)).write("f" * 40)
     async with env.client() as client:
         await client.submissions()
-    assert env.token_file.read_text().strip() != "f" * 40
+    assert env.authorizations[0] == "Token " + "f" * 40  # the stored token was tried: it is this account's
+    assert env.stored()["token"] != "f" * 40
     assert env.auth_requests() == 1
+
+
+OTHER_USER, OTHER_PASSWORD = "other@lab.edu", "other-pass"
+
+
+@pytest.mark.parametrize("cache", ["another user's", "another server's", "the bare format's"])
+async def test_a_token_stored_for_another_account_is_never_sent(env, cache):
+    """A deposit is filed under the account whose token it carries: after `[pdis] username` or `url`
+    changes, the token stored for the old account must not be used (it would file public, irreversible
+    deposits under the wrong account). Nor a token of the earlier bare format, whose account is unknown.
+    The client exchanges its own credentials once, sends only its own token, and stores that instead."""
+    env.emu.users[OTHER_USER] = OTHER_PASSWORD
+    async with PdisClient(env.url, username=OTHER_USER, password=OTHER_PASSWORD, token_file=env.tmp / "o.token",
+                          http=FAST_RETRY) as other:
+        await other.upload(write_and_return(env, "theirs.tar", {"a.cbf": CBF}))
+        theirs = TokenFile(env.tmp / "o.token", account(OTHER_USER, env.url)).read()
+    assert theirs is not None and env.auth_requests() == 1
+    if cache == "another user's":  # written by a client of OTHER_USER on this same server
+        TokenFile(env.token_file, account(OTHER_USER, env.url)).write(theirs)
+    elif cache == "another server's":  # a test server's, say: a token PDIS would take, but not ours
+        TokenFile(env.token_file, account(USER, "https://pdis.test.example/api/v1/")).write(theirs)
+    else:
+        env.token_file.parent.mkdir(parents=True)
+        env.token_file.write_text(theirs + "\n")
+    env.authorizations.clear()
+    async with env.client() as client:
+        assert await client.submissions() == []  # not the other account's upload
+    ours = env.stored()
+    assert ours["account"] == f"{USER} at {env.url}" and ours["token"] != theirs
+    assert env.auth_requests() == 2 and env.authorizations == ["", f"Token {ours['token']}"]
 
 
 async def test_persistent_401_is_an_auth_error(env):
@@ -146,14 +192,17 @@ async def test_wrong_password_is_an_auth_error_with_the_server_message(env):
     async with client:
         with pytest.raises(AuthError) as caught:
             await client.submissions()
-    assert "Unable to log in" in str(caught.value)
+    # What the job logs and shows: the refusal, where, and PDIS's own words (kills _exchange_19 to _30).
+    assert str(caught.value) == (f"pdis: token exchange refused (HTTP 401) at {env.url}auth/token/"
+                                 " - Unable to log in with provided credentials.")
+    assert (caught.value.service, caught.value.status) == ("pdis", 401)
     assert not env.token_file.exists()
 
 
 async def test_secrets_stay_out_of_repr_and_errors(env):
     async with env.client() as client:
         await client.submissions()
-        token = env.token_file.read_text().strip()
+        token = env.stored()["token"]
         assert PASSWORD not in repr(client) and token not in repr(client)
         assert redact(f"Authorization: Token {token} pw={PASSWORD}") == "Authorization: Token *** pw=***"
 
@@ -235,7 +284,10 @@ async def test_too_large_is_a_clear_bad_request(tmp_path):
         async with env.client() as client:
             with pytest.raises(BadRequest) as caught:
                 await client.upload(tmp_path / "big.tar")
-        assert caught.value.status == 413 and "too large" in str(caught.value)
+        # Kills _with_server_message_8 to _23: the kind, the words, the address and PDIS's detail.
+        assert str(caught.value) == (f"pdis: archive too large for PDIS (HTTP 413) at {env.url}upload/"
+                                     " - Request entity too large.")
+        assert (caught.value.service, caught.value.status) == ("pdis", 413)
     finally:
         await served.stop()
 
@@ -290,7 +342,8 @@ async def test_submit_validation_errors_carry_the_server_message(env):
         upload = await client.upload(env.tmp / "a.tar.zst")
         with pytest.raises(BadRequest) as caught:
             await client.submit(upload.token, SubmitMetadata(pdb_code="5ABC", project_title="too short"))
-        assert "at least 10 characters" in caught.value.detail
+        # PDIS's words alone, not its JSON: a 400 is rephrased too (_with_server_message_3, _4 stop at 401).
+        assert caught.value.detail == "project_title must be at least 10 characters long."
         with pytest.raises(BadRequest, match="project_authors is required"):
             await client.submit(upload.token, SubmitMetadata(dataset_type="other", project_title="A long enough title",
                                                              equipment_other="home source"))
@@ -377,8 +430,9 @@ async def test_submit_and_delete_reach_pdis_exactly_as_often_as_meant(env):
             tokens.append((await client.upload(env.tmp / f"{name}.tar.zst")).token)
         lost, revoked, deleted = tokens
         env.served.faults.inject("/api/v1/submit/", "truncate")  # PDIS acts, its answer is cut short
-        with pytest.raises(TransientError):
+        with pytest.raises(TransientError) as caught:
             await client.submit(lost, OTHER)
+        assert caught.value.service == "pdis"  # the client's own HttpClient names PDIS (PdisClient.__init___8)
         assert submits() == 1 and (await client.submission(lost)).status == "submitted"
         env.emu.regenerate_token(USER)
         assert await client.submit(revoked, OTHER) == "submitted"
@@ -406,7 +460,10 @@ async def test_another_users_submission_is_forbidden(env):
         token = (await client.upload(write_and_return(env, "a.tar", {"a.cbf": CBF}))).token
         with pytest.raises(AuthError) as caught:
             await other.submission(token)
-    assert caught.value.status == 403 and "permission" in caught.value.detail
+    # Kills _with_server_message_26 to _37: the kind, the words, the address and PDIS's detail.
+    assert str(caught.value) == (f"pdis: forbidden: not this account's submission (HTTP 403) at "
+                                 f"{env.url}submissions/{token}/ - You do not have permission to access this submission.")
+    assert caught.value.service == "pdis"
     # A 403 is not a stale token (mutant _authorized_7): no new exchange, the call is not sent again.
     assert env.served.requests.count("GET", f"/api/v1/submissions/{token}/") == 1 and env.auth_requests() == 2
 
@@ -440,8 +497,8 @@ async def scripted(tmp_path: Path):
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    (tmp_path / "tok").write_text("a" * 40)
     async with Served(app) as served:
+        TokenFile(tmp_path / "tok", account(USER, served.url + "/api/v1/")).write("a" * 40)
         async with HttpClient("pdis", served.url + "/api/v1", **FAST_RETRY) as http:
             # A client given an HttpClient uses it as is and leaves closing it to its owner.
             yield PdisClient(served.url + "/api/v1", username=USER, password=PASSWORD, token_file=tmp_path / "tok",
@@ -593,3 +650,135 @@ async def test_the_streamed_body_is_exactly_the_announced_size(tmp_path):
     assert len(sink.data) == announced
     with pytest.raises(OSError, match=rf"a\.tar shrank to {3 * CHUNK} bytes during the upload"):
         await _FilePayload(path, 4 * CHUNK, stall_timeout=5, progress=None).write(_Collect())
+
+
+# -- what each call makes of PDIS's answers (issue 23: mutants of the parsing and error paths) ---------
+async def test_a_submission_is_read_whole_from_pdis(env):
+    """What `submission()` and `submissions()` return for a submitted upload, every field as PDIS holds it
+    (the metadata sent, the equipment chosen, the md5 and name of the inner tar, UTC times)."""
+    inner = write_tar_zst(env.tmp / "ds.tar.zst", {"a_0001.cbf": CBF})
+    async with env.client() as client:
+        token = await upload_submitted(env, client, {"a_0001.cbf": CBF})
+        one = await client.submission(token)
+        assert await client.submissions() == [one]
+    assert one.inserted.tzinfo is not None and one.updated >= one.inserted
+    assert one == Submission(
+        token=token, original_filename="ds.tar", md5hash=hashlib.md5(inner).hexdigest(), pdbid=None,
+        dataset_type="other", status="submitted", status_details=None, inserted=one.inserted, updated=one.updated,
+        project_title=OTHER.project_title, project_authors=OTHER.project_authors,
+        synchrotron=EquipmentRef(12, "Diamond"), beamline=EquipmentRef(32, "I04-1"), equipment_other=None)
+
+
+async def test_the_token_exchange_is_retried_after_a_server_error(env):
+    """Trading credentials for the token changes nothing on PDIS, so a 503 is retried there and then
+    (kills _exchange_4, _8 and _14, which send it once)."""
+    env.emu.fail_next("/auth/token/", "503")
+    async with env.client() as client:
+        assert await client.submissions() == []
+    assert env.auth_requests() == 2 and env.stored()["account"] == f"{USER} at {env.url}"
+
+
+async def test_a_refused_exchange_keeps_the_servers_words_redacted(scripted):
+    """A server that echoes the password in its refusal: the error keeps its words with the password
+    masked (the job stores and shows this text)."""
+    client, answers, _ = scripted
+    answer(answers, "submissions/", 401, {"error": "Invalid token."})
+    answer(answers, "auth/token/", 400, {"error": f"No account with password {PASSWORD}."})
+    with pytest.raises(AuthError) as caught:
+        await client.submissions()
+    assert caught.value.detail == "No account with password ***." and caught.value.status == 400
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("<html>Sign in</html>", "answer is not JSON"),  # kills _exchange_46
+    (["t"], "token answer is not an object - ['t']"),  # _43, _47, _48
+    ({"user_id": 42, "email": USER}, f"token answer has no valid 'token' - {{'user_id': 42, 'email': '{USER}'}}"),
+])
+async def test_a_malformed_token_answer_is_a_protocol_error_naming_it(scripted, body, message):
+    """Kills _exchange_37 and _43 to _52: what was wrong with the token answer is named, with PDIS."""
+    client, answers, calls = scripted
+    answer(answers, "submissions/", 401, {"error": "Invalid token."})
+    answer(answers, "auth/token/", 200, body, "text/html" if isinstance(body, str) else "application/json")
+    with pytest.raises(ProtocolError) as caught:
+        await client.submissions()
+    assert str(caught.value).startswith(f"pdis: {message}")
+    assert calls == ["GET /api/v1/submissions/", "POST /api/v1/auth/token/"]
+
+
+@pytest.mark.parametrize("call", ["submission", "submissions", "equipment"])
+async def test_an_answer_that_is_not_json_names_pdis_and_the_address(scripted, call):
+    """A proxy's page instead of PDIS's JSON (kills submission_9, submissions_2, equipment_13: the
+    service lost from the error)."""
+    client, answers, _ = scripted
+    path = {"submission": "submissions/t/", "submissions": "submissions/", "equipment": "equipment/"}[call]
+    answer(answers, path, 200, "<html>Maintenance</html>", "text/html")
+    with pytest.raises(ProtocolError) as caught:
+        await (client.submission("t") if call == "submission" else getattr(client, call)())
+    assert str(caught.value) == (f"pdis: answer is not JSON (HTTP 200) at {client.http.url(path)}"
+                                 " - <html>Maintenance</html>")
+
+
+async def test_a_listing_that_is_not_an_array_names_itself(scripted):
+    """Kills submissions_12 to _17: the message and the answer as its detail."""
+    client, answers, _ = scripted
+    answer(answers, "submissions/", 200, {"results": [], "count": 0})
+    with pytest.raises(ProtocolError) as caught:
+        await client.submissions()
+    assert str(caught.value) == "pdis: submission list is not an array - {'results': [], 'count': 0}"
+
+
+async def test_a_refused_submit_keeps_pdis_retry_after(scripted):
+    """A 503 with Retry-After on a submit (never retried in the call): the error still says how long
+    PDIS asked us to wait, which the deposit job honours (kills _with_server_message_52)."""
+    client, answers, calls = scripted
+    answer(answers, "submit/", 503, {"error": "Down for maintenance."}, headers={"Retry-After": "120"})
+    with pytest.raises(TransientError) as caught:
+        await client.submit("t", SubmitMetadata(pdb_code="5ABC"))
+    assert (caught.value.retry_after, caught.value.detail) == (120.0, "Down for maintenance.")
+    assert calls == ["POST /api/v1/submit/"]
+
+
+async def test_the_client_keeps_its_secrets_and_settings(env):
+    """The password and a token read from the cache are masked wherever they are logged (kills
+    PdisClient.__init___2 and _current_token_3), `repr` names the account (__init___3), the HTTP
+    settings given are the ones used (__init___10: one attempt, so a 503 is not retried), and an
+    upload stalls out after 5 minutes unless told otherwise (__init___1)."""
+    password, cached = f"pw-{secrets.token_hex(6)}", secrets.token_hex(20)
+    env.emu.users["third@lab.edu"] = password
+    TokenFile(env.token_file, account("third@lab.edu", env.url)).write(cached)
+    client = PdisClient(env.url, username="third@lab.edu", password=password, token_file=env.token_file,
+                        http={"retry": RetryPolicy(attempts=1)})
+    async with client:
+        assert repr(client) == f"PdisClient(base_url={env.url!r}, username='third@lab.edu')"
+        assert client.stall_timeout == 300.0
+        await client.sign_in()
+        assert redact(f"password={password} token={cached}") == "password=*** token=***"
+        env.emu.fail_next("/submissions/", "503")
+        with pytest.raises(TransientError):
+            await client.submissions()
+    assert env.served.requests.count("GET", "/api/v1/submissions/") == 1
+
+
+async def test_the_archive_goes_as_an_octet_stream_part_and_is_never_decoded(tmp_path):
+    """The file's part says what it is, bytes (kills _FilePayload.__init___5, _6), and nothing may
+    turn a multi-gigabyte body into one string (decode_5 to _7)."""
+    parts: list[tuple[str | None, str | None, bytes]] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            parts.append((part.name, part.headers.get("Content-Type"), await part.read()))
+        return web.json_response({"token": "t" * 40, "md5hash": "0" * 32, "size": 10}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/api/v1/upload/", upload)
+    data = write_tar(tmp_path / "a.tar", {"a.cbf": CBF})
+    async with Served(app) as served, PdisClient(served.url + "/api/v1", username=USER, password=PASSWORD,
+                                                 token_file=tmp_path / "tok", http=FAST_RETRY) as client:
+        TokenFile(tmp_path / "tok", account(USER, served.url + "/api/v1/")).write("a" * 40)
+        await client.upload(tmp_path / "a.tar", dataset_type="other")
+    assert [(name, kind) for name, kind, _ in parts] == [("dataset_type", "text/plain; charset=utf-8"),
+                                                         ("dataset_file", "application/octet-stream")]
+    assert parts[0][2] == b"other" and parts[1][2] == data
+    with pytest.raises(TypeError, match="^an upload body is streamed, never decoded whole$"):
+        _FilePayload(tmp_path / "a.tar", len(data), stall_timeout=5, progress=None).decode()

@@ -1,9 +1,9 @@
 """Secrets never leave their files: run the whole pipeline with known credentials and search everything
 mirrord writes or shows for them.
 
-Credentials: the ISPyB password, the PDIS password (made distinctive here) and the token PDIS issues,
-the Design Hub API key, a Fragalysis session token and the web bearer token. Faults (20%) and a
-mid-run token expiry make sure error texts are produced and stored too. Searched: every log line
+Credentials: the ISPyB password and the JWTs ISPyB issues, the PDIS password (made distinctive here)
+and the token PDIS issues, the Design Hub API key, a Fragalysis session token and the web bearer
+token. Faults (20%) and a mid-run token expiry make sure error texts are produced and stored too. Searched: every log line
 (JSON, debug level) of `once` and `run`, `mirrord status --json`, /metrics, /status and /api/status,
 and the whole store (every table, so last_error, job_runs.error and events.reason included).
 """
@@ -52,6 +52,14 @@ async def test_no_secret_appears_in_logs_pages_status_or_store(tmp_path: Path) -
     bundle = pipeline.bundle
     bundle.pdis.users[PDIS_USER] = PDIS_PASSWORD
     bundle.fragalysis.add_session(FRAGALYSIS_SESSION, "mirrord", [t.tas for t in pipeline.campaign.targets])
+    issued_ispyb_jwts: list[str] = []  # every session token ISPyB hands out (the emulator keeps no list)
+    issue_token = bundle.ispyb.issue_token
+
+    def recording_issue_token(login: str, **kwargs) -> str:
+        issued_ispyb_jwts.append(issue_token(login, **kwargs))
+        return issued_ispyb_jwts[-1]
+
+    bundle.ispyb.issue_token = recording_issue_token
     texts: dict[str, str] = {}
     async with pipeline:
         (pipeline.state_dir / "secrets" / "pdis.password").write_text(PDIS_PASSWORD + "\n")
@@ -90,10 +98,13 @@ async def test_no_secret_appears_in_logs_pages_status_or_store(tmp_path: Path) -
 
     secrets = {"ispyb password": DEFAULT_USERS["mirrord"], "pdis password": PDIS_PASSWORD,
                "design hub key": next(iter(DEFAULT_API_KEYS)), "fragalysis session": FRAGALYSIS_SESSION,
-               "web token": WEB_TOKEN, **{f"pdis token {i}": t for i, t in enumerate(issued_pdis_tokens)}}
-    assert issued_pdis_tokens and all(len(v) >= 8 for v in secrets.values())
-    # The search can find them: the 0600 token cache is the one place a PDIS token belongs.
+               "web token": WEB_TOKEN, **{f"pdis token {i}": t for i, t in enumerate(issued_pdis_tokens)},
+               **{f"ispyb jwt {i}": t for i, t in enumerate(issued_ispyb_jwts)}}
+    # Two ISPyB logins at least: the first, and the one after the mid-run expiry.
+    assert issued_pdis_tokens and len(issued_ispyb_jwts) >= 2 and all(len(v) >= 8 for v in secrets.values())
+    # The search can find them: the 0600 token caches are the one place these tokens belong.
     assert any(t in (pipeline.state_dir / "pdis.token").read_text() for t in issued_pdis_tokens)
+    assert any(t in (pipeline.state_dir / "ispyb.token").read_text() for t in issued_ispyb_jwts)
     found = {f"{name} in {where}" for name, value in secrets.items() for where, text in texts.items()
              if value in text}
     print(f"\nsecrets scan: {len(secrets)} secrets x {len(texts)} outputs "

@@ -11,10 +11,10 @@ exposed. What the login cannot see answers `200 total 0`, never an error (018, 0
 Auth is a JWT from `POST /auth/login` with no refresh endpoint: we read its `exp` (unverified; only
 the server can verify it), log in again shortly before it runs out, and on any 401 log in again once
 and retry. With a `token_file` the JWT outlives the process (it is valid for 5 hours, fact 15): the
-next run uses it while it is fresh and names our login, instead of logging in again. Lists page with
-`skip`/`limit` until `skip >= total`. Parsing is lenient (site forks add fields, and null appears
-where the spec says it cannot) but a missing key we rely on is a `ProtocolError` naming the endpoint
-and the record.
+next run uses it while it is fresh and was stored for our login on this server, instead of logging in
+again. Lists page with `skip`/`limit` until `skip >= total`. Parsing is lenient (site forks add fields,
+and null appears where the spec says it cannot) but a missing key we rely on is a `ProtocolError`
+naming the endpoint and the record.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import structlog
 
 from mirrord.clients.errors import AuthError, ProtocolError
 from mirrord.clients.http import HttpClient, UpstreamClient
-from mirrord.clients.token_file import TokenFile
+from mirrord.clients.token_file import TokenFile, account
 from mirrord.redact import redact, register_secret
 
 log = structlog.get_logger("mirrord.ispyb")
@@ -279,7 +279,8 @@ class IspybClient(UpstreamClient):
         super().__init__(SERVICE, base_url, http)
         self._jwt: str | None = None
         self._jwt_expires: float | None = None
-        self._tokens = TokenFile(token_file) if token_file is not None else None
+        # The cache names our login on this server: another account's or server's JWT is never sent.
+        self._tokens = None if token_file is None else TokenFile(token_file, account(login, self.http.base_url))
         self._login_lock = asyncio.Lock()
         self._samples: dict[int, Sample] = {}
         self.logins = 0

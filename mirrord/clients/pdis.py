@@ -35,7 +35,7 @@ from mirrord.clients.http import (
     error_for_status,
     read_bounded,
 )
-from mirrord.clients.token_file import TokenFile
+from mirrord.clients.token_file import TokenFile, account
 from mirrord.redact import redact, register_secret
 
 SERVICE = "pdis"
@@ -172,7 +172,7 @@ def _timestamp(value: Any) -> dt.datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return dt.datetime.fromisoformat(value)  # PDIS's `...Z` included: Python 3.11 reads it
     except ValueError:
         return None
 
@@ -321,10 +321,10 @@ class PdisClient(UpstreamClient):
         self.base_url = base_url
         self.username = username
         self._password = password
-        self._tokens = TokenFile(token_file)
         self._token: str | None = None
         self._token_lock = asyncio.Lock()
         super().__init__(SERVICE, base_url, http)
+        self._tokens = TokenFile(token_file, account(username, self.http.base_url))
         self.stall_timeout = stall_timeout
         self._equipment: list[Synchrotron] | None = None
 
