@@ -34,6 +34,7 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     open_store,
     run,
     served,
+    step_failures,
 )
 
 SUBMIT, DELETE = "/api/v1/submit/", "/api/v1/submissions/"
@@ -90,6 +91,9 @@ async def test_a_decision_changed_after_the_upload_stops_the_submit(tmp_path, ca
     assert (row.state, row.status_details) == ("not_deposited", reason)
     # In one step, not by a failure and the paths that recover from it, and recorded with its reason.
     assert not outcome.failed and (row.attempts, row.last_error) == (0, None)
+    # Kills `_not_deposited(None, ...)` and its other arguments broken in `_submit`: a step that failed
+    # would reach the same end by the upload's own re-check a pass later; it must not fail at all.
+    assert await step_failures(config) == 0
     assert await last_reason(config, row.id) == f"not deposited: {reason}"
     assert served.requests.count("POST", SUBMIT) == 0 and not emulator.submissions_by_md5
     assert served.requests.count("DELETE", DELETE) == 1 and emulator.held == {}

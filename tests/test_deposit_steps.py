@@ -12,13 +12,14 @@ import asyncio
 import datetime as dt
 from pathlib import Path
 
+import pytest
 from sqlalchemy import update
 from structlog.testing import capture_logs
 
 from mirrord.clients.pdis import PdisClient, SubmitMetadata
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs.base import JobContext, NoNotifier, RunResult
-from mirrord.jobs.deposit import DepositJob, pack_for_deposit
+from mirrord.jobs.deposit import DepositJob, pack_for_deposit, upload_filename
 from mirrord.jobs.deposit_policy import Decision, decision_for
 from mirrord.jobs.person import Stop
 from mirrord.store.models import Deposition, utcnow
@@ -95,16 +96,21 @@ async def one_step(config, step: str, deposition_id: int, decision: Decision | N
 
 
 # -- a decision against depositing, taken at the upload ----------------------------------------------------
+@pytest.mark.parametrize("archive", ["in the spool", "gone already"])
 async def test_a_packed_archive_decided_against_is_removed_at_once(tmp_path, campaign, emulator, served,  # noqa: F811
-                                                                   monkeypatch):
+                                                                   monkeypatch, archive):
     """Kills `_not_deposited`'s `removed = None` and its `status_details=` mutants: the step itself removes
     the archive and records when (the spool sweep would only do it on a later pass), with the policy's
-    reason as the row's details and the decision's summary as the event's reason."""
+    reason as the row's details and the decision's summary as the event's reason. An archive removed
+    already (by hand, or by another replica's sweep) is no failure: kills `_remove_spool_file`'s
+    `missing_ok` mutants."""
     config = config_for(tmp_path, served)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
     await stop_at_packed(config, monkeypatch)
     row = (await depositions(config))[dataset_id]
     assert row.state == "packed" and Path(row.spool_path).exists()
+    if archive == "gone already":
+        Path(row.spool_path).unlink()
     before = utcnow()
     result = await one_step(config, "_upload", row.id, Decision(False, "proposal lb1 is in exclude_proposals"))
     after = (await depositions(config))[dataset_id]
@@ -163,29 +169,38 @@ async def test_an_archive_pdis_holds_as_another_deposition_s_is_not_adopted(tmp_
     assert uploads(served) == 2 and submits(served) == 0  # the check is a lookup, nothing sent
 
 
+@pytest.mark.parametrize("status", ["submitted", "published"])
 async def test_an_upload_submitted_before_its_answer_was_lost_is_adopted_where_it_is(  # noqa: F811
-        tmp_path, campaign, emulator, served):  # noqa: F811
-    """Kills `_adopt`'s `result.count("adopted")` and `server_md5=sub.md5hash` mutants: an earlier attempt
-    uploaded and submitted this archive but mirrord heard neither answer. The upload answers 409; the
-    submission is adopted in its state (submitted), with its token and md5, and never submitted again."""
+        tmp_path, campaign, emulator, served, status):  # noqa: F811
+    """Kills `_adopt`'s `result.count("adopted")`, `server_md5=sub.md5hash`, `_record_status(..., None)`
+    and its owner query without the token condition: an earlier attempt uploaded and submitted this
+    archive but mirrord heard neither answer. The upload answers 409; the submission is adopted where
+    it is (submitted, or published already), with its token and md5, and never submitted again. Another
+    deposition on the store (with an upload of its own) is not taken for the archive's owner."""
     config = config_for(tmp_path, served)
-    col = linked_collection(campaign)
-    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
+    col, other = [c for c in campaign.collections if campaign.experiment(c.sample)[1].pdb_code][:2]
+    dataset_id, other_id = await add_datasets(config, campaign, tmp_path / "dls", [col, other])
     store = await open_store(config)
     async with store.read() as session:
         found, decision = await decision_for(session, dataset_id, config.pdis)
     await store.close()
     packed = pack_for_deposit(found, tmp_path / "earlier.tar.zst", level=config.pdis.zstd_level)
-    emulator.step_seconds = None  # the adopted submission stays `submitted`
+    emulator.step_seconds = None  # statuses move only when the test says
     async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
                           token_file=tmp_path / "t") as client:
         earlier = await client.upload(packed.path)
         await client.submit(earlier.token, SubmitMetadata(pdb_code=decision.pdb_code))
+    if status == "published":
+        emulator.advance(3)
+        assert emulator.status_of(earlier.token) == "published"
     outcome = await run(config, horizon=0)
-    row = (await depositions(config))[dataset_id]
-    assert (row.state, row.upload_token, row.server_md5) == ("submitted", earlier.token, packed.tar_md5)
-    assert row.pdis_status == "submitted" and await counted(config, "adopted") == 1
-    assert submits(served) == 1 and uploads(served) == 2 and not outcome.failed
+    rows = await depositions(config)
+    row = rows[dataset_id]
+    assert (row.state, row.upload_token, row.server_md5) == (status, earlier.token, packed.tar_md5)
+    assert row.pdis_status == status and await counted(config, "adopted") == 1
+    assert (await counted(config, "published") == 1) == (status == "published")
+    assert emulator.submissions_by_md5[packed.tar_md5] == 1 and not outcome.failed
+    assert rows[other_id].state == "submitted" and rows[other_id].upload_token != earlier.token
 
 
 # -- retries are later, not now --------------------------------------------------------------------------------
@@ -277,3 +292,63 @@ async def test_a_stop_before_the_upload_deletes_nothing_and_drops_the_archive_it
     assert not Path(row.spool_path).exists() and before <= after.spool_removed_at <= utcnow()
     assert served.requests.entries == []  # no delete of an upload that never was, no upload
     assert not [e for e in logs if e["event"] == "deposition.awaiting_approval"]
+
+
+# -- the metadata of a dataset without a PDB code ----------------------------------------------------------------
+@pytest.mark.parametrize("recorded", ["nothing", "an override", "a fallback text"])
+async def test_the_equipment_sent_is_the_recorded_one_or_resolved_at_the_submit(tmp_path, campaign, emulator,  # noqa: F811
+                                                                                served, monkeypatch, recorded):  # noqa: F811
+    """Kills `_metadata`'s equipment mutants: a deposition decided before its equipment was needed (none
+    recorded) has it resolved from PDIS's list at the submit; one with equipment recorded (an override's
+    ids, or the fallback text) is submitted with exactly that, without asking PDIS for its list. Either
+    way the submission is of type "other" and the row records the type (`dataset_type=None` mutant)."""
+    target = campaign.targets[0]
+    col = campaign.add_collection(target.tas, "loose-i04-1", beamline="i04-1")
+    config = config_for(tmp_path, served, deposit="all", authors="Smith J.")
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col], link=False)
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    values = {"nothing": dict(synchrotron_id=None, beamline_id=None, equipment_other=None),
+              "an override": dict(synchrotron_id=25, beamline_id=42, equipment_other=None),
+              "a fallback text": dict(synchrotron_id=None, beamline_id=None, equipment_other="Diamond i04-1")}
+    await set_columns(config, row.id, **values[recorded])
+    served.requests.clear()
+    result = await one_step(config, "_submit_or_withdraw", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.dataset_type) == ("submitted", "other") and result.counters["submitted"] == 1
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        sub = await client.submission(row.upload_token)
+    sent = (sub.synchrotron and sub.synchrotron.id, sub.beamline and sub.beamline.id, sub.equipment_other)
+    assert sent == {"nothing": (12, 32, None), "an override": (25, 42, None),
+                    "a fallback text": (None, None, "Diamond i04-1")}[recorded]
+    assert served.requests.count("GET", "/api/v1/equipment/") == (recorded == "nothing")
+
+
+# -- PDIS's verdict on an adopted upload -----------------------------------------------------------------------------
+async def test_an_adopted_upload_is_judged_by_the_id_pdis_detected_in_it(tmp_path, campaign, emulator,  # noqa: F811
+                                                                         served):  # noqa: F811
+    """Kills `_submit`'s `found = (dep.detected_pdb if dep.pdb_exists is not None else sub.pdbid)` mutants:
+    an adopted upload (its answer lost, so no verdict recorded) allowed as an additional dataset is
+    judged by the PDB id PDIS's submission record says it detected. Here PDIS found 5XYZ in a dataset we
+    would send as "other": withdrawn for a person, never submitted."""
+    target = campaign.targets[0]
+    col = campaign.add_collection(target.tas, "5XYZ-soak", beamline=target.beamline)
+    config = config_for(tmp_path, served, deposit="all", authors="Smith J.", allow_additional_datasets=True)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col], link=False)
+    store = await open_store(config)
+    async with store.read() as session:
+        found, decision = await decision_for(session, dataset_id, config.pdis)
+    await store.close()
+    packed = pack_for_deposit(found, tmp_path / "earlier.tar.zst", level=config.pdis.zstd_level)
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        earlier = await client.upload(packed.path, dataset_type="other",
+                                      filename=upload_filename(found, decision))
+    assert earlier.pdbid == "5XYZ"
+    outcome = await run(config, horizon=0)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.detected_pdb, row.pdis_status) == ("needs_attention", "5XYZ", "deleted")
+    assert row.status_details == ("PDIS detected PDB 5XYZ in the data, we would submit it as other: "
+                                  "not submitted, upload withdrawn")
+    assert outcome.attention and submits(served) == 0 and earlier.token not in emulator.held
