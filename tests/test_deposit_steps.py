@@ -13,7 +13,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
 from mirrord.clients.pdis import PdisClient, SubmitMetadata
@@ -22,7 +22,7 @@ from mirrord.jobs.base import JobContext, NoNotifier, RunResult
 from mirrord.jobs.deposit import DepositJob, pack_for_deposit, upload_filename
 from mirrord.jobs.deposit_policy import Decision, decision_for
 from mirrord.jobs.person import Stop
-from mirrord.store.models import Deposition, utcnow
+from mirrord.store.models import Deposition, Event, utcnow
 from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     PASSWORD,
     USER,
@@ -54,6 +54,17 @@ async def set_columns(config, deposition_id: int, **values) -> None:
     try:
         async with store.write() as session:
             await session.execute(update(Deposition).where(Deposition.id == deposition_id).values(**values))
+    finally:
+        await store.close()
+
+
+async def states_of(config, deposition_id: int) -> list[str]:
+    """The states a deposition moved through, in order."""
+    store = await open_store(config)
+    try:
+        async with store.read() as session:
+            return list((await session.scalars(select(Event.to_state).where(
+                Event.item_type == "deposition", Event.item_id == str(deposition_id)).order_by(Event.id))).all())
     finally:
         await store.close()
 
@@ -352,3 +363,44 @@ async def test_an_adopted_upload_is_judged_by_the_id_pdis_detected_in_it(tmp_pat
     assert row.status_details == ("PDIS detected PDB 5XYZ in the data, we would submit it as other: "
                                   "not submitted, upload withdrawn")
     assert outcome.attention and submits(served) == 0 and earlier.token not in emulator.held
+    # Straight there, the detected id recorded on the way (`_submit`'s `detected_pdb=found` mutant went
+    # by `already_in_pdis` and a second upload first).
+    assert (await states_of(config, row.id))[-3:] == ["uploaded", "withdrawing", "needs_attention"]
+    assert uploads(served) == 2  # ours (answered 409) and the earlier one
+
+
+async def test_a_withdrawal_is_recorded_first_and_its_row_stays_leased(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                       monkeypatch):
+    """Kills `_submit`'s mutants of the `withdrawing` step (its state or reason left out, `release=None`):
+    PDIS says it holds this structure already. Before the upload is deleted, the row is `withdrawing` with
+    the reason, in an event of its own (a restart resumes the delete from there), and still leased to
+    this worker (a replica must not take the row while its upload is being deleted)."""
+    col = linked_collection(campaign)
+    code = campaign.experiment(col.sample)[1].pdb_code.upper()
+    emulator.existing_pdb_ids.add(code)
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.pdb_exists) == ("uploaded", True)
+    await set_columns(config, row.id, lease_owner="test", lease_until=utcnow() + dt.timedelta(minutes=5))
+    seen = []
+    delete = DepositJob._delete_upload
+
+    async def delete_and_look(self, token):
+        async with self.store.read() as session:
+            now = await session.get(Deposition, row.id)
+            seen.append((now.state, now.lease_owner, now.status_details))
+        await delete(self, token)
+
+    monkeypatch.setattr(DepositJob, "_delete_upload", delete_and_look)
+    await one_step(config, "_submit_or_withdraw", row.id)
+    why = f"PDIS already holds a dataset for PDB {code}: not submitted, upload withdrawn"
+    assert seen == [("withdrawing", "test", why)]
+    assert (await states_of(config, row.id))[-2:] == ["withdrawing", "already_in_pdis"]
+    store = await open_store(config)
+    async with store.read() as session:
+        reasons = (await session.scalars(select(Event.reason).where(
+            Event.item_id == str(row.id), Event.to_state == "withdrawing"))).all()
+    await store.close()
+    assert reasons == [why] and submits(served) == 0
