@@ -327,12 +327,16 @@ async def test_the_equipment_sent_is_the_recorded_one_or_resolved_at_the_submit(
     result = await one_step(config, "_submit_or_withdraw", row.id)
     after = (await depositions(config))[dataset_id]
     assert (after.state, after.dataset_type) == ("submitted", "other") and result.counters["submitted"] == 1
+    # What was sent is recorded on the row (`_submit`'s SUBMITTED columns mutants).
+    assert (after.title, after.authors, after.pdis_status) == (row.title, "Smith J.", "submitted")
+    assert row.title.startswith("Raw diffraction data for loose-i04-1") and after.submitted_at is not None
     async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
                           token_file=tmp_path / "t") as client:
         sub = await client.submission(row.upload_token)
     sent = (sub.synchrotron and sub.synchrotron.id, sub.beamline and sub.beamline.id, sub.equipment_other)
-    assert sent == {"nothing": (12, 32, None), "an override": (25, 42, None),
-                    "a fallback text": (None, None, "Diamond i04-1")}[recorded]
+    expected = {"nothing": (12, 32, None), "an override": (25, 42, None),
+                "a fallback text": (None, None, "Diamond i04-1")}[recorded]
+    assert sent == expected == (after.synchrotron_id, after.beamline_id, after.equipment_other)
     assert served.requests.count("GET", "/api/v1/equipment/") == (recorded == "nothing")
 
 
@@ -404,3 +408,50 @@ async def test_a_withdrawal_is_recorded_first_and_its_row_stays_leased(tmp_path,
             Event.item_id == str(row.id), Event.to_state == "withdrawing"))).all()
     await store.close()
     assert reasons == [why] and submits(served) == 0
+
+
+# -- the submit's own refusals -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("status", ["submitted", "published"])
+async def test_a_submit_another_replica_sent_first_is_followed_not_repeated(tmp_path, campaign, emulator,  # noqa: F811
+                                                                            served, monkeypatch, status):  # noqa: F811
+    """Kills the mutants of `_submit`'s Conflict branch (the submission read again, its status recorded,
+    the run's counters passed on): between our status read and our submit, another replica submitted
+    the same upload. PDIS answers our submit 409; the row follows the submission where it is (submitted,
+    or published already), without a failure and without another submit."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    emulator.step_seconds = None
+    real_submit = PdisClient.submit
+
+    async def another_replica_first(self, token, metadata):
+        await real_submit(self, token, metadata)  # the other replica's, a moment before ours
+        if status == "published":
+            emulator.advance(3)
+        return await real_submit(self, token, metadata)
+
+    monkeypatch.setattr(PdisClient, "submit", another_replica_first)
+    result = await one_step(config, "_submit_or_withdraw", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.pdis_status, after.attempts) == (status, status, 0)
+    assert await last_reason(config, row.id) == f"PDIS says already processed ({status})"
+    assert result.failures == [] and "submitted" not in result.counters
+    assert result.counters["published"] == (status == "published")
+    assert submits(served) == 2 and emulator.submissions_by_md5 == {row.tar_md5: 1}
+
+
+async def test_a_submit_pdis_refuses_needs_a_person(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                    monkeypatch):
+    """Kills the mutants of `_submit`'s BadRequest branch: PDIS refuses the metadata (400). Sending it
+    again would not help, so the row needs a person, with PDIS's words, and is not retried."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    emulator.fail_next("/submit/", 400)
+    result = await one_step(config, "_submit_or_withdraw", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert after.state == "needs_attention" and after.attempts == 0
+    assert after.status_details.startswith("submit refused: ") and "Injected failure (HTTP 400)" in after.status_details
+    assert result.failures == [] and submits(served) == 1 and not emulator.submissions_by_md5
