@@ -306,15 +306,21 @@ async def test_a_stop_before_the_upload_deletes_nothing_and_drops_the_archive_it
 
 
 # -- the metadata of a dataset without a PDB code ----------------------------------------------------------------
-@pytest.mark.parametrize("recorded", ["nothing", "an override", "a fallback text"])
-async def test_the_equipment_sent_is_the_recorded_one_or_resolved_at_the_submit(tmp_path, campaign, emulator,  # noqa: F811
-                                                                                served, monkeypatch, recorded):  # noqa: F811
+@pytest.mark.parametrize(("recorded", "beamline", "expected"), [
+    ("nothing", "i04-1", (12, 32, None)),  # PDIS's ids for Diamond I04-1
+    ("nothing", "i99", (None, None, "Diamond i99")),  # a beamline PDIS does not list: the fallback text
+    ("an override", "i04-1", (25, 42, None)),
+    ("a fallback text", "i04-1", (None, None, "Diamond i04-1")),
+])
+async def test_the_equipment_sent_is_the_recorded_one_or_resolved_at_the_submit(  # noqa: F811
+        tmp_path, campaign, emulator, served, monkeypatch, recorded, beamline, expected):  # noqa: F811
     """Kills `_metadata`'s equipment mutants: a deposition decided before its equipment was needed (none
     recorded) has it resolved from PDIS's list at the submit; one with equipment recorded (an override's
     ids, or the fallback text) is submitted with exactly that, without asking PDIS for its list. Either
-    way the submission is of type "other" and the row records the type (`dataset_type=None` mutant)."""
+    way the submission is of type "other", and the submit records on the row what it sent (`_submit`'s
+    SUBMITTED columns mutants: the row's title, authors, type and equipment are blanked first)."""
     target = campaign.targets[0]
-    col = campaign.add_collection(target.tas, "loose-i04-1", beamline="i04-1")
+    col = campaign.add_collection(target.tas, f"loose-{beamline}", beamline=beamline)
     config = config_for(tmp_path, served, deposit="all", authors="Smith J.")
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col], link=False)
     await stop_at_uploaded(config, monkeypatch)
@@ -322,20 +328,20 @@ async def test_the_equipment_sent_is_the_recorded_one_or_resolved_at_the_submit(
     values = {"nothing": dict(synchrotron_id=None, beamline_id=None, equipment_other=None),
               "an override": dict(synchrotron_id=25, beamline_id=42, equipment_other=None),
               "a fallback text": dict(synchrotron_id=None, beamline_id=None, equipment_other="Diamond i04-1")}
-    await set_columns(config, row.id, **values[recorded])
+    await set_columns(config, row.id, title=None, authors=None, dataset_type="pdb", **values[recorded])
     served.requests.clear()
+    before = utcnow()
     result = await one_step(config, "_submit_or_withdraw", row.id)
     after = (await depositions(config))[dataset_id]
     assert (after.state, after.dataset_type) == ("submitted", "other") and result.counters["submitted"] == 1
-    # What was sent is recorded on the row (`_submit`'s SUBMITTED columns mutants).
     assert (after.title, after.authors, after.pdis_status) == (row.title, "Smith J.", "submitted")
-    assert row.title.startswith("Raw diffraction data for loose-i04-1") and after.submitted_at is not None
+    assert row.title.startswith(f"Raw diffraction data for loose-{beamline}") and after.submitted_at >= before
+    assert await last_reason(config, row.id) == "submitted as other"
+    assert after.next_attempt_at >= before  # its status is read on the poll's schedule, not at once
     async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
                           token_file=tmp_path / "t") as client:
         sub = await client.submission(row.upload_token)
     sent = (sub.synchrotron and sub.synchrotron.id, sub.beamline and sub.beamline.id, sub.equipment_other)
-    expected = {"nothing": (12, 32, None), "an override": (25, 42, None),
-                "a fallback text": (None, None, "Diamond i04-1")}[recorded]
     assert sent == expected == (after.synchrotron_id, after.beamline_id, after.equipment_other)
     assert served.requests.count("GET", "/api/v1/equipment/") == (recorded == "nothing")
 
@@ -455,3 +461,37 @@ async def test_a_submit_pdis_refuses_needs_a_person(tmp_path, campaign, emulator
     assert after.state == "needs_attention" and after.attempts == 0
     assert after.status_details.startswith("submit refused: ") and "Injected failure (HTTP 400)" in after.status_details
     assert result.failures == [] and submits(served) == 1 and not emulator.submissions_by_md5
+
+
+async def test_a_submit_records_the_pdb_code_it_was_sent_as(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                            monkeypatch):
+    """Kills `_submit`'s mutants that leave the PDB code and type out of the SUBMITTED record: the row
+    says what PDIS was told, whatever it held before."""
+    col = linked_collection(campaign)
+    code = campaign.experiment(col.sample)[1].pdb_code.upper()
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    await set_columns(config, row.id, pdb_code=None, dataset_type="other")
+    await one_step(config, "_submit_or_withdraw", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.pdb_code, after.dataset_type) == ("submitted", code, "pdb")
+    assert await last_reason(config, row.id) == f"submitted as {code}"
+
+
+async def test_an_upload_whose_answer_was_lost_is_found_and_adopted(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                    monkeypatch):
+    """Kills the mutants of `_upload`'s resumed upload (`_adopt(dep, found, <reason>, result)`): the
+    process died after the archive reached PDIS, before its answer was recorded. The next attempt finds
+    it by md5 and adopts it, saying so, instead of uploading it again."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    await set_columns(config, row.id, state="uploading", upload_token=None, server_md5=None, server_size=None)
+    result = await one_step(config, "_upload", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.upload_token, after.server_md5) == ("uploaded", row.upload_token, row.tar_md5)
+    assert await last_reason(config, row.id) == "found on PDIS after an interrupted upload"
+    assert result.counters["adopted"] == 1 and uploads(served) == 1
