@@ -495,3 +495,20 @@ async def test_an_upload_whose_answer_was_lost_is_found_and_adopted(tmp_path, ca
     assert (after.state, after.upload_token, after.server_md5) == ("uploaded", row.upload_token, row.tar_md5)
     assert await last_reason(config, row.id) == "found on PDIS after an interrupted upload"
     assert result.counters["adopted"] == 1 and uploads(served) == 1
+
+
+async def test_a_packed_archive_gone_from_the_spool_is_packed_again(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                    monkeypatch):
+    """Kills the mutants of `_upload`'s spool check (the reason, `spool_path=None`): the archive of a
+    packed row is gone (removed by hand, a disk swapped). Nothing is uploaded; the row goes back to
+    be packed, saying why, and forgets the path it no longer has."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_packed(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    Path(row.spool_path).unlink()
+    result = await one_step(config, "_upload", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.spool_path, after.attempts) == ("queued", None, 0)
+    assert await last_reason(config, row.id) == "spool file missing or changed: packing again"
+    assert result.failures == [] and uploads(served) == 0
