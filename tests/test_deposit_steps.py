@@ -512,3 +512,38 @@ async def test_a_packed_archive_gone_from_the_spool_is_packed_again(tmp_path, ca
     assert (after.state, after.spool_path, after.attempts) == ("queued", None, 0)
     assert await last_reason(config, row.id) == "spool file missing or changed: packing again"
     assert result.failures == [] and uploads(served) == 0
+
+
+async def test_an_upload_is_recorded_as_begun_before_a_byte_leaves(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                   monkeypatch):
+    """Kills the mutants of `_upload`'s UPLOADING step (skipped, its reason, `release=True`, the cleared
+    verdict): while the archive is being sent, the row says `uploading` (so a restart looks the archive
+    up on PDIS before sending it again), is still leased to this worker, and holds no verdict of an
+    earlier upload (PDIS's answer to this one is the one that counts)."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_packed(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    await set_columns(config, row.id, lease_owner="test", lease_until=utcnow() + dt.timedelta(minutes=5),
+                      detected_pdb="9ZZZ", pdb_exists=True)
+    seen = []
+    upload = PdisClient.upload
+
+    async def look_then_upload(self, path, **kwargs):
+        store = await open_store(config)
+        async with store.read() as session:
+            now = await session.get(Deposition, row.id)
+            seen.append((now.state, now.lease_owner, now.detected_pdb, now.pdb_exists))
+        await store.close()
+        return await upload(self, path, **kwargs)
+
+    monkeypatch.setattr(PdisClient, "upload", look_then_upload)
+    await one_step(config, "_upload", row.id)
+    assert seen == [("uploading", "test", None, None)]
+    assert (await states_of(config, row.id))[-2:] == ["uploading", "uploaded"]
+    store = await open_store(config)
+    async with store.read() as session:
+        reasons = (await session.scalars(select(Event.reason).where(
+            Event.item_id == str(row.id), Event.to_state == "uploading"))).all()
+    await store.close()
+    assert reasons == [f"uploading {row.zst_size} bytes"]
