@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from mirrord.clients.pdis import PdisClient, SubmitMetadata
 from mirrord.emulators.pdis import PdisEmulator
-from mirrord.jobs.base import JobContext, NoNotifier, RunResult
+from mirrord.jobs.base import JobContext, NoNotifier, NoProgress, RunResult
 from mirrord.jobs.deposit import DepositJob, pack_for_deposit, upload_filename
 from mirrord.jobs.deposit_policy import Decision, decision_for
 from mirrord.jobs.person import Stop
@@ -79,12 +79,30 @@ class Notified(NoNotifier):
         self.items.append((kind, item_id, state, detail))
 
 
+class Progressed(NoProgress):
+    """The progress a step showed: its tasks, the units each advanced by, and the tasks it closed."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[str, int | None]] = []
+        self.advanced: list[int] = []
+        self.closed: list[str] = []
+
+    def task(self, description: str, total: int | None):
+        self.tasks.append((description, total))
+        return self.advanced.append
+
+    def done(self, description: str) -> None:
+        self.closed.append(description)
+
+
 async def one_step(config, step: str, deposition_id: int, decision: Decision | None = None, *,
-                   stop: Stop | None = None, notified: Notified | None = None) -> RunResult:
+                   stop: Stop | None = None, notified: Notified | None = None,
+                   progress: Progressed | None = None) -> RunResult:
     """Run one of the job's item steps on one row, outside any pass (no sweep, no status poll after it).
     With `decision`, the policy answers that instead of deciding; with `stop`, a person's decisions do."""
     store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test", notifier=notified or NoNotifier()))
+    job = DepositJob(JobContext(config=config, store=store, instance="test", notifier=notified or NoNotifier(),
+                                progress=progress or NoProgress()))
     if decision is not None:
         async def current(dep):
             async with store.read() as session:
@@ -209,6 +227,7 @@ async def test_an_upload_submitted_before_its_answer_was_lost_is_adopted_where_i
     row = rows[dataset_id]
     assert (row.state, row.upload_token, row.server_md5) == (status, earlier.token, packed.tar_md5)
     assert row.pdis_status == status and await counted(config, "adopted") == 1
+    assert await last_reason(config, row.id) == "PDIS already held this archive (409): adopted"
     assert (await counted(config, "published") == 1) == (status == "published")
     assert emulator.submissions_by_md5[packed.tar_md5] == 1 and not outcome.failed
     assert rows[other_id].state == "submitted" and rows[other_id].upload_token != earlier.token
@@ -325,6 +344,9 @@ async def test_the_equipment_sent_is_the_recorded_one_or_resolved_at_the_submit(
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col], link=False)
     await stop_at_uploaded(config, monkeypatch)
     row = (await depositions(config))[dataset_id]
+    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
+                          token_file=tmp_path / "t") as client:
+        assert (await client.submission(row.upload_token)).dataset_type == "other"  # uploaded as such
     values = {"nothing": dict(synchrotron_id=None, beamline_id=None, equipment_other=None),
               "an override": dict(synchrotron_id=25, beamline_id=42, equipment_other=None),
               "a fallback text": dict(synchrotron_id=None, beamline_id=None, equipment_other="Diamond i04-1")}
@@ -547,3 +569,59 @@ async def test_an_upload_is_recorded_as_begun_before_a_byte_leaves(tmp_path, cam
             Event.item_id == str(row.id), Event.to_state == "uploading"))).all()
     await store.close()
     assert reasons == [f"uploading {row.zst_size} bytes"]
+
+
+
+async def test_a_409_for_an_archive_none_of_ours_holds_needs_a_person(tmp_path, campaign, emulator,  # noqa: F811
+                                                                      served, monkeypatch):  # noqa: F811
+    """Kills the mutants of `_upload`'s 409 branch without a match: PDIS says the archive is a duplicate
+    but none of this account's submissions has its md5 (another account holds it). Nothing is adopted
+    or sent again: a person looks, told which md5."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_packed(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    emulator.fail_next("/upload/", 409)
+    result = await one_step(config, "_upload", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.upload_token, after.attempts) == ("needs_attention", None, 0)
+    assert after.status_details == (f"PDIS answered 409 (duplicate) but none of this account's submissions "
+                                    f"has md5 {row.tar_md5}")
+    assert result.failures == [] and uploads(served) == 1 and submits(served) == 0
+
+
+async def test_a_long_upload_shows_its_progress_and_keeps_its_lease(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                    monkeypatch):
+    """Kills the mutants of `_upload`'s progress task and heartbeat (`with_heartbeat(None, ...)`, the id
+    or the progress left out): an upload that takes longer than a third of the lease renews the row's
+    lease while it runs (PDIS throttled to take about 2.5 s; lease 3 s), and shows its progress under
+    the archive's name, up to every byte, then closes it."""
+    config = config_for(tmp_path, served)
+    config.daemon.lease = 3.0
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_packed(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    claimed = utcnow() + dt.timedelta(seconds=3)
+    await set_columns(config, row.id, lease_owner="test", lease_until=claimed)
+    emulator.bandwidth = row.zst_size / 2.5
+    store = await open_store(config)
+    async with store.read() as session:
+        found, _ = await decision_for(session, dataset_id, config.pdis)
+    await store.close()
+    leases = []
+    upload = PdisClient.upload
+
+    async def upload_then_look(self, path, **kwargs):
+        answer = await upload(self, path, **kwargs)
+        leases.append((await depositions(config))[dataset_id].lease_until)  # before the step records it
+        return answer
+
+    monkeypatch.setattr(PdisClient, "upload", upload_then_look)
+    progress = Progressed()
+    result = await one_step(config, "_upload", row.id, progress=progress)
+    after = (await depositions(config))[dataset_id]
+    assert after.state == "uploaded" and result.failures == []
+    assert len(leases) == 1 and leases[0] > claimed + dt.timedelta(seconds=0.5)  # renewed while sending
+    label = f"upload {found.archive_root}"
+    assert progress.tasks == [(label, row.zst_size)] and progress.closed == [label]
+    assert sum(progress.advanced) == row.zst_size
