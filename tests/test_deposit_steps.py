@@ -415,7 +415,10 @@ async def test_a_withdrawal_is_recorded_first_and_its_row_stays_leased(tmp_path,
     await stop_at_uploaded(config, monkeypatch)
     row = (await depositions(config))[dataset_id]
     assert (row.state, row.pdb_exists) == ("uploaded", True)
-    await set_columns(config, row.id, lease_owner="test", lease_until=utcnow() + dt.timedelta(minutes=5))
+    # The row's PDB code blanked: the withdrawal records the one it withdrew for (a mutant that did not
+    # would take the detected id for another crystal's).
+    await set_columns(config, row.id, lease_owner="test", lease_until=utcnow() + dt.timedelta(minutes=5),
+                      pdb_code=None)
     seen = []
     delete = DepositJob._delete_upload
 
@@ -436,6 +439,7 @@ async def test_a_withdrawal_is_recorded_first_and_its_row_stays_leased(tmp_path,
             Event.item_id == str(row.id), Event.to_state == "withdrawing"))).all()
     await store.close()
     assert reasons == [why] and submits(served) == 0
+    assert (await depositions(config))[dataset_id].pdb_code == code
 
 
 # -- the submit's own refusals -----------------------------------------------------------------------------------
@@ -625,3 +629,20 @@ async def test_a_long_upload_shows_its_progress_and_keeps_its_lease(tmp_path, ca
     label = f"upload {found.archive_root}"
     assert progress.tasks == [(label, row.zst_size)] and progress.closed == [label]
     assert sum(progress.advanced) == row.zst_size
+
+
+
+async def test_an_upload_pdis_refuses_needs_a_person(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                     monkeypatch):
+    """Kills the mutants of `_upload`'s BadRequest branch: PDIS refuses the archive (413, too large).
+    Sending it again would not help: a person looks, told PDIS's words; no failure, no retry."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_packed(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    emulator.fail_next("/upload/", 413)
+    result = await one_step(config, "_upload", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.attempts) == ("needs_attention", 0)
+    assert after.status_details.startswith("upload refused: ") and "archive too large for PDIS" in after.status_details
+    assert result.failures == [] and uploads(served) == 1 and Path(row.spool_path).exists()
