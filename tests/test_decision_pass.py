@@ -246,3 +246,80 @@ async def test_plan_lists_what_is_open_and_counts_what_rests(year: DepositJob, t
     # A policy change: the next pass decides every undecided dataset again, and `plan` shows them all.
     changed = await asyncio.to_thread(plan_lines, tmp_path, db_url, capsys, pdis='deposit = "all"\n')
     assert len(changed) == 1 + QUIET + 5 and sum("deposit as" in line for line in changed) == 1
+
+
+# -- the watermark and `plan`, each on a small store (the mutants issue 23's run left) ------------------------
+@pytest.fixture
+async def small(store: Store) -> Store:
+    """Three complete collections, one incomplete (no deposition), one experiment; nothing decided."""
+    async with store.write() as session:
+        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
+        session.add(Target(id=1, name="A71", tas="lb1-1"))
+        await session.flush()
+        await session.execute(insert(Experiment), [{"id": 1, "target_id": 1, "upload_index": 1, "code": "E1"}])
+        await session.execute(insert(Dataset), [dataset_row(1), dataset_row(2, experiment_id=1), dataset_row(3),
+                                                dataset_row(4, state="waiting")])
+    return store
+
+
+async def test_a_change_at_the_watermark_itself_is_seen(small: Store, tmp_path: Path, db_url: str) -> None:
+    """Kills the `>=` to `>` mutants of the change sources and `_decided_by_a_person` without its time
+    filter: a dataset, an experiment or a deposition written at the very instant of the watermark, and a
+    person's decision recorded then, are changes since it; a decision recorded before it is not."""
+    from mirrord.store import decisions
+
+    since = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+    section = config_for(tmp_path, db_url).pdis
+    async with small.write() as session:
+        session.add(Deposition(dataset_id=3, state="queued"))
+        await session.flush()
+        older = await decisions.record(session, "dataset", 4, "dismiss", reason="bad", actor="ada")
+        newer = await decisions.record(session, "dataset", 1, "dismiss", reason="bad", actor="ada")
+    async with small.write() as session:
+        everything = since - dt.timedelta(days=1)
+        for model in (Dataset, Experiment, Deposition):
+            await session.execute(update(model).values(updated_at=everything))
+        await session.execute(update(Experiment).values(updated_at=since))  # E1: dataset 2
+        await session.execute(update(Deposition).values(updated_at=since))  # dataset 3
+        await session.execute(update(type(older)).where(type(older).id == older.id).values(at=everything))
+        await session.execute(update(type(newer)).where(type(newer).id == newer.id).values(at=since))
+    async with small.read() as session:
+        assert await deposit_policy.changed_dataset_ids(session, section, since) == {1, 2, 3}
+    async with small.write() as session:
+        await session.execute(update(Dataset).where(Dataset.id == 4).values(updated_at=since))
+    async with small.read() as session:
+        assert await deposit_policy.changed_dataset_ids(session, section, since) == {1, 2, 3, 4}
+
+
+async def test_a_pass_keeps_a_later_watermark_of_the_same_policy(small: Store, tmp_path: Path, db_url: str) -> None:
+    """Kills `record_pass`'s mutants of its keep-the-later rule: a replica's pass that began earlier but
+    committed later does not move the watermark back (the next pass would decide more than it must);
+    a pass under another policy replaces it."""
+    section = config_for(tmp_path, db_url).pdis
+    t0 = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+    for started in (t0, t0 - dt.timedelta(minutes=2)):
+        async with small.write() as session:
+            await deposit_policy.record_pass(session, section, started)
+    async with small.read() as session:
+        assert await decided_since(session, section) == t0 - WATERMARK_MARGIN
+    changed = config_for(tmp_path, db_url, deposit="all").pdis
+    async with small.write() as session:
+        await deposit_policy.record_pass(session, changed, t0 - dt.timedelta(minutes=2))
+    async with small.read() as session:
+        assert await decided_since(session, changed) == t0 - dt.timedelta(minutes=2) - WATERMARK_MARGIN
+        assert await decided_since(session, section) is None  # the policy changed: decide everything
+
+
+async def test_plan_on_a_store_before_any_deposition_and_with_a_codes_file(small: Store, tmp_path: Path,
+                                                                          db_url: str) -> None:
+    """Kills `plan`'s codes file left unread and `--all` without `_considered()` (an incomplete collection
+    without a deposition is not listed), on a store where nothing was decided yet (no deposition)."""
+    codes = tmp_path / "codes.csv"
+    codes.write_text("X00003,6ABC\n")
+    section = config_for(tmp_path, db_url, pdb_codes_file=str(codes)).pdis
+    async with small.read() as session:
+        assert await deposit_policy.open_dataset_ids(session, section) == [1, 2, 3]  # all undecided
+        entries = [e async for e in deposit_policy.plan(session, section)]
+        everything = [e async for e in deposit_policy.plan(session, section, everything=True)]
+    assert [e.facts.dataset_id for e in entries] == [e.facts.dataset_id for e in everything] == [1, 2, 3]
+    assert {e.facts.dataset_id: e.decision.pdb_code for e in entries} == {1: None, 2: None, 3: "6ABC"}
