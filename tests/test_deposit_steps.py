@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
+from mirrord import metrics
 from mirrord.clients.pdis import PdisClient, SubmitMetadata
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.jobs.base import JobContext, NoNotifier, NoProgress, RunResult
@@ -77,6 +78,11 @@ class Notified(NoNotifier):
 
     def item(self, kind: str, item_id: str, state: str, detail: str) -> None:
         self.items.append((kind, item_id, state, detail))
+
+
+def sample(name: str, **labels: str) -> float:
+    """A sample of mirrord's /metrics registry (0 before the first)."""
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 class Progressed(NoProgress):
@@ -622,6 +628,9 @@ async def test_a_long_upload_shows_its_progress_and_keeps_its_lease(tmp_path, ca
 
     monkeypatch.setattr(PdisClient, "upload", upload_then_look)
     progress = Progressed()
+    uploaded = sample("mirrord_uploaded_bytes_total", service="pdis")
+    timed = sample("mirrord_transfer_duration_seconds_count", kind="upload")
+    took = sample("mirrord_transfer_duration_seconds_sum", kind="upload")
     result = await one_step(config, "_upload", row.id, progress=progress)
     after = (await depositions(config))[dataset_id]
     assert after.state == "uploaded" and result.failures == []
@@ -629,6 +638,10 @@ async def test_a_long_upload_shows_its_progress_and_keeps_its_lease(tmp_path, ca
     label = f"upload {found.archive_root}"
     assert progress.tasks == [(label, row.zst_size)] and progress.closed == [label]
     assert sum(progress.advanced) == row.zst_size
+    # And /metrics counts it (the upload metrics' mutants): its bytes, and its time (about 2.5 s).
+    assert sample("mirrord_uploaded_bytes_total", service="pdis") - uploaded == row.zst_size
+    assert sample("mirrord_transfer_duration_seconds_count", kind="upload") - timed == 1
+    assert 2 <= sample("mirrord_transfer_duration_seconds_sum", kind="upload") - took < 60
 
 
 
