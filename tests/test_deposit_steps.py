@@ -612,11 +612,11 @@ async def test_a_long_upload_shows_its_progress_and_keeps_its_lease(tmp_path, ca
     await stop_at_packed(config, monkeypatch)
     row = (await depositions(config))[dataset_id]
     claimed = utcnow() + dt.timedelta(seconds=3)
-    await set_columns(config, row.id, lease_owner="test", lease_until=claimed)
+    await set_columns(config, row.id, lease_owner="test", lease_until=claimed, status_details="waiting for spool space")
     emulator.bandwidth = row.zst_size / 2.5
     store = await open_store(config)
     async with store.read() as session:
-        found, _ = await decision_for(session, dataset_id, config.pdis)
+        found, decision = await decision_for(session, dataset_id, config.pdis)
     await store.close()
     leases = []
     upload = PdisClient.upload
@@ -634,6 +634,10 @@ async def test_a_long_upload_shows_its_progress_and_keeps_its_lease(tmp_path, ca
     result = await one_step(config, "_upload", row.id, progress=progress)
     after = (await depositions(config))[dataset_id]
     assert after.state == "uploaded" and result.failures == []
+    # What PDIS answered is recorded, and details of an earlier wait are gone (the UPLOADED step's mutants).
+    assert (after.pdis_status, after.status_details) == ("uploaded", None)
+    stored = upload_filename(found, decision).removesuffix(".zst")  # PDIS names the archive it unpacked
+    assert await last_reason(config, row.id) == f"uploaded as {stored}"
     assert len(leases) == 1 and leases[0] > claimed + dt.timedelta(seconds=0.5)  # renewed while sending
     label = f"upload {found.archive_root}"
     assert progress.tasks == [(label, row.zst_size)] and progress.closed == [label]
