@@ -43,6 +43,21 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
 from tests.test_deposit_rechecks import linked_collection, stop_at_uploaded
 
 
+async def decided(config, dataset_id: int):
+    """The policy's facts and decision for a dataset, as the job sees them."""
+    store = await open_store(config)
+    try:
+        async with store.read() as session:
+            return await decision_for(session, dataset_id, config.pdis)
+    finally:
+        await store.close()
+
+
+def pdis_client(server, tmp_path: Path) -> PdisClient:
+    """A client of the test's PDIS account, as another replica or a person would use it."""
+    return PdisClient(PdisEmulator.api_url(server.url), username=USER, password=PASSWORD, token_file=tmp_path / "t")
+
+
 async def stop_at_packed(config, monkeypatch) -> None:
     """One run whose upload stage does nothing: the archive waits in the spool, `packed`."""
     with monkeypatch.context() as patch:
@@ -215,14 +230,10 @@ async def test_an_upload_submitted_before_its_answer_was_lost_is_adopted_where_i
     config = config_for(tmp_path, served)
     col, other = [c for c in campaign.collections if campaign.experiment(c.sample)[1].pdb_code][:2]
     dataset_id, other_id = await add_datasets(config, campaign, tmp_path / "dls", [col, other])
-    store = await open_store(config)
-    async with store.read() as session:
-        found, decision = await decision_for(session, dataset_id, config.pdis)
-    await store.close()
+    found, decision = await decided(config, dataset_id)
     packed = pack_for_deposit(found, tmp_path / "earlier.tar.zst", level=config.pdis.zstd_level)
     emulator.step_seconds = None  # statuses move only when the test says
-    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
-                          token_file=tmp_path / "t") as client:
+    async with pdis_client(served, tmp_path) as client:
         earlier = await client.upload(packed.path)
         await client.submit(earlier.token, SubmitMetadata(pdb_code=decision.pdb_code))
     if status == "published":
@@ -350,8 +361,7 @@ async def test_the_equipment_sent_is_the_recorded_one_or_resolved_at_the_submit(
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col], link=False)
     await stop_at_uploaded(config, monkeypatch)
     row = (await depositions(config))[dataset_id]
-    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
-                          token_file=tmp_path / "t") as client:
+    async with pdis_client(served, tmp_path) as client:
         assert (await client.submission(row.upload_token)).dataset_type == "other"  # uploaded as such
     values = {"nothing": dict(synchrotron_id=None, beamline_id=None, equipment_other=None),
               "an override": dict(synchrotron_id=25, beamline_id=42, equipment_other=None),
@@ -366,8 +376,7 @@ async def test_the_equipment_sent_is_the_recorded_one_or_resolved_at_the_submit(
     assert row.title.startswith(f"Raw diffraction data for loose-{beamline}") and after.submitted_at >= before
     assert await last_reason(config, row.id) == "submitted as other"
     assert after.next_attempt_at >= before  # its status is read on the poll's schedule, not at once
-    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
-                          token_file=tmp_path / "t") as client:
+    async with pdis_client(served, tmp_path) as client:
         sub = await client.submission(row.upload_token)
     sent = (sub.synchrotron and sub.synchrotron.id, sub.beamline and sub.beamline.id, sub.equipment_other)
     assert sent == expected == (after.synchrotron_id, after.beamline_id, after.equipment_other)
@@ -385,13 +394,9 @@ async def test_an_adopted_upload_is_judged_by_the_id_pdis_detected_in_it(tmp_pat
     col = campaign.add_collection(target.tas, "5XYZ-soak", beamline=target.beamline)
     config = config_for(tmp_path, served, deposit="all", authors="Smith J.", allow_additional_datasets=True)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col], link=False)
-    store = await open_store(config)
-    async with store.read() as session:
-        found, decision = await decision_for(session, dataset_id, config.pdis)
-    await store.close()
+    found, decision = await decided(config, dataset_id)
     packed = pack_for_deposit(found, tmp_path / "earlier.tar.zst", level=config.pdis.zstd_level)
-    async with PdisClient(PdisEmulator.api_url(served.url), username=USER, password=PASSWORD,
-                          token_file=tmp_path / "t") as client:
+    async with pdis_client(served, tmp_path) as client:
         earlier = await client.upload(packed.path, dataset_type="other",
                                       filename=upload_filename(found, decision))
     assert earlier.pdbid == "5XYZ"
@@ -614,10 +619,7 @@ async def test_a_long_upload_shows_its_progress_and_keeps_its_lease(tmp_path, ca
     claimed = utcnow() + dt.timedelta(seconds=3)
     await set_columns(config, row.id, lease_owner="test", lease_until=claimed, status_details="waiting for spool space")
     emulator.bandwidth = row.zst_size / 2.5
-    store = await open_store(config)
-    async with store.read() as session:
-        found, decision = await decision_for(session, dataset_id, config.pdis)
-    await store.close()
+    found, decision = await decided(config, dataset_id)
     leases = []
     upload = PdisClient.upload
 
