@@ -2,7 +2,7 @@
 
 A mutation run of `mirrord/jobs/deposit.py` found steps whose details no test looked at, because the
 job recovers by another path: the spool sweep removes an archive the step forgot, a later pass repeats
-a step that left the row where it was. Each test names the mutants it kills, and looks at the step's
+a step that left the row where it was. Each test says which mutants it was written for, and looks at the step's
 own effect (a row's columns, a file, a counter, the requests PDIS received), not only the end state.
 """
 
