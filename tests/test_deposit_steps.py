@@ -666,3 +666,29 @@ async def test_an_upload_pdis_refuses_needs_a_person(tmp_path, campaign, emulato
     assert (after.state, after.attempts) == ("needs_attention", 0)
     assert after.status_details.startswith("upload refused: ") and "archive too large for PDIS" in after.status_details
     assert result.failures == [] and uploads(served) == 1 and Path(row.spool_path).exists()
+
+
+# -- following the submission ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("retention", "kept"), [("0s", False), ("500ms", True)])
+async def test_a_publication_heard_removes_the_archive_unless_it_is_kept(tmp_path, campaign, emulator,  # noqa: F811
+                                                                         served, monkeypatch, retention, kept):  # noqa: F811
+    """Kills `_record_status`'s mutants of the published branch (the archive's removal and its
+    `spool_retention <= 0` rule, PDIS's details recorded): a submission heard to be published has its
+    archive removed at once, unless `spool_retention` keeps it a while (the sweep removes it then), and
+    the row takes PDIS's words in place of its own."""
+    config = config_for(tmp_path, served, spool_retention=retention)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    emulator.step_seconds = None
+    async with pdis_client(served, tmp_path) as client:  # submitted meanwhile (another replica)
+        await client.submit(row.upload_token, SubmitMetadata(pdb_code=row.pdb_code))
+    emulator.advance(3)
+    await set_columns(config, row.id, status_details="waiting for PDIS")
+    before = utcnow()
+    result = await one_step(config, "_submit_or_withdraw", row.id)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.pdis_status, after.status_details) == ("published", "published", None)
+    assert Path(row.spool_path).exists() == kept
+    assert (after.spool_removed_at is None) == kept and (kept or after.spool_removed_at >= before)
+    assert result.counters["published"] == 1 and submits(served) == 1
