@@ -673,7 +673,8 @@ async def test_an_upload_pdis_refuses_needs_a_person(tmp_path, campaign, emulato
 async def test_a_publication_heard_removes_the_archive_unless_it_is_kept(tmp_path, campaign, emulator,  # noqa: F811
                                                                          served, monkeypatch, retention, kept):  # noqa: F811
     """Kills `_record_status`'s mutants of the published branch (the archive's removal and its
-    `spool_retention <= 0` rule, PDIS's details recorded): a submission heard to be published has its
+    `spool_retention <= 0` rule, PDIS's details, the time and the notification): a submission heard to be
+    published has its
     archive removed at once, unless `spool_retention` keeps it a while (the sweep removes it then), and
     the row takes PDIS's words in place of its own."""
     config = config_for(tmp_path, served, spool_retention=retention)
@@ -686,9 +687,13 @@ async def test_a_publication_heard_removes_the_archive_unless_it_is_kept(tmp_pat
     emulator.advance(3)
     await set_columns(config, row.id, status_details="waiting for PDIS")
     before = utcnow()
-    result = await one_step(config, "_submit_or_withdraw", row.id)
+    notified = Notified()
+    result = await one_step(config, "_submit_or_withdraw", row.id, notified=notified)
     after = (await depositions(config))[dataset_id]
     assert (after.state, after.pdis_status, after.status_details) == ("published", "published", None)
+    # When, and who is told (the published branch's record and notification mutants).
+    assert after.published_at >= before
+    assert notified.items == [("deposition", str(row.id), "published", row.pdb_code)]
     assert Path(row.spool_path).exists() == kept
     assert (after.spool_removed_at is None) == kept and (kept or after.spool_removed_at >= before)
     assert result.counters["published"] == 1 and submits(served) == 1
