@@ -118,7 +118,7 @@ class Progressed(NoProgress):
 
 async def one_step(config, step: str, deposition_id: int, decision: Decision | None = None, *,
                    stop: Stop | None = None, notified: Notified | None = None,
-                   progress: Progressed | None = None) -> RunResult:
+                   progress: Progressed | None = None, repeat: int = 1) -> RunResult:
     """Run one of the job's item steps on one row, outside any pass (no sweep, no status poll after it).
     With `decision`, the policy answers that instead of deciding; with `stop`, a person's decisions do."""
     store = await open_store(config)
@@ -136,9 +136,10 @@ async def one_step(config, step: str, deposition_id: int, decision: Decision | N
         job._person = person
     result = RunResult()
     try:
-        async with store.read() as session:
-            dep = await session.get(Deposition, deposition_id)
-        await getattr(job, step)(dep, result)
+        for _ in range(repeat):  # the same job again: what it remembers between runs
+            async with store.read() as session:
+                dep = await session.get(Deposition, deposition_id)
+            await getattr(job, step)(dep, result)
     finally:
         await job.close()
         await store.close()
@@ -697,3 +698,34 @@ async def test_a_publication_heard_removes_the_archive_unless_it_is_kept(tmp_pat
     assert Path(row.spool_path).exists() == kept
     assert (after.spool_removed_at is None) == kept and (kept or after.spool_removed_at >= before)
     assert result.counters["published"] == 1 and submits(served) == 1
+
+
+
+@pytest.mark.parametrize(("status", "details", "state", "said"), [
+    ("error_no_data", "no diffraction images", "needs_attention", "PDIS: error_no_data: no diffraction images"),
+    ("header_not_readable", None, "needs_attention", "PDIS: header_not_readable"),
+    ("validated", None, "validated", None),
+    ("quarantined", None, "submitted", None),  # a status mirrord does not know: followed, never resubmitted
+])
+async def test_a_status_pdis_gives_is_followed_or_shown_to_a_person(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                    monkeypatch, status, details, state, said):
+    """Kills `_record_status`'s mutants of its needs-attention wording, its in-flight state and its
+    unknown-status warning (logged once per status, with the deposition): the submission is found
+    already in `status` on PDIS (submitted meanwhile by another replica) when the job looks twice."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await stop_at_uploaded(config, monkeypatch)
+    row = (await depositions(config))[dataset_id]
+    emulator.step_seconds = None
+    async with pdis_client(served, tmp_path) as client:
+        await client.submit(row.upload_token, SubmitMetadata(pdb_code=row.pdb_code))
+    emulator.set_status(row.upload_token, status, details)
+    with capture_logs() as logs:
+        result = await one_step(config, "_submit_or_withdraw", row.id, repeat=2)
+    after = (await depositions(config))[dataset_id]
+    assert (after.state, after.pdis_status) == (state, status)
+    if said is not None:  # the row keeps PDIS's own details; its event and notification say it whole
+        assert (after.status_details, await last_reason(config, row.id)) == (details, said)
+    warned = [(e["status"], e["deposition"]) for e in logs if e["event"] == "pdis.unknown_status"]
+    assert warned == ([(status, row.id)] if status == "quarantined" else [])
+    assert result.counters.get("unknown_status", 0) == (status == "quarantined") and submits(served) == 1
