@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -23,10 +24,25 @@ def find_binaries() -> Path | None:
     return None
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range. A test that restarts the server needs its port back,
+    and an ephemeral port, once free, may meanwhile be taken by any socket: a client's own end of a
+    connection, or a test server bound to port 0."""
+    for port in random.sample(range(10000, _ephemeral_low()), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range for the test PostgreSQL server")
 
 
 class PostgresServer:
@@ -39,7 +55,11 @@ class PostgresServer:
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
     def _run(self, *args: str) -> None:
-        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=120)
+        done = subprocess.run([*self.as_user, *args], capture_output=True, timeout=120, text=True)
+        if done.returncode != 0:  # say why (a pg_ctl start that failed says nothing in the test's output)
+            log = self.root / "server.log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{Path(args[0]).name} exited {done.returncode}: {done.stderr.strip()} {tail}")
 
     def start(self) -> None:
         if self.as_user:
