@@ -385,7 +385,6 @@ DECIDED_KEY = "pdis.decided"  # kv: {"since": ISO time, "policy": fingerprint} o
 # or written by a replica whose clock is behind ours): the next pass looks again from this far back.
 WATERMARK_MARGIN = dt.timedelta(minutes=5)
 PAGE = 500  # datasets decided (and recorded) per transaction, and `plan`'s page: memory stays flat
-CHUNK = 900  # ids per IN (...) list, well below the drivers' bound-parameter limits
 # PdisSection keys that change nothing a decision says (everything else forces a full pass).
 NOT_POLICY = frozenset({"enabled", "url", "interval", "jitter", "cron", "username", "password", "password_file",
                         "token_cache", "spool_dir", "spool_retention", "spool_margin", "zstd_level",
@@ -435,7 +434,7 @@ async def changed_dataset_ids(session: AsyncSession, section: PdisSection, since
 
 
 def _chunks(values: Iterable[Any]) -> Iterator[Sequence[Any]]:
-    return batches(sorted(values), CHUNK)
+    return batches(sorted(values))  # the store's bound on an IN (...) list
 
 
 async def _rival_ids(session: AsyncSession, section: PdisSection, dataset_ids: Iterable[int]) -> set[int]:
