@@ -74,15 +74,25 @@ async def set_columns(config, deposition_id: int, **values) -> None:
         await store.close()
 
 
-async def states_of(config, deposition_id: int) -> list[str]:
-    """The states a deposition moved through, in order."""
+async def events_of(config, deposition_id: int) -> list[tuple[str, str]]:
+    """A deposition's moves, in order: (the state it moved to, why)."""
     store = await open_store(config)
     try:
         async with store.read() as session:
-            return list((await session.scalars(select(Event.to_state).where(
-                Event.item_type == "deposition", Event.item_id == str(deposition_id)).order_by(Event.id))).all())
+            return [tuple(row) for row in (await session.execute(select(Event.to_state, Event.reason).where(
+                Event.item_type == "deposition", Event.item_id == str(deposition_id)).order_by(Event.id))).all()]
     finally:
         await store.close()
+
+
+async def states_of(config, deposition_id: int) -> list[str]:
+    """The states a deposition moved through, in order."""
+    return [state for state, _reason in await events_of(config, deposition_id)]
+
+
+async def reasons_into(config, deposition_id: int, state: str) -> list[str]:
+    """Why the deposition moved into `state`, each time it did."""
+    return [reason for to_state, reason in await events_of(config, deposition_id) if to_state == state]
 
 
 class Notified(NoNotifier):
@@ -445,12 +455,7 @@ async def test_a_withdrawal_is_recorded_first_and_its_row_stays_leased(tmp_path,
     why = f"PDIS already holds a dataset for PDB {code}: not submitted, upload withdrawn"
     assert seen == [("withdrawing", "test", why)]
     assert (await states_of(config, row.id))[-2:] == ["withdrawing", "already_in_pdis"]
-    store = await open_store(config)
-    async with store.read() as session:
-        reasons = (await session.scalars(select(Event.reason).where(
-            Event.item_id == str(row.id), Event.to_state == "withdrawing"))).all()
-    await store.close()
-    assert reasons == [why] and submits(served) == 0
+    assert await reasons_into(config, row.id, "withdrawing") == [why] and submits(served) == 0
     assert (await depositions(config))[dataset_id].pdb_code == code
 
 
@@ -568,23 +573,15 @@ async def test_an_upload_is_recorded_as_begun_before_a_byte_leaves(tmp_path, cam
     upload = PdisClient.upload
 
     async def look_then_upload(self, path, **kwargs):
-        store = await open_store(config)
-        async with store.read() as session:
-            now = await session.get(Deposition, row.id)
-            seen.append((now.state, now.lease_owner, now.detected_pdb, now.pdb_exists))
-        await store.close()
+        now = (await depositions(config))[dataset_id]
+        seen.append((now.state, now.lease_owner, now.detected_pdb, now.pdb_exists))
         return await upload(self, path, **kwargs)
 
     monkeypatch.setattr(PdisClient, "upload", look_then_upload)
     await one_step(config, "_upload", row.id)
     assert seen == [("uploading", "test", None, None)]
     assert (await states_of(config, row.id))[-2:] == ["uploading", "uploaded"]
-    store = await open_store(config)
-    async with store.read() as session:
-        reasons = (await session.scalars(select(Event.reason).where(
-            Event.item_id == str(row.id), Event.to_state == "uploading"))).all()
-    await store.close()
-    assert reasons == [f"uploading {row.zst_size} bytes"]
+    assert await reasons_into(config, row.id, "uploading") == [f"uploading {row.zst_size} bytes"]
 
 
 
