@@ -250,7 +250,8 @@ async def test_an_upload_submitted_before_its_answer_was_lost_is_adopted_where_i
     if status == "published":
         emulator.advance(3)
         assert emulator.status_of(earlier.token) == "published"
-    outcome = await run(config, horizon=0)
+    # A submitted row's status is due every poll_interval (20 ms): without a bound `once` keeps asking.
+    outcome = await run(config, horizon=0, max_passes=8)
     rows = await depositions(config)
     row = rows[dataset_id]
     assert (row.state, row.upload_token, row.server_md5) == (status, earlier.token, packed.tar_md5)
