@@ -1,0 +1,127 @@
+"""The deposition job's packing step, each test written for mutants that lived (issue 23).
+
+A mutation run of `_pack` and `_pack_files` found their details unwatched because the job recovers by
+another path: a pack that crashed is retried, a decision the pack ignored is applied by the next
+decision pass. These tests run the step alone (`one_step`) and look at its own effect: the row, the
+spool, the counters.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from sqlalchemy import update
+from structlog.testing import capture_logs
+
+from mirrord.jobs import deposit
+from mirrord.jobs.base import JobContext, RunResult
+from mirrord.jobs.deposit import DepositJob
+from mirrord.jobs.deposit_policy import Decision
+from mirrord.jobs.person import Stop
+from mirrord.store.models import Dataset, utcnow
+from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
+    add_datasets,
+    campaign,
+    config_for,
+    depositions,
+    emulator,
+    last_reason,
+    open_store,
+    served,
+)
+from tests.test_deposit_rechecks import linked_collection
+from tests.test_deposit_steps import one_step
+
+RESERVE = 256 * 1024**2  # room_for's default: what a spool leaves the lab's other software
+
+
+async def decide_now(config) -> None:
+    """The job's decision pass alone: datasets get their depositions, nothing is packed."""
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    try:
+        await job._decide(RunResult())
+    finally:
+        await job.close()
+        await store.close()
+
+
+async def queued(config, campaign, tmp_path: Path) -> tuple[int, int]:  # noqa: F811
+    """A dataset with a PDB code, decided: (its dataset id, its queued deposition's id)."""
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await decide_now(config)
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "queued"
+    config.spool_dir.mkdir(parents=True, exist_ok=True)  # as the job's start leaves it
+    return dataset_id, row.id
+
+
+def spool_files(config) -> list[str]:
+    return sorted(p.name for p in config.spool_dir.iterdir())
+
+
+async def test_a_pack_decided_against_packs_nothing(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills `_pack`'s `_not_deposited(None, decision)`, `(dep, None)` and dropped-argument mutants: the
+    policy, asked again at the pack, no longer deposits the dataset. The step itself moves the row to
+    `not_deposited` with the policy's reason; nothing is read or written, and no attempt is spent."""
+    config = config_for(tmp_path, served)
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    result = await one_step(config, "_pack", dep_id, Decision(False, "proposal lb1 is in exclude_proposals"))
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.status_details, row.attempts) == (
+        "not_deposited", "proposal lb1 is in exclude_proposals", 0)
+    assert await last_reason(config, dep_id) == "not deposited: proposal lb1 is in exclude_proposals"
+    assert result.failures == [] and spool_files(config) == [] and not result.counters["packed"]
+
+
+async def test_a_person_s_stop_before_the_pack_packs_nothing(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills `_pack`'s `_stop(None, stop)`, `(dep, None)` and dropped-argument mutants: the files a
+    person accepted changed before the pack. The row rests where the stop says, with its reason;
+    nothing is packed and no attempt is spent."""
+    config = config_for(tmp_path, served)
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    why = f"dataset {dataset_id} needs attention: the files changed since they were accepted"
+    result = await one_step(config, "_pack", dep_id, stop=Stop("not_deposited", why))
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.status_details, row.attempts) == ("not_deposited", why, 0)
+    assert result.failures == [] and spool_files(config) == [] and not result.counters["packed"]
+
+
+async def test_a_pack_waits_for_the_room_its_measured_size_and_margin_need(tmp_path, campaign,  # noqa: F811
+                                                                          emulator, served, monkeypatch):
+    """Kills `_pack`'s `facts.total_bytes and ...`, `to_thread(None, files)` and dropped arguments,
+    `needed - spool_margin`, the warning's mutants and the wait's `next_attempt_at=None`:
+    a dataset whose size was never recorded is measured on disk. With one byte less free than its size,
+    the `spool_margin`, the 5% margin and the reserve, it waits: no attempt spent, an operator told how
+    much is needed and free, the retry `retry_base` later. With exactly that free, it is packed."""
+    config = config_for(tmp_path, served, spool_margin=1024**2)
+    config.daemon.retry_base = 600.0
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    store = await open_store(config)
+    try:
+        async with store.write() as session:
+            await session.execute(update(Dataset).where(Dataset.id == dataset_id).values(total_bytes=None))
+            local_dir = Path((await session.get(Dataset, dataset_id)).local_dir)
+    finally:
+        await store.close()
+    size = sum(p.stat().st_size for p in local_dir.iterdir())
+    needed = size + 1024**2
+    enough = needed + needed * 5 // 100 + RESERVE
+
+    monkeypatch.setattr(deposit, "free_bytes", lambda directory: enough - 1)
+    before = utcnow()
+    with capture_logs() as logs:
+        result = await one_step(config, "_pack", dep_id)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.status_details, row.attempts) == ("queued", "waiting for spool space", 0)
+    assert row.next_attempt_at >= before + dt.timedelta(seconds=600)
+    assert result.counters["waiting_for_space"] == 1 and result.failures == [] and spool_files(config) == []
+    waits = [e for e in logs if e["event"] == "deposition.waiting_for_space"]
+    assert [(e["deposition"], e["needed"], e["free"], e["promised"], e["log_level"]) for e in waits] == [
+        (dep_id, size, enough - 1, 0, "warning")]
+
+    monkeypatch.setattr(deposit, "free_bytes", lambda directory: enough)
+    result = await one_step(config, "_pack", dep_id)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, result.counters["packed"], result.failures) == ("packed", 1, [])
+    assert spool_files(config) == [Path(row.spool_path).name]
