@@ -7,7 +7,9 @@ spool, the counters.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 from pathlib import Path
 
 from sqlalchemy import update
@@ -18,7 +20,7 @@ from mirrord.jobs.base import JobContext, RunResult
 from mirrord.jobs.deposit import DepositJob
 from mirrord.jobs.deposit_policy import Decision
 from mirrord.jobs.person import Stop
-from mirrord.store.models import Dataset, utcnow
+from mirrord.store.models import Dataset, Deposition, utcnow
 from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     add_datasets,
     campaign,
@@ -30,7 +32,7 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     served,
 )
 from tests.test_deposit_rechecks import linked_collection
-from tests.test_deposit_steps import one_step
+from tests.test_deposit_steps import Progressed, decided, events_of, one_step, sample, set_columns
 
 RESERVE = 256 * 1024**2  # room_for's default: what a spool leaves the lab's other software
 
@@ -125,3 +127,76 @@ async def test_a_pack_waits_for_the_room_its_measured_size_and_margin_need(tmp_p
     row = (await depositions(config))[dataset_id]
     assert (row.state, result.counters["packed"], result.failures) == ("packed", 1, [])
     assert spool_files(config) == [Path(row.spool_path).name]
+
+
+async def test_a_long_pack_shows_its_progress_and_keeps_its_lease(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                  monkeypatch):
+    """Kills `_pack_files`' PACKING move mutants (`release=True`, `None` or left out; the state or the
+    reason left out), its progress task's (`label = None`, `progress = None`, `needed` as `None`) and the
+    pack metric's: the row is recorded as packing, with how many files and what preflight found, and
+    keeps its lease; a pack longer than a third of the lease (3 s) renews it while it runs, and shows its
+    progress under the archive's name, up to every source byte, then closes it."""
+    config = config_for(tmp_path, served)
+    config.daemon.lease = 3.0
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    claimed = utcnow() + dt.timedelta(seconds=3)
+    await set_columns(config, dep_id, lease_owner="test", lease_until=claimed)
+    found, _decision = await decided(config, dataset_id)
+    loop, leases = asyncio.get_running_loop(), []
+    real_pack = deposit.pack_for_deposit
+
+    def slow_pack(*args, **kwargs):  # runs in the packing thread
+        packed = real_pack(*args, **kwargs)
+        time.sleep(1.5)
+        row = asyncio.run_coroutine_threadsafe(depositions(config), loop).result()[dataset_id]
+        leases.append((row.state, row.lease_owner, row.lease_until))
+        return packed
+
+    monkeypatch.setattr(deposit, "pack_for_deposit", slow_pack)
+    progress = Progressed()
+    timed = sample("mirrord_transfer_duration_seconds_count", kind="pack")
+    took = sample("mirrord_transfer_duration_seconds_sum", kind="pack")
+    result = await one_step(config, "_pack", dep_id, progress=progress)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, result.counters["packed"], result.failures) == ("packed", 1, [])
+    [(state, owner, lease_until)] = leases
+    assert (state, owner) == ("packing", "test") and lease_until > claimed + dt.timedelta(seconds=0.5)
+    assert (await events_of(config, dep_id))[-2:] == [
+        ("packing", f"packing {len(found.files)} files ({len(found.files)} images (cbf))"),
+        ("packed", f"packed {len(found.files) + 1} members: {row.tar_size} tar bytes, {row.zst_size} compressed")]
+    label = f"pack {found.archive_root}"
+    assert progress.tasks == [(label, found.total_bytes)] and progress.closed == [label]
+    assert sum(progress.advanced) == found.total_bytes
+    assert sample("mirrord_transfer_duration_seconds_count", kind="pack") - timed == 1
+    assert 1.5 <= sample("mirrord_transfer_duration_seconds_sum", kind="pack") - took < 60
+
+
+async def test_a_pack_promises_its_size_on_top_of_the_packs_under_way(tmp_path, campaign, emulator,  # noqa: F811
+                                                                      served, monkeypatch):
+    """Kills `_pack`'s `_spool_promised = needed` (for `+=`) and its release's mutants: while a pack runs,
+    the spool space promised here is the packs' already under way plus its own; after it, theirs again.
+    With `=`, a third packer would see room that two packs under way have taken."""
+    config = config_for(tmp_path, served)
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    found, _decision = await decided(config, dataset_id)
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    job._spool_promised = under_way = 7 * 1024**2
+    promised = []
+    real_pack = deposit.pack_for_deposit
+
+    def pack(*args, **kwargs):
+        promised.append(job._spool_promised)
+        return real_pack(*args, **kwargs)
+
+    monkeypatch.setattr(deposit, "pack_for_deposit", pack)
+    monkeypatch.setattr(deposit, "free_bytes", lambda directory: 1 << 50)
+    try:
+        async with store.read() as session:
+            dep = await session.get(Deposition, dep_id)
+        await job._pack(dep, RunResult())
+    finally:
+        await job.close()
+        await store.close()
+    assert promised == [under_way + found.total_bytes] and job._spool_promised == under_way
+    assert (await depositions(config))[dataset_id].state == "packed"
