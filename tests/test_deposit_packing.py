@@ -200,3 +200,27 @@ async def test_a_pack_promises_its_size_on_top_of_the_packs_under_way(tmp_path, 
         await store.close()
     assert promised == [under_way + found.total_bytes] and job._spool_promised == under_way
     assert (await depositions(config))[dataset_id].state == "packed"
+
+
+async def test_a_dataset_still_being_written_is_left_for_later_and_counted(tmp_path, campaign, emulator,  # noqa: F811
+                                                                           served, monkeypatch):
+    """Kills `_pack_files`' `result.count(None)` and changed-name mutants for `dataset_changed`: a file
+    changed while it was read. The step counts it (job_runs and /metrics show how often a dataset was
+    still being written), says which file, leaves the row queued with no attempt spent and closes its
+    progress task."""
+    config = config_for(tmp_path, served)
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    found, _decision = await decided(config, dataset_id)
+
+    def changed(*args, **kwargs):
+        raise deposit.DatasetChanged("x_1_00001.cbf", "grew while being read")
+
+    monkeypatch.setattr(deposit, "pack_for_deposit", changed)
+    progress = Progressed()
+    result = await one_step(config, "_pack", dep_id, progress=progress)
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.attempts, result.failures) == ("queued", 0, [])
+    assert dict(result.counters) == {"dataset_changed": 1}
+    assert (await events_of(config, dep_id))[-1] == (
+        "queued", "file changed while packing: x_1_00001.cbf (grew while being read); packing again later")
+    assert progress.closed == [f"pack {found.archive_root}"]
