@@ -709,7 +709,10 @@ async def test_a_status_pdis_gives_is_followed_or_shown_to_a_person(tmp_path, ca
                                                                     monkeypatch, status, details, state, said):
     """Kills `_record_status`'s mutants of its needs-attention wording, its in-flight state and its
     unknown-status warning (logged once per status, with the deposition): the submission is found
-    already in `status` on PDIS (submitted meanwhile by another replica) when the job looks twice."""
+    already in `status` on PDIS (submitted meanwhile by another replica) when the job looks twice.
+    Also its in-flight move's (`next_attempt_at=None` or left out, `submitted_at` set to None, under
+    another name, or to now over the time recorded already): a submission followed is asked about
+    again later, and keeps the time it was first seen submitted."""
     config = config_for(tmp_path, served)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
     await stop_at_uploaded(config, monkeypatch)
@@ -718,10 +721,21 @@ async def test_a_status_pdis_gives_is_followed_or_shown_to_a_person(tmp_path, ca
     async with pdis_client(served, tmp_path) as client:
         await client.submit(row.upload_token, SubmitMetadata(pdb_code=row.pdb_code))
     emulator.set_status(row.upload_token, status, details)
+    before = utcnow()
+    earlier = before - dt.timedelta(hours=1)  # as another replica recorded it
+    if status == "quarantined":
+        await set_columns(config, row.id, submitted_at=earlier)
     with capture_logs() as logs:
         result = await one_step(config, "_submit_or_withdraw", row.id, repeat=2)
     after = (await depositions(config))[dataset_id]
     assert (after.state, after.pdis_status) == (state, status)
+    if said is None:  # followed: asked again a poll interval later; submitted when first seen so, or before
+        assert await last_reason(config, row.id) == f"already {status} on PDIS: not submitted again"
+        assert after.next_attempt_at > before
+        if status == "quarantined":
+            assert after.submitted_at == earlier
+        else:
+            assert before <= after.submitted_at <= utcnow()
     if said is not None:  # the row keeps PDIS's own details; its event and notification say it whole
         assert (after.status_details, await last_reason(config, row.id)) == (details, said)
     warned = [(e["status"], e["deposition"]) for e in logs if e["event"] == "pdis.unknown_status"]
