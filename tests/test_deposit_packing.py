@@ -90,7 +90,7 @@ async def test_a_person_s_stop_before_the_pack_packs_nothing(tmp_path, campaign,
 
 
 async def test_a_pack_waits_for_the_room_its_measured_size_and_margin_need(tmp_path, campaign,  # noqa: F811
-                                                                          emulator, served, monkeypatch):
+                                                                          emulator, served, monkeypatch):  # noqa: F811
     """Kills `_pack`'s `facts.total_bytes and ...`, `to_thread(None, files)` and dropped arguments,
     `needed - spool_margin`, the warning's mutants and the wait's `next_attempt_at=None`:
     a dataset whose size was never recorded is measured on disk. With one byte less free than its size,
@@ -123,10 +123,13 @@ async def test_a_pack_waits_for_the_room_its_measured_size_and_margin_need(tmp_p
         (dep_id, size, enough - 1, 0, "warning")]
 
     monkeypatch.setattr(deposit, "free_bytes", lambda directory: enough)
+    await set_columns(config, dep_id, spool_removed_at=before)  # as if an earlier archive had been swept
     result = await one_step(config, "_pack", dep_id)
     row = (await depositions(config))[dataset_id]
     assert (row.state, result.counters["packed"], result.failures) == ("packed", 1, [])
     assert spool_files(config) == [Path(row.spool_path).name]
+    # The wait's words and an earlier archive's removal no longer describe the row.
+    assert (row.status_details, row.spool_removed_at) == (None, None)
 
 
 async def test_a_long_pack_shows_its_progress_and_keeps_its_lease(tmp_path, campaign, emulator, served,  # noqa: F811
@@ -172,7 +175,7 @@ async def test_a_long_pack_shows_its_progress_and_keeps_its_lease(tmp_path, camp
 
 
 async def test_a_pack_promises_its_size_on_top_of_the_packs_under_way(tmp_path, campaign, emulator,  # noqa: F811
-                                                                      served, monkeypatch):
+                                                                      served, monkeypatch):  # noqa: F811
     """Kills `_pack`'s `_spool_promised = needed` (for `+=`) and its release's mutants: while a pack runs,
     the spool space promised here is the packs' already under way plus its own; after it, theirs again.
     With `=`, a third packer would see room that two packs under way have taken."""
@@ -203,7 +206,7 @@ async def test_a_pack_promises_its_size_on_top_of_the_packs_under_way(tmp_path, 
 
 
 async def test_a_dataset_still_being_written_is_left_for_later_and_counted(tmp_path, campaign, emulator,  # noqa: F811
-                                                                           served, monkeypatch):
+                                                                           served, monkeypatch):  # noqa: F811
     """Kills `_pack_files`' `result.count(None)` and changed-name mutants for `dataset_changed`: a file
     changed while it was read. The step counts it (job_runs and /metrics show how often a dataset was
     still being written), says which file, leaves the row queued with no attempt spent and closes its
@@ -224,3 +227,56 @@ async def test_a_dataset_still_being_written_is_left_for_later_and_counted(tmp_p
     assert (await events_of(config, dep_id))[-1] == (
         "queued", "file changed while packing: x_1_00001.cbf (grew while being read); packing again later")
     assert progress.closed == [f"pack {found.archive_root}"]
+
+
+async def test_an_archive_is_read_again_only_by_a_process_that_did_not_pack_it(tmp_path, campaign,  # noqa: F811
+                                                                              emulator, served, monkeypatch):  # noqa: F811
+    """Kills `_pack_files`' `self._verified.add(None)` and `_spool_intact`'s mutants: an archive this
+    process packed is trusted before its upload (only its presence is checked: re-reading a large archive
+    costs minutes). A process that did not pack it (after a restart) reads it in full once, then
+    remembers, renewing the row's lease while it reads (`with_heartbeat(None, ...)`, `(Deposition, None,
+    ...)`); an archive gone, torn, or without a recorded digest or size is not intact."""
+    config = config_for(tmp_path, served)
+    config.daemon.lease = 3.0
+    _dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    read, slow = [], []
+    real_verify = deposit.verify_spool
+
+    def verify(path, digest, size):
+        read.append(Path(path).name)
+        time.sleep(1.5 if slow else 0)
+        return real_verify(path, digest, size)
+
+    monkeypatch.setattr(deposit, "verify_spool", verify)
+    store = await open_store(config)
+    packer, restarted = (DepositJob(JobContext(config=config, store=store, instance="test")) for _ in range(2))
+
+    async def row():
+        async with store.read() as session:
+            return await session.get(Deposition, dep_id)
+
+    try:
+        await packer._pack(await row(), RunResult())
+        packed = await row()
+        assert packed.state == "packed" and await packer._spool_intact(packed) and read == []
+        assert await restarted._spool_intact(packed) and await restarted._spool_intact(packed)
+        assert read == [Path(packed.spool_path).name]
+        for missing in ("spool_path", "zst_digest", "zst_size"):
+            incomplete = await row()
+            setattr(incomplete, missing, None)
+            assert not await DepositJob(JobContext(config=config, store=store, instance="x"))._spool_intact(incomplete)
+        assert len(read) == 1  # nothing to compare with: not read
+        # A read longer than a third of the lease renews the row's lease meanwhile.
+        claimed = utcnow() + dt.timedelta(seconds=3)
+        await set_columns(config, dep_id, lease_owner="slow", lease_until=claimed)
+        slow.append(True)
+        assert await DepositJob(JobContext(config=config, store=store, instance="slow"))._spool_intact(packed)
+        assert (await row()).lease_until > claimed + dt.timedelta(seconds=0.5)
+        slow.clear()
+        with open(packed.spool_path, "r+b") as torn:
+            torn.truncate(packed.zst_size // 2)
+        assert not await DepositJob(JobContext(config=config, store=store, instance="x"))._spool_intact(packed)
+        Path(packed.spool_path).unlink()
+        assert not await packer._spool_intact(packed) and not await restarted._spool_intact(packed)
+    finally:
+        await store.close()
