@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select, update
+from structlog.testing import capture_logs
 
 from mirrord.jobs import deposit_policy
 from mirrord.jobs.base import JobContext, RunResult
@@ -129,14 +130,25 @@ async def test_a_quiet_tick_decides_only_what_changed(year: DepositJob) -> None:
     assert now[QUIET + 6][0] == "queued" and now[QUIET + 4][0] == "not_deposited"
 
 
+def deciding_all(logs: list[dict]) -> list[int]:
+    """How many datasets each pass that decided everything said it would decide."""
+    return [e["datasets"] for e in logs if e["event"] == "deposition.deciding_all"]
+
+
 async def test_a_policy_change_decides_everything_again(year: DepositJob, tmp_path: Path, db_url: str) -> None:
-    for _ in range(2):
-        await decide(year)
-        await age(year)
-    assert (await decide(year)).counters["considered"] < 10
+    """Also kills `_decide`'s `if since is not None` and `datasets=None` for its log: the first pass and
+    the first after a policy change say they decide every dataset, and how many; other passes say nothing."""
+    with capture_logs() as logs:
+        for _ in range(2):
+            await decide(year)
+            await age(year)
+        assert (await decide(year)).counters["considered"] < 10
+    assert deciding_all(logs) == [QUIET + 5]
     changed = DepositJob(JobContext(config=config_for(tmp_path, db_url, min_images=1000), store=year.store,
                                     instance="test"))
-    assert (await decide(changed)).counters["considered"] == QUIET + 5
+    with capture_logs() as logs:
+        assert (await decide(changed)).counters["considered"] == QUIET + 5
+    assert deciding_all(logs) == [QUIET + 5]
     assert (await states(changed))[QUIET + 5][1] == "900 images: a screening shot, not a dataset (min_images = 1000)"
     # Settings that decide nothing (how fast, where the spool is) keep the watermark.
     faster = config_for(tmp_path, db_url, min_images=1000, pack_concurrency=4, poll_interval="1m", spool_margin=0)
