@@ -17,9 +17,10 @@ from mirrord.jobs.base import JobContext, RunResult
 from mirrord.jobs.deposit import DepositJob
 from mirrord.jobs.deposit_policy import DECIDED_KEY, WATERMARK_MARGIN, decided_since
 from mirrord.store import Store, migrate
-from mirrord.store.models import Dataset, Deposition, Experiment, KeyValue, Target, utcnow
+from mirrord.store.models import Dataset, Deposition, Event, Experiment, KeyValue, Target, utcnow
 from mirrord.store.models import Session as SessionRow
 from tests.conftest import make_config
+from tests.test_deposit_steps import Notified
 
 # Complete collections never deposited (screening shots, unlinked crystals): more than two of the pass's
 # pages, so that paging is crossed, and no more, since every test here decides them all at least once.
@@ -335,3 +336,48 @@ async def test_plan_on_a_store_before_any_deposition_and_with_a_codes_file(small
         everything = [e async for e in deposit_policy.plan(session, section, everything=True)]
     assert [e.facts.dataset_id for e in entries] == [e.facts.dataset_id for e in everything] == [1, 2, 3]
     assert {e.facts.dataset_id: e.decision.pdb_code for e in entries} == {1: None, 2: None, 3: "6ABC"}
+
+
+# -- what a pass records (the mutants of `_record_decisions` that lived) --------------------------------------
+async def test_a_pass_records_new_decisions_counts_them_and_tells_of_attention(small: Store, tmp_path: Path,
+                                                                               db_url: str) -> None:
+    """Kills `_record_decisions`' `result.count(None)`, the notification's `!= NEEDS_ATTENTION` and
+    `append(None)`, and the creation event's `instance` as None: new depositions are counted by the state
+    decided, each creation names the replica that decided it, and a person is told only of the one that
+    needs them (a PDB code file that disagrees with Fragalysis)."""
+    codes = tmp_path / "codes.csv"
+    codes.write_text("E1,6DEF\nX00003,6ABC\n")
+    async with small.write() as session:
+        await session.execute(update(Experiment).values(pdb_code="5ABC"))
+    notified = Notified()
+    job = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes)), store=small,
+                                instance="replica-2", notifier=notified))
+    result = await decide(job)
+    assert {k: v for k, v in result.counters.items() if k.startswith("decided_")} == {
+        "decided_not_deposited": 1, "decided_needs_attention": 1, "decided_queued": 1}
+    async with small.read() as session:
+        ids = dict((await session.execute(select(Deposition.dataset_id, Deposition.id))).all())
+        made = (await session.execute(select(Event.item_id, Event.from_state, Event.instance)
+                                      .where(Event.item_type == "deposition"))).all()
+    assert sorted(made) == sorted((str(i), None, "replica-2") for i in ids.values())
+    why = (await states(job))[2][1]
+    assert why.startswith("Fragalysis gives experiment E1 PDB code 5ABC, the pdb_codes_file gives 6DEF")
+    assert notified.items == [("deposition", str(ids[2]), "needs_attention", why)]
+
+
+async def test_a_deposition_that_moved_since_it_was_read_is_left_to_its_worker(small: Store, tmp_path: Path,
+                                                                              db_url: str) -> None:
+    """Kills `_record_decisions`' `row is None and row.state != ...`: a deposition read `queued` that a
+    worker packed before the decision was written keeps its state; the worker's own re-check decides it."""
+    codes = tmp_path / "codes.csv"
+    codes.write_text("X00003,6ABC\n")
+    job = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes)), store=small,
+                                instance="test"))
+    await decide(job)
+    async with small.read() as session:
+        facts, _ = await deposit_policy.decision_for(session, 3, job.section)
+    assert facts.deposition_state == "queued"
+    async with small.write() as session:
+        await session.execute(update(Deposition).where(Deposition.dataset_id == 3).values(state="packed"))
+    await job._record_decisions([(facts, deposit_policy.Decision(False, "policy: deposit = none"))], RunResult())
+    assert (await states(job))[3] == ("packed", "X00003 has PDB code 6ABC in the pdb_codes_file")
