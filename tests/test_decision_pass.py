@@ -381,3 +381,32 @@ async def test_a_deposition_that_moved_since_it_was_read_is_left_to_its_worker(s
         await session.execute(update(Deposition).where(Deposition.dataset_id == 3).values(state="packed"))
     await job._record_decisions([(facts, deposit_policy.Decision(False, "policy: deposit = none"))], RunResult())
     assert (await states(job))[3] == ("packed", "X00003 has PDB code 6ABC in the pdb_codes_file")
+
+
+async def test_lifting_the_approval_gate_sends_the_waiting_on_to_their_upload(small: Store, tmp_path: Path,
+                                                                             db_url: str) -> None:
+    """Kills `_record_decisions`' `approval == "XXnoneXX"` / `"NONE"`, `target = None` and the move's
+    `instance=None`: a deposition waiting for a person's approval keeps waiting, with its words, while
+    `approval = "required"`; once the gate is lifted (`approval = "none"`) the next pass moves it to
+    `packed`, where its upload re-checks the rest, and signs the move."""
+    codes = tmp_path / "codes.csv"
+    codes.write_text("X00003,6ABC\n")
+    gated = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes), approval="required"),
+                                  store=small, instance="test"))
+    await decide(gated)
+    waiting = "waiting for a person's approval ([pdis] approval = \"required\")"
+    async with small.write() as session:
+        await session.execute(update(Deposition).where(Deposition.dataset_id == 3).values(
+            state="awaiting_approval", status_details=waiting))
+    await age(gated)
+    await decide(gated)
+    assert (await states(gated))[3] == ("awaiting_approval", waiting)
+
+    lifted = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes), approval="none"),
+                                   store=small, instance="replica-2"))
+    assert (await decide(lifted)).counters["decided_packed"] == 1
+    assert (await states(lifted))[3] == ("packed", "X00003 has PDB code 6ABC in the pdb_codes_file")
+    async with small.read() as session:
+        moved = (await session.execute(select(Event.from_state, Event.to_state, Event.reason, Event.instance)
+                                       .order_by(Event.id.desc()).limit(1))).one()
+    assert tuple(moved) == ("awaiting_approval", "packed", "deposit as 6ABC", "replica-2")
