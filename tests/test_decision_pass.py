@@ -410,3 +410,25 @@ async def test_lifting_the_approval_gate_sends_the_waiting_on_to_their_upload(sm
         moved = (await session.execute(select(Event.from_state, Event.to_state, Event.reason, Event.instance)
                                        .order_by(Event.id.desc()).limit(1))).one()
     assert tuple(moved) == ("awaiting_approval", "packed", "deposit as 6ABC", "replica-2")
+
+
+async def test_a_decided_deposition_that_now_needs_a_person_is_told_of(small: Store, tmp_path: Path,
+                                                                      db_url: str) -> None:
+    """Kills `_record_decisions`' `!= NEEDS_ATTENTION` and `append(None)` for a deposition decided before:
+    a queued deposition whose PDB code the person's file now contradicts moves to `needs_attention`, and
+    the person is told of that one only, once."""
+    async with small.write() as session:
+        await session.execute(update(Experiment).values(pdb_code="5ABC"))
+    codes = tmp_path / "codes.csv"
+    codes.write_text("X00003,6ABC\n")
+    notified = Notified()
+    job = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes)), store=small,
+                                instance="test", notifier=notified))
+    await decide(job)
+    assert (await states(job))[2][0] == (await states(job))[3][0] == "queued" and notified.items == []
+    codes.write_text("X00003,6ABC\nE1,6DEF\n")
+    await decide(job)
+    async with small.read() as session:
+        dep_id = await session.scalar(select(Deposition.id).where(Deposition.dataset_id == 2))
+    state, why = (await states(job))[2]
+    assert state == "needs_attention" and notified.items == [("deposition", str(dep_id), "needs_attention", why)]
