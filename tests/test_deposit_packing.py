@@ -280,3 +280,51 @@ async def test_an_archive_is_read_again_only_by_a_process_that_did_not_pack_it(t
         assert not await packer._spool_intact(packed) and not await restarted._spool_intact(packed)
     finally:
         await store.close()
+
+
+# -- the spool sweep -------------------------------------------------------------------------------------------
+async def test_the_sweep_removes_only_the_archives_nothing_needs(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Written for `_sweep_spool`'s mutants: an archive is kept while its deposition may still need it
+    (packed, uploaded, in flight at PDIS) and for `spool_retention` after its publication; it is removed
+    once published longer ago, decided against, waiting on a person (a re-pack is cheaper than a spool
+    held for weeks), or when no deposition owns it, and the removal's time is recorded on the row and
+    logged. Files that are not archives of a deposition are left alone; an archive removed meanwhile
+    (`missing_ok` mutants) or a spool not made yet (`exists() or True`) is no error."""
+    config = config_for(tmp_path, served, spool_retention="1h")
+    dataset_ids = await add_datasets(config, campaign, tmp_path / "dls", campaign.collections[:7])
+    await decide_now(config)
+    rows = await depositions(config)
+    now = utcnow()
+    kept = {"packed": None, "uploaded": None, "submitted": None, "published": now - dt.timedelta(minutes=5)}
+    removed = {"published": now - dt.timedelta(hours=2), "not_deposited": None, "needs_attention": None}
+    ids = [rows[dataset_id].id for dataset_id in dataset_ids]
+    for dep_id, (state, published_at) in zip(ids, [*kept.items(), *removed.items()], strict=True):
+        await set_columns(config, dep_id, state=state, published_at=published_at, spool_removed_at=None)
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    await job._sweep_spool()  # no spool yet: nothing to do, and no error
+    config.spool_dir.mkdir(parents=True)
+    for dep_id in [*ids, 9999]:  # 9999: its deposition is gone
+        (config.spool_dir / deposit.spool_name(dep_id)).write_bytes(b"archive")
+    others = ["notes.txt", f".{deposit.spool_name(ids[0])}.x1y2.part", "deposition-1.tar"]
+    for name in others:
+        (config.spool_dir / name).write_bytes(b"not an archive of a deposition")
+
+    class Listed(type(config.spool_dir)):  # lists one more archive, removed meanwhile (another sweep)
+        def iterdir(self):
+            return [*super().iterdir(), self / deposit.spool_name(ids[-1] + 1)]
+
+    job.spool_dir = Listed(config.spool_dir)
+    before = utcnow()
+    try:
+        with capture_logs() as logs:
+            await job._sweep_spool()
+    finally:
+        await job.close()
+        await store.close()
+    assert spool_files(config) == sorted([deposit.spool_name(i) for i in ids[:len(kept)]] + others)
+    after = await depositions(config)
+    assert [after[d].spool_removed_at is None for d in dataset_ids] == [True] * len(kept) + [False] * len(removed)
+    assert all(before <= after[d].spool_removed_at <= utcnow() for d in dataset_ids[len(kept):])
+    assert [sorted(e["depositions"]) for e in logs if e["event"] == "spool.removed"] == [
+        sorted([*ids[len(kept):], ids[-1] + 1, 9999])]
