@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import time
 from pathlib import Path
 
@@ -328,3 +329,36 @@ async def test_the_sweep_removes_only_the_archives_nothing_needs(tmp_path, campa
     assert all(before <= after[d].spool_removed_at <= utcnow() for d in dataset_ids[len(kept):])
     assert [sorted(e["depositions"]) for e in logs if e["event"] == "spool.removed"] == [
         sorted([*ids[len(kept):], ids[-1] + 1, 9999])]
+
+
+async def test_a_start_clears_the_temp_files_of_packers_that_died(tmp_path, campaign, emulator, served,  # noqa: F811
+                                                                  db_url):
+    """Written for the mutants of `start` and `_remove_temp_files`: the job's start makes the spool (a
+    configured one under directories not made yet too) and removes the half-written archives
+    (`.deposition-*.part`) of packers that died. On SQLite the instance lock proves no other packer is
+    alive, so every one goes; on PostgreSQL another replica may be packing into the same spool, so only
+    those quiet for `STALE_TEMP_AGE` go (`is_sqlite or True` lives on SQLite alone). Other files stay."""
+    config = config_for(tmp_path, served, database_url=db_url, spool_dir=str(tmp_path / "scratch" / "spool"))
+    assert not config.spool_dir.parent.exists()
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+
+    def temp_files(*ages: float) -> list[Path]:
+        made = []
+        for n, age in enumerate(ages):
+            path = config.spool_dir / f".{deposit.spool_name(n + 1)}.tmp{n}.part"
+            path.write_bytes(b"half an archive")
+            os.utime(path, (time.time() - age, time.time() - age))
+            made.append(path)
+        return made
+
+    try:
+        await job.start()
+        (config.spool_dir / "notes.part").write_bytes(b"not ours")
+        *fresh, stale = temp_files(0, deposit.STALE_TEMP_AGE - 30, deposit.STALE_TEMP_AGE + 30)
+        await job.start()  # a restart
+        assert not stale.exists() and [p.exists() for p in fresh] == [not store.is_sqlite] * 2
+        assert (config.spool_dir / "notes.part").exists()
+    finally:
+        await job.close()
+        await store.close()
