@@ -33,20 +33,9 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     served,
 )
 from tests.test_deposit_rechecks import linked_collection
-from tests.test_deposit_steps import Progressed, decided, events_of, one_step, sample, set_columns
+from tests.test_deposit_steps import Progressed, decide_now, decided, events_of, one_step, sample, set_columns
 
 RESERVE = 256 * 1024**2  # room_for's default: what a spool leaves the lab's other software
-
-
-async def decide_now(config) -> None:
-    """The job's decision pass alone: datasets get their depositions, nothing is packed."""
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
-    try:
-        await job._decide(RunResult())
-    finally:
-        await job.close()
-        await store.close()
 
 
 async def queued(config, campaign, tmp_path: Path) -> tuple[int, int]:  # noqa: F811

@@ -53,6 +53,17 @@ async def decided(config, dataset_id: int):
         await store.close()
 
 
+async def decide_now(config) -> None:
+    """The job's decision pass alone: datasets get their depositions, nothing is packed."""
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    try:
+        await job._decide(RunResult())
+    finally:
+        await job.close()
+        await store.close()
+
+
 def pdis_client(server, tmp_path: Path) -> PdisClient:
     """A client of the test's PDIS account, as another replica or a person would use it."""
     return PdisClient(PdisEmulator.api_url(server.url), username=USER, password=PASSWORD, token_file=tmp_path / "t")
@@ -354,6 +365,23 @@ async def test_a_stop_before_the_upload_deletes_nothing_and_drops_the_archive_it
 
 
 # -- the metadata of a dataset without a PDB code ----------------------------------------------------------------
+async def test_the_decision_records_the_equipment_of_a_dataset_without_a_pdb_code(tmp_path, campaign, emulator,  # noqa: F811
+                                                                                   served):  # noqa: F811
+    """Kills `_decision_values`' equipment mutants (`synchrotron_id=None`, `equipment_other=None`, either
+    left out): the decision pass records PDIS's ids for a beamline PDIS lists, and free text for one it
+    does not, on the row where `plan` and `show` read them (the submit would only resolve them again)."""
+    target = campaign.targets[0]
+    cols = [campaign.add_collection(target.tas, f"loose-{bl}", beamline=bl) for bl in ("i04-1", "i99")]
+    config = config_for(tmp_path, served, deposit="all", authors="Smith J.")
+    mapped, fallback = await add_datasets(config, campaign, tmp_path / "dls", cols, link=False)
+    await decide_now(config)
+    async with pdis_client(served, tmp_path) as client:
+        [diamond] = [s for s in await client.equipment() if s.named("Diamond")]
+    rows = await depositions(config)
+    equipment = {i: (rows[i].synchrotron_id, rows[i].beamline_id, rows[i].equipment_other) for i in (mapped, fallback)}
+    assert equipment == {mapped: (diamond.id, diamond.beamline("i04-1").id, None), fallback: (None, None, "Diamond i99")}
+
+
 @pytest.mark.parametrize(("recorded", "beamline", "expected"), [
     ("nothing", "i04-1", (12, 32, None)),  # PDIS's ids for Diamond I04-1
     ("nothing", "i99", (None, None, "Diamond i99")),  # a beamline PDIS does not list: the fallback text
