@@ -32,20 +32,18 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     open_store,
     served,
 )
-from tests.test_deposit_rechecks import linked_collection
-from tests.test_deposit_steps import Progressed, decide_now, decided, events_of, one_step, sample, set_columns
+from tests.test_deposit_steps import (
+    Progressed,
+    decide_now,
+    decided,
+    events_of,
+    one_step,
+    queued,
+    sample,
+    set_columns,
+)
 
 RESERVE = 256 * 1024**2  # room_for's default: what a spool leaves the lab's other software
-
-
-async def queued(config, campaign, tmp_path: Path) -> tuple[int, int]:  # noqa: F811
-    """A dataset with a PDB code, decided: (its dataset id, its queued deposition's id)."""
-    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
-    await decide_now(config)
-    row = (await depositions(config))[dataset_id]
-    assert row.state == "queued"
-    config.spool_dir.mkdir(parents=True, exist_ok=True)  # as the job's start leaves it
-    return dataset_id, row.id
 
 
 def spool_files(config) -> list[str]:

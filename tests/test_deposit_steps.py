@@ -17,9 +17,10 @@ from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
 from mirrord import metrics
+from mirrord.clients.errors import UpstreamError
 from mirrord.clients.pdis import PdisClient, SubmitMetadata
 from mirrord.emulators.pdis import PdisEmulator
-from mirrord.jobs.base import JobContext, NoNotifier, NoProgress, RunResult
+from mirrord.jobs.base import JobContext, LeaseLost, NoNotifier, NoProgress, RunResult
 from mirrord.jobs.deposit import DepositJob, pack_for_deposit, upload_filename
 from mirrord.jobs.deposit_policy import Decision, decision_for
 from mirrord.jobs.person import Stop
@@ -62,6 +63,16 @@ async def decide_now(config) -> None:
     finally:
         await job.close()
         await store.close()
+
+
+async def queued(config, campaign, tmp_path: Path) -> tuple[int, int]:  # noqa: F811
+    """A dataset with a PDB code, decided: (its dataset id, its queued deposition's id)."""
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    await decide_now(config)
+    row = (await depositions(config))[dataset_id]
+    assert row.state == "queued"
+    config.spool_dir.mkdir(parents=True, exist_ok=True)  # as the job's start leaves it
+    return dataset_id, row.id
 
 
 def pdis_client(server, tmp_path: Path) -> PdisClient:
@@ -769,3 +780,48 @@ async def test_a_status_pdis_gives_is_followed_or_shown_to_a_person(tmp_path, ca
     warned = [(e["status"], e["deposition"]) for e in logs if e["event"] == "pdis.unknown_status"]
     assert warned == ([(status, row.id)] if status == "quarantined" else [])
     assert result.counters.get("unknown_status", 0) == (status == "quarantined") and submits(served) == 1
+
+
+# -- a step's failure -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("error", "attempts", "said"), [
+    (LeaseLost("lease on depositions 1 expired"), 0, None),
+    (UpstreamError("pdis", "unavailable", status=503), 1, "pdis: unavailable (HTTP 503)"),
+    (OSError(28, "No space left on device"), 1, "[Errno 28] No space left on device"),
+    (KeyError("zst_size"), 1, "KeyError: 'zst_size'"),
+])
+async def test_a_failed_step_costs_its_item_an_attempt_and_a_lost_lease_none(tmp_path, campaign, emulator,  # noqa: F811
+                                                                           served, error, attempts, said):  # noqa: F811
+    """Kills `_step`'s mutants: a step that lost its lease (another replica took the item) leaves the
+    item alone and says so, with the item and why; an upstream, archive or disk error fails the item
+    (an attempt spent, the error recorded, the state kept for the retry); any other exception (a bug)
+    too, named by its type, and logged with its traceback. None of them stops the loop."""
+    config = config_for(tmp_path, served)
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+
+    async def failing(dep, result):
+        raise error
+
+    result = RunResult()
+    try:
+        async with store.read() as session:
+            dep = await session.get(Deposition, dep_id)
+        with capture_logs() as logs:
+            await job._step(dep, failing, result)
+    finally:
+        await job.close()
+        await store.close()
+    row = (await depositions(config))[dataset_id]
+    assert (row.state, row.attempts, row.last_error) == ("queued", attempts, said)
+    # The run counts each failure and lists it (job_runs, `once`'s problems): `fail(..., result=None)`.
+    assert result.failures == ([f"deposition {dep_id}: {said}"] if said else [])
+    assert result.counters["failures"] == attempts
+    events = [(e["event"], e.get("deposition"), e.get("error"), e.get("exc_info")) for e in logs
+              if e["event"].startswith("deposition.")]
+    if isinstance(error, LeaseLost):
+        assert events == [("deposition.lease_lost", dep_id, str(error), None)]
+    elif isinstance(error, KeyError):
+        assert events == [("deposition.step_crashed", dep_id, None, True)]
+    else:
+        assert events == []
