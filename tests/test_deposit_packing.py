@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import tarfile
 import time
 from pathlib import Path
 
+import zstandard
 from sqlalchemy import update
 from structlog.testing import capture_logs
 
@@ -349,3 +351,38 @@ async def test_a_start_clears_the_temp_files_of_packers_that_died(tmp_path, camp
     finally:
         await job.close()
         await store.close()
+
+
+async def test_the_archive_holds_the_dataset_s_files_and_no_neighbour_s(tmp_path, campaign, emulator,  # noqa: F811
+                                                                        served):  # noqa: F811
+    """Kills `pack_for_deposit`'s `files=None` (the whole directory packed): a beamline directory often
+    holds several collections; the archive deposited holds this dataset's files under its root, and not
+    another collection's frames or a note left beside them."""
+    config = config_for(tmp_path, served)
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    found, _decision = await decided(config, dataset_id)
+    local_dir = Path(found.local_dir)
+    (local_dir / "neighbour_2_00001.cbf").write_bytes((local_dir / found.files[0]).read_bytes())
+    (local_dir / "notes.txt").write_text("crystal cracked on the second sweep")
+    await one_step(config, "_pack", dep_id)
+    row = (await depositions(config))[dataset_id]
+    with open(row.spool_path, "rb") as packed, zstandard.ZstdDecompressor().stream_reader(packed) as raw, \
+            tarfile.open(fileobj=raw, mode="r|") as tar:
+        names = [member.name for member in tar]
+    assert names == [found.archive_root] + [f"{found.archive_root}/{name}" for name in sorted(found.files)]
+
+
+async def test_the_archive_is_compressed_at_the_configured_level(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills `pack_for_deposit`'s `level` left out (zstandard's default used): `zstd_level` changes how
+    small the archive is, never what it holds (the tar's md5, which PDIS checks, is the same)."""
+    config = config_for(tmp_path, served, zstd_level=1)
+    dataset_id, dep_id = await queued(config, campaign, tmp_path)
+    packed = []
+    for level in (1, 19):
+        config.pdis.zstd_level = level
+        await set_columns(config, dep_id, state="queued")
+        await one_step(config, "_pack", dep_id)
+        row = (await depositions(config))[dataset_id]
+        packed.append((row.tar_md5, row.zst_size))
+    (fast_md5, fast_size), (small_md5, small_size) = packed
+    assert fast_md5 == small_md5 and small_size < fast_size
