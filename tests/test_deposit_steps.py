@@ -376,6 +376,18 @@ async def test_a_stop_before_the_upload_deletes_nothing_and_drops_the_archive_it
 
 
 # -- the metadata of a dataset without a PDB code ----------------------------------------------------------------
+async def test_the_upload_of_a_dataset_without_a_pdb_code_is_named_by_its_archive(tmp_path, campaign,  # noqa: F811
+                                                                                     emulator, served):  # noqa: F811
+    """Kills `upload_filename`'s `if decision.pdb_code or True` ("None_" before the name): PDIS shows the
+    upload under the name sent; with a PDB code it leads, without one the archive's root alone."""
+    config = config_for(tmp_path, served)
+    [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [linked_collection(campaign)])
+    found, decision = await decided(config, dataset_id)
+    other = Decision(True, "deposit = all", "other", None, title="A title long enough", authors="Smith J.")
+    assert upload_filename(found, decision) == f"{decision.pdb_code}_{found.archive_root}.tar.zst"
+    assert upload_filename(found, other) == f"{found.archive_root}.tar.zst"
+
+
 async def test_the_decision_records_the_equipment_of_a_dataset_without_a_pdb_code(tmp_path, campaign, emulator,  # noqa: F811
                                                                                    served):  # noqa: F811
     """Kills `_decision_values`' equipment mutants (`synchrotron_id=None`, `equipment_other=None`, either
