@@ -196,3 +196,24 @@ async def test_a_round_leases_its_submissions_a_batch_at_a_time(tmp_path, campai
         await store.close()
     assert len(leased) == 25 and max(leased) <= 20
     assert len(asked(served)) == 25
+
+
+async def test_a_poll_counts_the_publications_it_hears_of(tmp_path, campaign, emulator, served):  # noqa: F811
+    """Kills `poll`'s `_check_statuses(None)` (the run's result not passed: the first publication heard
+    crashed the poll after recording it, and the run's counters and job_runs lost it): a poll that hears
+    of a publication records it and counts it, and fails nothing."""
+    config = config_for(tmp_path, served, poll_interval=POLL)
+    [dep_id] = await submitted(config, campaign, emulator, tmp_path, 1)
+    [row] = (await depositions(config)).values()
+    emulator.set_status(row.upload_token, "published")
+    await set_columns(config, dep_id, next_attempt_at=None)
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    result = RunResult()
+    try:
+        await job.poll(result)
+    finally:
+        await job.close()
+        await store.close()
+    assert [r.state for r in (await depositions(config)).values()] == ["published"]
+    assert result.counters["published"] == 1 and result.failures == []
