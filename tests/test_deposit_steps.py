@@ -837,3 +837,31 @@ async def test_a_failed_step_costs_its_item_an_attempt_and_a_lost_lease_none(tmp
         assert events == [("deposition.step_crashed", dep_id, None, True)]
     else:
         assert events == []
+
+
+# -- a person's hold ----------------------------------------------------------------------------------------------
+async def test_a_hold_is_asked_before_each_write_and_said_once_a_run(tmp_path, served):  # noqa: F811
+    """Kills `_held`'s mutants (its log said on every check, or never, or without the hold's words; the
+    count left out): while a person holds PDIS writes each stage's check answers yes and is counted; the
+    log says so once a run, with who held it and why; without a hold the check answers no."""
+    from mirrord.store import decisions
+
+    config = config_for(tmp_path, served)
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    result = RunResult()
+    try:
+        assert not await job._held(result)
+        async with store.write() as session:
+            await decisions.record(session, "job", "pdis", "hold", reason="PDIS maintenance", actor="ada")
+        with capture_logs() as logs:
+            assert [await job._held(result) for _ in range(3)] == [True] * 3
+        with capture_logs() as again:
+            assert await job._held(RunResult())  # a new run says it again
+    finally:
+        await job.close()
+        await store.close()
+    [said] = [e["hold"] for e in logs if e["event"] == "pdis.held"]
+    assert "ada" in said and "PDIS maintenance" in said
+    assert [e["hold"] for e in again if e["event"] == "pdis.held"] == [said]
+    assert result.counters["held"] == 3
