@@ -85,7 +85,9 @@ async def test_a_pack_waits_for_the_room_its_measured_size_and_margin_need(tmp_p
     `needed - spool_margin`, the warning's mutants and the wait's `next_attempt_at=None`:
     a dataset whose size was never recorded is measured on disk. With one byte less free than its size,
     the `spool_margin`, the 5% margin and the reserve, it waits: no attempt spent, an operator told how
-    much is needed and free, the retry `retry_base` later. With exactly that free, it is packed."""
+    much is needed and free, the retry `retry_base` later. With exactly that free, it is packed, and the
+    wait's words and an earlier archive's removal time are cleared (`_pack_files`' PACKED move without
+    `status_details=None` or `spool_removed_at=None`)."""
     config = config_for(tmp_path, served, spool_margin=1024**2)
     config.daemon.retry_base = 600.0
     dataset_id, dep_id = await queued(config, campaign, tmp_path)

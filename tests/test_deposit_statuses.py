@@ -94,7 +94,7 @@ async def test_a_round_asks_about_each_submission_once(tmp_path, campaign, emula
 
     # What PDIS says is recorded with its words, and counted (`_record_status(dep, sub, None, ...)`,
     # `(..., None)` for the run's result).
-    published, validated, _ = [r for r in rows]
+    published, validated, _ = rows
     emulator.set_status(published.upload_token, "published")
     emulator.set_status(validated.upload_token, "validated")
     for dep_id in ids:
