@@ -865,3 +865,18 @@ async def test_a_hold_is_asked_before_each_write_and_said_once_a_run(tmp_path, s
     assert "ada" in said and "PDIS maintenance" in said
     assert [e["hold"] for e in again if e["event"] == "pdis.held"] == [said]
     assert result.counters["held"] == 3
+
+
+async def test_a_step_whose_dataset_is_gone_says_which(tmp_path, served):  # noqa: F811
+    """Kills `_current`'s `RuntimeError(None)`: a deposition whose dataset vanished between its claim and
+    its step (deleted meanwhile) fails with words that name both, for the item's `last_error`."""
+    config = config_for(tmp_path, served)
+    store = await open_store(config)
+    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    try:
+        with pytest.raises(RuntimeError) as gone:
+            await job._current(Deposition(id=7, dataset_id=70, state="queued"))
+    finally:
+        await job.close()
+        await store.close()
+    assert str(gone.value) == "dataset 70 of deposition 7 is gone"

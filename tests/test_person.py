@@ -22,7 +22,7 @@ from mirrord.emulators.base import REQUEST_LOG_KEY, Served
 from mirrord.emulators.campaign import Campaign
 from mirrord.emulators.pdis import PdisEmulator
 from mirrord.store import Store
-from mirrord.store.models import Dataset, Experiment, PersonDecision
+from mirrord.store.models import Dataset, Event, Experiment, PersonDecision
 from tests.ispyb_openapi import ispyb_emulator_factory  # noqa: F401 - pytest fixture
 from tests.test_deposit_job import (
     PASSWORD,
@@ -293,6 +293,18 @@ def touch(dataset: Dataset, seconds: float = 7.0) -> None:
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + int(seconds * 1e9)))
 
 
+async def lapse_signed(config, dataset_id: int) -> str:
+    """The replica that recorded the dataset's last move into needs_attention (an accept's lapse)."""
+    store = Store(config.daemon.resolved_database_url)
+    try:
+        async with store.read() as session:
+            return await session.scalar(select(Event.instance).where(
+                Event.item_type == "dataset", Event.item_id == str(dataset_id),
+                Event.to_state == "needs_attention").order_by(Event.id.desc()).limit(1))
+    finally:
+        await store.close()
+
+
 async def test_accept_binds_to_the_files_and_lapses_when_one_changes(tmp_path, ispyb_emulator_factory,
                                                                       db_url, capsys):
     # x0991 is linked to no Fragalysis experiment: deposited, once its files are vouched for, as "other".
@@ -329,6 +341,7 @@ async def test_accept_binds_to_the_files_and_lapses_when_one_changes(tmp_path, i
         assert one.state == "needs_attention" and "the files changed after they were accepted" in one.reason
         assert dep.state == "not_deposited" and "needs_attention" in dep.status_details
         assert sent(served, UPLOAD) == baseline  # nothing of these files was uploaded
+        assert await lapse_signed(config, one.id)  # by the replica whose upload found it (`instance=None`)
 
         # Accepted a third time, files left alone: deposited, exactly once.
         assert (await mirrord(path, "accept", "dataset", str(one.id), "--reason", "final check",
