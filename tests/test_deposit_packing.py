@@ -23,7 +23,7 @@ from mirrord.jobs.base import JobContext, RunResult
 from mirrord.jobs.deposit import DepositJob
 from mirrord.jobs.deposit_policy import Decision
 from mirrord.jobs.person import Stop
-from mirrord.store.models import Dataset, Deposition, utcnow
+from mirrord.store.models import Dataset, utcnow
 from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     add_datasets,
     campaign,
@@ -38,9 +38,11 @@ from tests.test_deposit_steps import (
     Progressed,
     decide_now,
     decided,
+    deposit_job,
     events_of,
     one_step,
     queued,
+    row_of,
     sample,
     set_columns,
 )
@@ -174,25 +176,18 @@ async def test_a_pack_promises_its_size_on_top_of_the_packs_under_way(tmp_path, 
     config = config_for(tmp_path, served)
     dataset_id, dep_id = await queued(config, campaign, tmp_path)
     found, _decision = await decided(config, dataset_id)
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
-    job._spool_promised = under_way = 7 * 1024**2
     promised = []
     real_pack = deposit.pack_for_deposit
-
-    def pack(*args, **kwargs):
-        promised.append(job._spool_promised)
-        return real_pack(*args, **kwargs)
-
-    monkeypatch.setattr(deposit, "pack_for_deposit", pack)
     monkeypatch.setattr(deposit, "free_bytes", lambda directory: 1 << 50)
-    try:
-        async with store.read() as session:
-            dep = await session.get(Deposition, dep_id)
-        await job._pack(dep, RunResult())
-    finally:
-        await job.close()
-        await store.close()
+    async with deposit_job(config) as job:
+        job._spool_promised = under_way = 7 * 1024**2
+
+        def pack(*args, **kwargs):
+            promised.append(job._spool_promised)
+            return real_pack(*args, **kwargs)
+
+        monkeypatch.setattr(deposit, "pack_for_deposit", pack)
+        await job._pack(await row_of(job.store, dep_id), RunResult())
     assert promised == [under_way + found.total_bytes] and job._spool_promised == under_way
     assert (await depositions(config))[dataset_id].state == "packed"
 
@@ -240,38 +235,36 @@ async def test_an_archive_is_read_again_only_by_a_process_that_did_not_pack_it(t
         return real_verify(path, digest, size)
 
     monkeypatch.setattr(deposit, "verify_spool", verify)
-    store = await open_store(config)
-    packer, restarted = (DepositJob(JobContext(config=config, store=store, instance="test")) for _ in range(2))
+    async with deposit_job(config) as packer:
+        store = packer.store
 
-    async def row():
-        async with store.read() as session:
-            return await session.get(Deposition, dep_id)
+        def restarted(instance: str = "test") -> DepositJob:
+            """A process that did not pack the archive, on the same store."""
+            return DepositJob(JobContext(config=config, store=store, instance=instance))
 
-    try:
-        await packer._pack(await row(), RunResult())
-        packed = await row()
+        await packer._pack(await row_of(store, dep_id), RunResult())
+        packed = await row_of(store, dep_id)
         assert packed.state == "packed" and await packer._spool_intact(packed) and read == []
-        assert await restarted._spool_intact(packed) and await restarted._spool_intact(packed)
+        other = restarted()
+        assert await other._spool_intact(packed) and await other._spool_intact(packed)
         assert read == [Path(packed.spool_path).name]
         for missing in ("spool_path", "zst_digest", "zst_size"):
-            incomplete = await row()
+            incomplete = await row_of(store, dep_id)
             setattr(incomplete, missing, None)
-            assert not await DepositJob(JobContext(config=config, store=store, instance="x"))._spool_intact(incomplete)
+            assert not await restarted()._spool_intact(incomplete)
         assert len(read) == 1  # nothing to compare with: not read
         # A read longer than a third of the lease renews the row's lease meanwhile.
         claimed = utcnow() + dt.timedelta(seconds=3)
         await set_columns(config, dep_id, lease_owner="slow", lease_until=claimed)
         slow.append(True)
-        assert await DepositJob(JobContext(config=config, store=store, instance="slow"))._spool_intact(packed)
-        assert (await row()).lease_until > claimed + dt.timedelta(seconds=0.5)
+        assert await restarted("slow")._spool_intact(packed)
+        assert (await row_of(store, dep_id)).lease_until > claimed + dt.timedelta(seconds=0.5)
         slow.clear()
         with open(packed.spool_path, "r+b") as torn:
             torn.truncate(packed.zst_size // 2)
-        assert not await DepositJob(JobContext(config=config, store=store, instance="x"))._spool_intact(packed)
+        assert not await restarted()._spool_intact(packed)
         Path(packed.spool_path).unlink()
-        assert not await packer._spool_intact(packed) and not await restarted._spool_intact(packed)
-    finally:
-        await store.close()
+        assert not await packer._spool_intact(packed) and not await other._spool_intact(packed)
 
 
 # -- the spool sweep -------------------------------------------------------------------------------------------
@@ -292,28 +285,23 @@ async def test_the_sweep_removes_only_the_archives_nothing_needs(tmp_path, campa
     ids = [rows[dataset_id].id for dataset_id in dataset_ids]
     for dep_id, (state, published_at) in zip(ids, [*kept.items(), *removed.items()], strict=True):
         await set_columns(config, dep_id, state=state, published_at=published_at, spool_removed_at=None)
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
-    await job._sweep_spool()  # no spool yet: nothing to do, and no error
-    config.spool_dir.mkdir(parents=True)
-    for dep_id in [*ids, 9999]:  # 9999: its deposition is gone
-        (config.spool_dir / deposit.spool_name(dep_id)).write_bytes(b"archive")
     others = ["notes.txt", f".{deposit.spool_name(ids[0])}.x1y2.part", "deposition-1.tar"]
-    for name in others:
-        (config.spool_dir / name).write_bytes(b"not an archive of a deposition")
 
     class Listed(type(config.spool_dir)):  # lists one more archive, removed meanwhile (another sweep)
         def iterdir(self):
             return [*super().iterdir(), self / deposit.spool_name(ids[-1] + 1)]
 
-    job.spool_dir = Listed(config.spool_dir)
-    before = utcnow()
-    try:
+    async with deposit_job(config) as job:
+        await job._sweep_spool()  # no spool yet: nothing to do, and no error
+        config.spool_dir.mkdir(parents=True)
+        for dep_id in [*ids, 9999]:  # 9999: its deposition is gone
+            (config.spool_dir / deposit.spool_name(dep_id)).write_bytes(b"archive")
+        for name in others:
+            (config.spool_dir / name).write_bytes(b"not an archive of a deposition")
+        job.spool_dir = Listed(config.spool_dir)
+        before = utcnow()
         with capture_logs() as logs:
             await job._sweep_spool()
-    finally:
-        await job.close()
-        await store.close()
     assert spool_files(config) == sorted([deposit.spool_name(i) for i in ids[:len(kept)]] + others)
     after = await depositions(config)
     assert [after[d].spool_removed_at is None for d in dataset_ids] == [True] * len(kept) + [False] * len(removed)
@@ -331,8 +319,6 @@ async def test_a_start_clears_the_temp_files_of_packers_that_died(tmp_path, camp
     those quiet for `STALE_TEMP_AGE` go (`is_sqlite or True` lives on SQLite alone). Other files stay."""
     config = config_for(tmp_path, served, database_url=db_url, spool_dir=str(tmp_path / "scratch" / "spool"))
     assert not config.spool_dir.parent.exists()
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
 
     def temp_files(*ages: float) -> list[Path]:
         made = []
@@ -343,16 +329,13 @@ async def test_a_start_clears_the_temp_files_of_packers_that_died(tmp_path, camp
             made.append(path)
         return made
 
-    try:
+    async with deposit_job(config) as job:
         await job.start()
         (config.spool_dir / "notes.part").write_bytes(b"not ours")
         *fresh, stale = temp_files(0, deposit.STALE_TEMP_AGE - 30, deposit.STALE_TEMP_AGE + 30)
         await job.start()  # a restart
-        assert not stale.exists() and [p.exists() for p in fresh] == [not store.is_sqlite] * 2
+        assert not stale.exists() and [p.exists() for p in fresh] == [not job.store.is_sqlite] * 2
         assert (config.spool_dir / "notes.part").exists()
-    finally:
-        await job.close()
-        await store.close()
 
 
 async def test_the_archive_holds_the_dataset_s_files_and_no_neighbour_s(tmp_path, campaign, emulator,  # noqa: F811

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from mirrord.clients.errors import UpstreamError
 from mirrord.clients.pdis import PdisClient
-from mirrord.jobs.base import JobContext, RunResult
-from mirrord.jobs.deposit import DepositJob
+from mirrord.jobs.base import RunResult
 from mirrord.store.models import Dataset, Deposition, utcnow
 from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     add_datasets,
@@ -27,7 +26,7 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     run,
     served,
 )
-from tests.test_deposit_steps import Notified, set_columns
+from tests.test_deposit_steps import Notified, deposit_job, set_columns
 
 POLL = 600.0  # seconds between two checks of one submission
 
@@ -47,17 +46,22 @@ async def submitted(config, campaign, emulator, tmp_path, count: int) -> list[in
 async def check_round(config, *, notified: Notified | None = None, due_at_once: bool = False) -> RunResult:
     """One round of status checks, all of them due. With `due_at_once`, each submission checked is due
     again at once (a round that takes longer than `poll_interval`)."""
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test", notifier=notified or Notified()))
-    if due_at_once:
-        job._next_check = lambda: utcnow() - dt.timedelta(seconds=1)
     result = RunResult()
-    try:
+    async with deposit_job(config, notified=notified) as job:
+        if due_at_once:
+            job._next_check = lambda: utcnow() - dt.timedelta(seconds=1)
         await asyncio.wait_for(job._check_statuses(result), 60)
-    finally:
-        await job.close()
-        await store.close()
     return result
+
+
+async def all_due(config) -> None:
+    """Every deposition's next status check due now."""
+    store = await open_store(config)
+    try:
+        async with store.write() as session:
+            await session.execute(update(Deposition).values(next_attempt_at=None))
+    finally:
+        await store.close()
 
 
 def asked(server) -> list[str]:
@@ -73,9 +77,8 @@ async def test_a_round_asks_about_each_submission_once(tmp_path, campaign, emula
     ends (each checked one is here), then schedules the next check `poll_interval` later; a status that
     moved is recorded with PDIS's words and counted."""
     config = config_for(tmp_path, served, poll_interval=POLL)
-    ids = await submitted(config, campaign, emulator, tmp_path, 3)
-    for dep_id in ids:
-        await set_columns(config, dep_id, next_attempt_at=None)
+    await submitted(config, campaign, emulator, tmp_path, 3)
+    await all_due(config)
     tokens = {r.upload_token for r in (await depositions(config)).values()}
     served.requests.clear()
     await check_round(config, due_at_once=True)
@@ -97,8 +100,7 @@ async def test_a_round_asks_about_each_submission_once(tmp_path, campaign, emula
     published, validated, _ = rows
     emulator.set_status(published.upload_token, "published")
     emulator.set_status(validated.upload_token, "validated")
-    for dep_id in ids:
-        await set_columns(config, dep_id, next_attempt_at=None)
+    await all_due(config)
     result = await check_round(config)
     assert await last_reason(config, published.id) == "PDIS status published"
     assert await last_reason(config, validated.id) == "PDIS status validated"
@@ -111,8 +113,7 @@ async def test_a_submission_gone_from_pdis_needs_a_person(tmp_path, campaign, em
     who is told why; the round goes on to the others and nothing fails."""
     config = config_for(tmp_path, served, poll_interval=POLL)
     gone, other = await submitted(config, campaign, emulator, tmp_path, 2)
-    for dep_id in (gone, other):
-        await set_columns(config, dep_id, next_attempt_at=None)
+    await all_due(config)
     await set_columns(config, gone, upload_token="0" * 32)  # a token PDIS never gave (or deleted since)
     notified = Notified()
     result = await check_round(config, notified=notified)
@@ -132,9 +133,8 @@ async def test_an_outage_mid_round_hands_the_rest_back_for_the_next_interval(tmp
     recorded; it and the two not checked stay `submitted`, released, asked about `poll_interval` later,
     no attempt spent on any."""
     config = config_for(tmp_path, served, poll_interval=POLL)
-    ids = await submitted(config, campaign, emulator, tmp_path, 3)
-    for dep_id in ids:
-        await set_columns(config, dep_id, next_attempt_at=None)
+    await submitted(config, campaign, emulator, tmp_path, 3)
+    await all_due(config)
     calls = []
     real = PdisClient.submission
 
@@ -179,7 +179,7 @@ async def test_a_round_leases_its_submissions_a_batch_at_a_time(tmp_path, campai
                 await session.flush()
                 session.add(Deposition(**{c.key: getattr(dep, c.key) for c in Deposition.__table__.columns
                                           if c.key not in ("id", "dataset_id")}, dataset_id=copy.id))
-            await session.execute(Deposition.__table__.update().values(next_attempt_at=None))
+        await all_due(config)
         leased = []
         real = PdisClient.submission
 
@@ -206,14 +206,9 @@ async def test_a_poll_counts_the_publications_it_hears_of(tmp_path, campaign, em
     [dep_id] = await submitted(config, campaign, emulator, tmp_path, 1)
     [row] = (await depositions(config)).values()
     emulator.set_status(row.upload_token, "published")
-    await set_columns(config, dep_id, next_attempt_at=None)
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    await all_due(config)
     result = RunResult()
-    try:
+    async with deposit_job(config) as job:
         await job.poll(result)
-    finally:
-        await job.close()
-        await store.close()
     assert [r.state for r in (await depositions(config)).values()] == ["published"]
     assert result.counters["published"] == 1 and result.failures == []

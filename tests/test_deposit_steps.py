@@ -9,7 +9,9 @@ own effect (a row's columns, a file, a counter, the requests PDIS received), not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -54,15 +56,30 @@ async def decided(config, dataset_id: int):
         await store.close()
 
 
-async def decide_now(config) -> None:
-    """The job's decision pass alone: datasets get their depositions, nothing is packed."""
+@contextlib.asynccontextmanager
+async def deposit_job(config, *, instance: str = "test", notified: Notified | None = None,
+                      progress: Progressed | None = None) -> AsyncIterator[DepositJob]:
+    """The deposit job on the test's store, not started (no pass, no sweep); job and store closed after."""
     store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
+    job = DepositJob(JobContext(config=config, store=store, instance=instance, notifier=notified or NoNotifier(),
+                                progress=progress or NoProgress()))
     try:
-        await job._decide(RunResult())
+        yield job
     finally:
         await job.close()
         await store.close()
+
+
+async def row_of(store, deposition_id: int) -> Deposition:
+    """A deposition as a worker's claim hands it to a step."""
+    async with store.read() as session:
+        return await session.get(Deposition, deposition_id)
+
+
+async def decide_now(config) -> None:
+    """The job's decision pass alone: datasets get their depositions, nothing is packed."""
+    async with deposit_job(config) as job:
+        await job._decide(RunResult())
 
 
 async def queued(config, campaign, tmp_path: Path) -> tuple[int, int]:  # noqa: F811
@@ -153,28 +170,20 @@ async def one_step(config, step: str, deposition_id: int, decision: Decision | N
                    progress: Progressed | None = None, repeat: int = 1) -> RunResult:
     """Run one of the job's item steps on one row, outside any pass (no sweep, no status poll after it).
     With `decision`, the policy answers that instead of deciding; with `stop`, a person's decisions do."""
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test", notifier=notified or NoNotifier(),
-                                progress=progress or NoProgress()))
-    if decision is not None:
-        async def current(dep):
-            async with store.read() as session:
-                found, _ = await decision_for(session, dep.dataset_id, config.pdis)
-            return found, decision
-        job._current = current
-    if stop is not None:
-        async def person(dep, facts, decision, step):
-            return stop
-        job._person = person
     result = RunResult()
-    try:
+    async with deposit_job(config, notified=notified, progress=progress) as job:
+        if decision is not None:
+            async def current(dep):
+                async with job.store.read() as session:
+                    found, _ = await decision_for(session, dep.dataset_id, config.pdis)
+                return found, decision
+            job._current = current
+        if stop is not None:
+            async def person(dep, facts, decision, step):
+                return stop
+            job._person = person
         for _ in range(repeat):  # the same job again: what it remembers between runs
-            async with store.read() as session:
-                dep = await session.get(Deposition, deposition_id)
-            await getattr(job, step)(dep, result)
-    finally:
-        await job.close()
-        await store.close()
+            await getattr(job, step)(await row_of(job.store, deposition_id), result)
     return result
 
 
@@ -809,21 +818,15 @@ async def test_a_failed_step_costs_its_item_an_attempt_and_a_lost_lease_none(tmp
     too, named by its type, and logged with its traceback. None of them stops the loop."""
     config = config_for(tmp_path, served)
     dataset_id, dep_id = await queued(config, campaign, tmp_path)
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
 
     async def failing(dep, result):
         raise error
 
     result = RunResult()
-    try:
-        async with store.read() as session:
-            dep = await session.get(Deposition, dep_id)
+    async with deposit_job(config) as job:
+        dep = await row_of(job.store, dep_id)
         with capture_logs() as logs:
             await job._step(dep, failing, result)
-    finally:
-        await job.close()
-        await store.close()
     row = (await depositions(config))[dataset_id]
     assert (row.state, row.attempts, row.last_error) == ("queued", attempts, said)
     # The run counts each failure and lists it (job_runs, `once`'s problems): `fail(..., result=None)`.
@@ -847,20 +850,15 @@ async def test_a_hold_is_asked_before_each_write_and_said_once_a_run(tmp_path, s
     from mirrord.store import decisions
 
     config = config_for(tmp_path, served)
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
     result = RunResult()
-    try:
+    async with deposit_job(config) as job:
         assert not await job._held(result)
-        async with store.write() as session:
+        async with job.store.write() as session:
             await decisions.record(session, "job", "pdis", "hold", reason="PDIS maintenance", actor="ada")
         with capture_logs() as logs:
             assert [await job._held(result) for _ in range(3)] == [True] * 3
         with capture_logs() as again:
             assert await job._held(RunResult())  # a new run says it again
-    finally:
-        await job.close()
-        await store.close()
     [said] = [e["hold"] for e in logs if e["event"] == "pdis.held"]
     assert "ada" in said and "PDIS maintenance" in said
     assert [e["hold"] for e in again if e["event"] == "pdis.held"] == [said]
@@ -871,12 +869,7 @@ async def test_a_step_whose_dataset_is_gone_says_which(tmp_path, served):  # noq
     """Kills `_current`'s `RuntimeError(None)`: a deposition whose dataset vanished between its claim and
     its step (deleted meanwhile) fails with words that name both, for the item's `last_error`."""
     config = config_for(tmp_path, served)
-    store = await open_store(config)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
-    try:
+    async with deposit_job(config) as job:
         with pytest.raises(RuntimeError) as gone:
             await job._current(Deposition(id=7, dataset_id=70, state="queued"))
-    finally:
-        await job.close()
-        await store.close()
     assert str(gone.value) == "dataset 70 of deposition 7 is gone"
