@@ -13,7 +13,7 @@ from sqlalchemy import insert, select, update
 from structlog.testing import capture_logs
 
 from mirrord.jobs import deposit_policy
-from mirrord.jobs.base import JobContext, RunResult
+from mirrord.jobs.base import JobContext, NoNotifier, Notifier, RunResult
 from mirrord.jobs.deposit import DepositJob
 from mirrord.jobs.deposit_policy import DECIDED_KEY, WATERMARK_MARGIN, decided_since
 from mirrord.store import Store, migrate
@@ -30,6 +30,13 @@ QUIET = 2 * deposit_policy.PAGE + 200
 def config_for(tmp_path: Path, db_url: str, **pdis):
     return make_config(tmp_path, daemon={"database_url": db_url},
                        pdis={"enabled": True, "url": "http://127.0.0.1:9", "username": "u", "password": "p", **pdis})
+
+
+def job_on(store: Store, tmp_path: Path, db_url: str, *, instance: str = "test", notifier: Notifier | None = None,
+           **pdis) -> DepositJob:
+    """The deposit job deciding on `store` under the policy `pdis` sets, as replica `instance`."""
+    return DepositJob(JobContext(config=config_for(tmp_path, db_url, **pdis), store=store, instance=instance,
+                                 notifier=notifier or NoNotifier()))
 
 
 def dataset_row(n: int, **values) -> dict:
@@ -56,10 +63,8 @@ async def year(tmp_path: Path, db_url: str):
             for i in range(1, 5)])
         await session.execute(insert(Dataset), [dataset_row(n) for n in range(1, QUIET + 1)] + [
             dataset_row(QUIET + i, experiment_id=i) for i in (1, 2, 3, 4)] + [dataset_row(QUIET + 5, experiment_id=4)])
-    config = config_for(tmp_path, db_url)
-    job = DepositJob(JobContext(config=config, store=store, instance="test"))
     try:
-        yield job
+        yield job_on(store, tmp_path, db_url)
     finally:
         await store.close()
 
@@ -145,8 +150,7 @@ async def test_a_policy_change_decides_everything_again(year: DepositJob, tmp_pa
             await age(year)
         assert (await decide(year)).counters["considered"] < 10
     assert deciding_all(logs) == [QUIET + 5]
-    changed = DepositJob(JobContext(config=config_for(tmp_path, db_url, min_images=1000), store=year.store,
-                                    instance="test"))
+    changed = job_on(year.store, tmp_path, db_url, min_images=1000)
     with capture_logs() as logs:
         assert (await decide(changed)).counters["considered"] == QUIET + 5
     assert deciding_all(logs) == [QUIET + 5]
@@ -350,8 +354,7 @@ async def test_a_pass_records_new_decisions_counts_them_and_tells_of_attention(s
     async with small.write() as session:
         await session.execute(update(Experiment).values(pdb_code="5ABC"))
     notified = Notified()
-    job = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes)), store=small,
-                                instance="replica-2", notifier=notified))
+    job = job_on(small, tmp_path, db_url, instance="replica-2", notifier=notified, pdb_codes_file=str(codes))
     result = await decide(job)
     assert {k: v for k, v in result.counters.items() if k.startswith("decided_")} == {
         "decided_not_deposited": 1, "decided_needs_attention": 1, "decided_queued": 1}
@@ -371,8 +374,7 @@ async def test_a_deposition_that_moved_since_it_was_read_is_left_to_its_worker(s
     worker packed before the decision was written keeps its state; the worker's own re-check decides it."""
     codes = tmp_path / "codes.csv"
     codes.write_text("X00003,6ABC\n")
-    job = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes)), store=small,
-                                instance="test"))
+    job = job_on(small, tmp_path, db_url, pdb_codes_file=str(codes))
     await decide(job)
     async with small.read() as session:
         facts, _ = await deposit_policy.decision_for(session, 3, job.section)
@@ -391,8 +393,7 @@ async def test_lifting_the_approval_gate_sends_the_waiting_on_to_their_upload(sm
     `packed`, where its upload re-checks the rest, and signs the move."""
     codes = tmp_path / "codes.csv"
     codes.write_text("X00003,6ABC\n")
-    gated = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes), approval="required"),
-                                  store=small, instance="test"))
+    gated = job_on(small, tmp_path, db_url, pdb_codes_file=str(codes), approval="required")
     await decide(gated)
     waiting = "waiting for a person's approval ([pdis] approval = \"required\")"
     async with small.write() as session:
@@ -402,8 +403,7 @@ async def test_lifting_the_approval_gate_sends_the_waiting_on_to_their_upload(sm
     await decide(gated)
     assert (await states(gated))[3] == ("awaiting_approval", waiting)
 
-    lifted = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes), approval="none"),
-                                   store=small, instance="replica-2"))
+    lifted = job_on(small, tmp_path, db_url, instance="replica-2", pdb_codes_file=str(codes), approval="none")
     assert (await decide(lifted)).counters["decided_packed"] == 1
     assert (await states(lifted))[3] == ("packed", "X00003 has PDB code 6ABC in the pdb_codes_file")
     async with small.read() as session:
@@ -422,8 +422,7 @@ async def test_a_decided_deposition_that_now_needs_a_person_is_told_of(small: St
     codes = tmp_path / "codes.csv"
     codes.write_text("X00003,6ABC\n")
     notified = Notified()
-    job = DepositJob(JobContext(config=config_for(tmp_path, db_url, pdb_codes_file=str(codes)), store=small,
-                                instance="test", notifier=notified))
+    job = job_on(small, tmp_path, db_url, notifier=notified, pdb_codes_file=str(codes))
     await decide(job)
     assert (await states(job))[2][0] == (await states(job))[3][0] == "queued" and notified.items == []
     codes.write_text("X00003,6ABC\nE1,6DEF\n")
