@@ -431,3 +431,83 @@ async def test_a_decided_deposition_that_now_needs_a_person_is_told_of(small: St
         dep_id = await session.scalar(select(Deposition.id).where(Deposition.dataset_id == 2))
     state, why = (await states(job))[2]
     assert state == "needs_attention" and notified.items == [("deposition", str(dep_id), "needs_attention", why)]
+
+
+# -- which datasets a pass decides again (the mutants of `_rival_ids`, `_always_states` and the fingerprint) ---
+SINCE = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+
+
+async def changed_only(store: Store, dataset_ids: set[int]) -> None:
+    """Every row last written a day before SINCE, but these datasets, written at SINCE."""
+    async with store.write() as session:
+        for model in (Dataset, Experiment, Deposition):
+            await session.execute(update(model).values(updated_at=SINCE - dt.timedelta(days=1)))
+        await session.execute(update(Dataset).where(Dataset.id.in_(dataset_ids)).values(updated_at=SINCE))
+
+
+async def test_a_changed_dataset_brings_every_rival_for_each_code_it_had(store: Store, tmp_path: Path,
+                                                                       db_url: str) -> None:
+    """Kills `_rival_ids`' `func.lower` (of the experiment's code and of the deposition's), its codes of
+    experiments and depositions without one (None among the codes), `discard("")` changed, and its
+    pdb_codes_file left unread: a dataset that changed brings back every unchanged one competing with it,
+    by its experiment's code whatever its case, by the code its deposition was last decided for, and by
+    the person's file; an empty code is no code and makes no rivals."""
+    codes = tmp_path / "codes.csv"
+    codes.write_text("X00008,5ABC\n")
+    section = config_for(tmp_path, db_url, pdb_codes_file=str(codes)).pdis
+    pdb = {1: "5abc", 2: "5ABC", 3: None, 4: "", 5: "", 6: "6DEF", 7: "7OLD"}
+    async with store.write() as session:
+        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
+        session.add(Target(id=1, name="A71", tas="lb1-1"))
+        await session.flush()
+        await session.execute(insert(Experiment), [{"id": i, "target_id": 1, "upload_index": 1, "code": f"E{i}",
+                                                    "pdb_code": code} for i, code in pdb.items()])
+        await session.execute(insert(Dataset), [dataset_row(n, experiment_id=n) for n in pdb]
+                              + [dataset_row(8), dataset_row(9)])
+        # 6 was decided for 7OLD before its experiment's code changed; 3 was decided not to go (no code).
+        session.add_all([Deposition(dataset_id=6, state="not_deposited", pdb_code="7OLD"),
+                         Deposition(dataset_id=3, state="not_deposited")])
+    await changed_only(store, {1, 3, 4, 6})
+    async with store.read() as session:
+        # 2 and 8 compete with 1 for 5ABC (by the experiment, by the file), 7 with 6 for 7OLD; 5 with nobody.
+        assert await deposit_policy.undecided_ids(session, section, SINCE) == [1, 2, 3, 4, 6, 7, 8]
+
+
+async def test_a_pass_always_decides_what_is_about_to_leave_the_host(store: Store, tmp_path: Path,
+                                                                    db_url: str) -> None:
+    """Kills every mutant of `_always_states`' names: a deposition queued, packed, waiting for approval or
+    dry-run (and, with `allow_additional_datasets`, one PDIS said holds its code) is decided on every
+    pass, changed or not, the last chance before its archive leaves; those at rest are not."""
+    always = ["queued", "packed", "awaiting_approval", "dry_run"]
+    at_rest = ["not_deposited", "published", "needs_attention", "submitted", "already_in_pdis"]
+    async with store.write() as session:
+        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
+        await session.flush()
+        await session.execute(insert(Dataset), [dataset_row(n) for n in range(1, len(always + at_rest) + 1)])
+        session.add_all([Deposition(dataset_id=n, state=state) for n, state in enumerate(always + at_rest, start=1)])
+    await changed_only(store, set())
+    async with store.read() as session:
+        assert await deposit_policy.undecided_ids(session, config_for(tmp_path, db_url).pdis, SINCE) == [1, 2, 3, 4]
+        allowed = config_for(tmp_path, db_url, allow_additional_datasets=True).pdis
+        assert await deposit_policy.undecided_ids(session, allowed, SINCE) == [1, 2, 3, 4, len(always + at_rest)]
+
+
+async def test_an_edit_of_the_pdb_codes_file_decides_everything_again(small: Store, tmp_path: Path,
+                                                                     db_url: str) -> None:
+    """Kills `policy_fingerprint` without the file's own fingerprint (None, or the file left unread): the
+    same file, edited, is a new policy (no row changes when a person adds a code), so the next pass
+    decides everything; a pass recorded under it is then valid again."""
+    codes = tmp_path / "codes.csv"
+    codes.write_text("X00001,6ABC\n")
+    section = config_for(tmp_path, db_url, pdb_codes_file=str(codes)).pdis
+    async with small.write() as session:
+        await deposit_policy.record_pass(session, section, SINCE)
+    async with small.read() as session:
+        assert await decided_since(session, section) == SINCE - WATERMARK_MARGIN
+    codes.write_text("X00001,6ABC\nX00003,7ABC\n")
+    async with small.read() as session:
+        assert await decided_since(session, section) is None
+    async with small.write() as session:
+        await deposit_policy.record_pass(session, section, SINCE)
+    async with small.read() as session:
+        assert await decided_since(session, section) == SINCE - WATERMARK_MARGIN
