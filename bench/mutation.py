@@ -3,6 +3,7 @@
     bench/mutation.sh                              every module of [tool.mirrord.mutation] in pyproject.toml
     bench/mutation.sh mirrord/archive/extract.py   one module
     bench/mutation.sh mirrord/jobs/deposit.py --only '*ǁDepositJobǁ_submit__*'   some of its functions
+    bench/mutation.sh mirrord/jobs/deposit.py --resume    the rest, keeping the verdicts of the last run
 
 mutmut 3 makes one small change at a time (a mutant) and runs the tests that reached the changed
 function; a mutant is killed when one of them fails. Each module runs in its own scratch directory,
@@ -16,9 +17,9 @@ the surviving mutants by name (`mutmut show NAME`, run in the module's directory
 and those listed as equivalent in docs/mutation-equivalents.md. The scores go to
 bench/out/mutation/scores.json as well.
 
-To check survivors again after writing tests for them, without running the whole module: copy the
-test files into the module's directory (tests/ and mutants/tests/), then `python -m mutmut run NAME...`
-and `python -m mutmut results --all true` there.
+To check survivors again after writing tests for them, without running the whole module:
+`bench/mutation.sh MODULE --resume --only NAME...` (or, by hand: copy the test files into the module's
+directory, tests/ and mutants/tests/, then `python -m mutmut run NAME...` there).
 """
 
 from __future__ import annotations
@@ -56,12 +57,20 @@ def narrowed_pyproject(module: str, tests: list[str], shared: dict) -> str:
     return text + "\n" + "\n".join(lines) + "\n"
 
 
-def scratch(module: str, tests: list[str], shared: dict) -> Path:
+def scratch(module: str, tests: list[str], shared: dict, *, resume: bool = False) -> Path:
+    """The module's directory, anew; with `resume`, the last run's, its verdicts kept and its sources and
+    tests brought up to date (mutmut tests again the mutants of a function whose code changed, and maps
+    new tests to the functions they reach)."""
     work = OUT / module.removesuffix(".py").replace("/", ".")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    shutil.copytree(ROOT / "mirrord", work / "mirrord", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    if not (resume and (work / "mutants").is_dir()):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    for tree in ("mirrord", "tests"):
+        shutil.rmtree(work / tree, ignore_errors=True)
+        shutil.copytree(ROOT / tree, work / tree, ignore=shutil.ignore_patterns("__pycache__"))
+    if resume and (work / "mutants").is_dir():
+        shutil.rmtree(work / "mutants" / "tests", ignore_errors=True)
+        shutil.copytree(ROOT / "tests", work / "mutants" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     (work / "pyproject.toml").write_text(narrowed_pyproject(module, tests, shared))
     return work
 
@@ -80,12 +89,13 @@ def results(work: Path) -> dict[str, str]:
     return dict(line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
 
 
-def run_module(module: str, tests: list[str], shared: dict, children: int, only: list[str]) -> dict:
+def run_module(module: str, tests: list[str], shared: dict, children: int, only: list[str],
+               resume: bool = False) -> dict:
     # Entries are pytest arguments: test files (checked here), and options such as ["-k", "not slow"].
     missing = [t for t in tests if t.endswith(".py") and not (ROOT / t).exists()]
     if missing:
         raise SystemExit(f"{module}: listed test files do not exist: {missing}")
-    work = scratch(module, tests, shared)
+    work = scratch(module, tests, shared, resume=resume)
     started = dt.datetime.now(dt.UTC)
     with open(work / "mutmut.log", "w") as log:
         done = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *only],
@@ -125,6 +135,9 @@ def main() -> int:
                         help="mutants tested at once (default 2, or $MUTATION_CHILDREN)")
     parser.add_argument("--only", action="append", default=[], metavar="GLOB",
                         help="only the mutants whose names match (mutmut's names, e.g. '*ǁDepositJobǁ_submit__*')")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the module's last run: keep its verdicts and test only the mutants "
+                             "without one (with --only, those named are tested again)")
     args = parser.parse_args()
     modules, shared = modules_and_config()
     unknown = [m for m in args.modules if m not in modules]
@@ -133,7 +146,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     scores_file = OUT / "scores.json"
     for module in args.modules or list(modules):
-        score = run_module(module, modules[module], shared, args.children, args.only)
+        score = run_module(module, modules[module], shared, args.children, args.only, args.resume)
         # Read again just before writing: another run (another module) may have added its score.
         scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
         scores_file.write_text(json.dumps({**scores, module: score}, indent=2) + "\n")

@@ -447,37 +447,39 @@ async def changed_only(store: Store, dataset_ids: set[int]) -> None:
 
 async def test_a_changed_dataset_brings_every_rival_for_each_code_it_had(store: Store, tmp_path: Path,
                                                                        db_url: str) -> None:
-    """Kills `_rival_ids`' `func.lower` (of the experiment's code and of the deposition's), its codes of
-    experiments and depositions without one (None among the codes), `discard("")` changed, and its
-    pdb_codes_file left unread: a dataset that changed brings back every unchanged one competing with it,
+    """Kills `_rival_ids`' `func.lower` (of the experiment's code and of the deposition's), its queries'
+    `is_not(None)` as None (nothing found), `discard("")` changed, and its pdb_codes_file left unread; and
+    `_competing`'s file codes taken for the wrong codes, with no filter, or by the wrong experiments: a dataset that changed brings back every unchanged one competing with it,
     by its experiment's code whatever its case, by the code its deposition was last decided for, and by
     the person's file; an empty code is no code and makes no rivals."""
     codes = tmp_path / "codes.csv"
-    codes.write_text("X00008,5ABC\n")
+    codes.write_text("X00008,5ABC\ne10,5ABC\n")
     section = config_for(tmp_path, db_url, pdb_codes_file=str(codes)).pdis
-    pdb = {1: "5abc", 2: "5ABC", 3: None, 4: "", 5: "", 6: "6DEF", 7: "7OLD"}
+    pdb = {1: "5abc", 2: "5ABC", 3: None, 4: "", 5: "", 6: "6DEF", 7: "7OLD", 10: None}
     async with store.write() as session:
         session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
         session.add(Target(id=1, name="A71", tas="lb1-1"))
         await session.flush()
         await session.execute(insert(Experiment), [{"id": i, "target_id": 1, "upload_index": 1, "code": f"E{i}",
                                                     "pdb_code": code} for i, code in pdb.items()])
-        await session.execute(insert(Dataset), [dataset_row(n, experiment_id=n) for n in pdb]
-                              + [dataset_row(8), dataset_row(9)])
+        await session.execute(insert(Dataset), [dataset_row(n, id=n, experiment_id=n) for n in pdb]
+                              + [dataset_row(8, id=8), dataset_row(9, id=9)])
         # 6 was decided for 7OLD before its experiment's code changed; 3 was decided not to go (no code).
         session.add_all([Deposition(dataset_id=6, state="not_deposited", pdb_code="7OLD"),
                          Deposition(dataset_id=3, state="not_deposited")])
     await changed_only(store, {1, 3, 4, 6})
     async with store.read() as session:
-        # 2 and 8 compete with 1 for 5ABC (by the experiment, by the file), 7 with 6 for 7OLD; 5 with nobody.
-        assert await deposit_policy.undecided_ids(session, section, SINCE) == [1, 2, 3, 4, 6, 7, 8]
+        # 2, 8 and 10 compete with 1 for 5ABC (by the experiment; by the file, for the sample and for the
+        # experiment), 7 with 6 for 7OLD; 5 and 9 with nobody.
+        assert await deposit_policy.undecided_ids(session, section, SINCE) == [1, 2, 3, 4, 6, 7, 8, 10]
 
 
 async def test_a_pass_always_decides_what_is_about_to_leave_the_host(store: Store, tmp_path: Path,
                                                                     db_url: str) -> None:
-    """Kills every mutant of `_always_states`' names: a deposition queued, packed, waiting for approval or
-    dry-run (and, with `allow_additional_datasets`, one PDIS said holds its code) is decided on every
-    pass, changed or not, the last chance before its archive leaves; those at rest are not."""
+    """Kills every mutant of `_always_states`' names, and `undecided_ids` deciding again what changed
+    without `_undecided_where`: a deposition queued, packed, waiting for approval or dry-run (and, with
+    `allow_additional_datasets`, one PDIS said holds its code) is decided on every pass, changed or not,
+    the last chance before its archive leaves; those at rest are not, even when they changed."""
     always = ["queued", "packed", "awaiting_approval", "dry_run"]
     at_rest = ["not_deposited", "published", "needs_attention", "submitted", "already_in_pdis"]
     async with store.write() as session:
@@ -490,6 +492,12 @@ async def test_a_pass_always_decides_what_is_about_to_leave_the_host(store: Stor
         assert await deposit_policy.undecided_ids(session, config_for(tmp_path, db_url).pdis, SINCE) == [1, 2, 3, 4]
         allowed = config_for(tmp_path, db_url, allow_additional_datasets=True).pdis
         assert await deposit_policy.undecided_ids(session, allowed, SINCE) == [1, 2, 3, 4, len(always + at_rest)]
+    # Changed, those whose decision can no longer change stay out: a published or submitted deposition,
+    # one waiting for a person (they settle it), and one PDIS holds the code of unless more are allowed.
+    await changed_only(store, set(range(1, len(always + at_rest) + 1)))
+    async with store.read() as session:
+        assert await deposit_policy.undecided_ids(session, config_for(tmp_path, db_url).pdis, SINCE) == [1, 2, 3, 4, 5]
+        assert await deposit_policy.undecided_ids(session, allowed, SINCE) == [1, 2, 3, 4, 5, len(always + at_rest)]
 
 
 async def test_an_edit_of_the_pdb_codes_file_decides_everything_again(small: Store, tmp_path: Path,
