@@ -24,6 +24,7 @@ from mirrord.jobs.deposit_policy import (
     decision_for,
     needs_equipment,
     plan,
+    policy_fingerprint,
     render_title,
     resolve_equipment,
 )
@@ -287,3 +288,14 @@ async def test_the_facts_are_read_whole_from_the_store(tmp_path, campaign, serve
         deposition_state="uploaded", uploaded=True, submitted=False)
     assert found.protein_acronym and found.total_bytes and found.files and found.collected_at is not None
     assert found.collected_at != row.start  # the end time, not the start
+
+
+def test_a_policy_s_fingerprint_is_its_settings_not_their_order():
+    """Kills `policy_fingerprint`'s `sort_keys` off: the same equipment table written in another order is
+    the same policy (a full decision pass for nothing otherwise); a changed entry is another."""
+    first = {"I04-1": {"synchrotron_id": 1, "beamline_id": 7}, "I03": {"synchrotron_id": 1, "beamline_id": 3}}
+    again = dict(reversed(first.items()))
+    assert list(again) != list(first)
+    assert policy_fingerprint(PdisSection(equipment=first)) == policy_fingerprint(PdisSection(equipment=again))
+    moved = {**first, "I03": {"synchrotron_id": 1, "beamline_id": 4}}
+    assert policy_fingerprint(PdisSection(equipment=moved)) != policy_fingerprint(PdisSection(equipment=first))
