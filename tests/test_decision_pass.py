@@ -330,7 +330,8 @@ async def test_a_pass_keeps_a_later_watermark_of_the_same_policy(small: Store, t
 async def test_plan_on_a_store_before_any_deposition_and_with_a_codes_file(small: Store, tmp_path: Path,
                                                                           db_url: str) -> None:
     """Kills `plan`'s codes file left unread and `--all` without `_considered()` (an incomplete collection
-    without a deposition is not listed), on a store where nothing was decided yet (no deposition)."""
+    without a deposition is not listed), on a store where nothing was decided yet (no deposition); and
+    `decision_for` (the re-check before the upload and the submit) with the codes file left unread."""
     codes = tmp_path / "codes.csv"
     codes.write_text("X00003,6ABC\n")
     section = config_for(tmp_path, db_url, pdb_codes_file=str(codes)).pdis
@@ -340,6 +341,9 @@ async def test_plan_on_a_store_before_any_deposition_and_with_a_codes_file(small
         everything = [e async for e in deposit_policy.plan(session, section, everything=True)]
     assert [e.facts.dataset_id for e in entries] == [e.facts.dataset_id for e in everything] == [1, 2, 3]
     assert {e.facts.dataset_id: e.decision.pdb_code for e in entries} == {1: None, 2: None, 3: "6ABC"}
+    async with small.read() as session:
+        _facts, decision = await deposit_policy.decision_for(session, 3, section)
+    assert decision.summary == "deposit as 6ABC"
 
 
 # -- what a pass records (the mutants of `_record_decisions` that lived) --------------------------------------

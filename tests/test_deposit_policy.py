@@ -72,8 +72,15 @@ ALL = {"deposit": "all", "authors": "Smith J."}
      "not deposited: title 'lb1234-56' is shorter than 10 characters"),
     ({**ALL, "title_template": "{visit}"}, {"session_name": "lb1234-567"}, "deposit as other: 'lb1234-567'"),
     ({**ALL, "authors": "   "}, {}, "not deposited: authors is not configured (required without a PDB code)"),
+    # A person's file that agrees with Fragalysis, whatever the case, is no conflict; one that disagrees is.
+    ({}, {"pdb_code": "5abc", "listed_pdb": "5ABC", "experiment_code": "X"}, "deposit as 5ABC"),
+    ({}, {"pdb_code": "5abc", "listed_pdb": "6DEF", "experiment_code": "X"},
+     "not deposited: Fragalysis gives experiment X PDB code 5ABC, the pdb_codes_file gives 6DEF: correct the file, "
+     "or dismiss the deposition"),
 ])
 def test_policy_edges(section, overrides, expected):
+    """Also kills `decide`'s `.lower()` for `.upper()` in the comparison with the file, and the conflict's
+    words and its `deposit=None`."""
     decision = decide(facts(**overrides), PdisSection(**section))
     assert decision.summary == expected
     assert decision.deposit is expected.startswith("deposit as")  # a bool: `plan --json` prints it
@@ -88,6 +95,10 @@ def test_a_deposit_without_pdb_code_carries_title_and_stripped_authors():
     linked = decide(facts(pdb_code="5abc", experiment_code="X"), PdisSection())
     assert (linked.dataset_type, linked.pdb_code, linked.title, linked.authors) == ("pdb", "5ABC", None, None)
     assert linked.reason == "linked to X with PDB code 5abc" and not needs_equipment(linked)
+    # A code from the person's file is a PDB deposition too (kills its "pdb" dataset type changed).
+    listed = decide(facts(listed_pdb="6ABC"), PdisSection())
+    assert (listed.dataset_type, listed.pdb_code, listed.title, listed.authors) == ("pdb", "6ABC", None, None)
+    assert listed.reason == "A71EV2A-x0152 has PDB code 6ABC in the pdb_codes_file" and not needs_equipment(listed)
 
 
 def test_the_default_title_tells_two_sweeps_of_one_sample_apart():
@@ -127,7 +138,10 @@ def test_every_offered_placeholder_is_filled_in():
 
 def test_a_template_that_escaped_validation_never_crashes_the_decision():
     section = PdisSection(**ALL).model_copy(update={"title_template": "{nope}"})
-    assert decide(facts(), section).summary == "not deposited: title_template cannot be filled in: 'nope'"
+    """Also kills its `deposit=None` (`plan --json` prints a bool)."""
+    decision = decide(facts(), section)
+    assert decision.summary == "not deposited: title_template cannot be filled in: 'nope'"
+    assert decision.deposit is False
 
 
 def test_titles_collapse_the_blanks_that_empty_fields_leave():
@@ -161,6 +175,8 @@ def winners(group, **section: Any) -> list[int]:
 
 
 def test_one_winner_per_pdb_code_by_stage_then_preference():
+    """Also kills `decide_all`'s `stage >= 2` as `> 2` or `>= 3`, and `_superseded`'s words for a person's
+    choice: what cannot be taken back beats a person's choice, which beats every preference."""
     older, newer = rival(1, 0), rival(2, 15)
     assert winners([older, newer]) == [2] and winners([older, newer], prefer="oldest") == [1]
     # The same end time: the higher collection id is the newer one.
@@ -174,6 +190,10 @@ def test_one_winner_per_pdb_code_by_stage_then_preference():
     assert winners([sent, newer]) == [1]
     final = replace(newer, deposition_state="submitted", deposition_id=12)
     assert winners([sent, final]) == [2]
+    chosen = replace(older, deposition_state="queued", deposition_id=14, chosen=True)
+    assert winners([chosen, newer]) == [1] and winners([chosen, final]) == [2]
+    assert decide_all([chosen, newer], PdisSection())[2].reason == \
+        "superseded by collection 90401 (chosen by a person) for PDB 5ABC"
     # One that stopped locally (-1) competes no more (it supersedes nobody; the job leaves it where it
     # rests), nor does one the policy refuses.
     stopped = replace(newer, deposition_state="needs_attention", deposition_id=13)
@@ -255,8 +275,8 @@ async def test_a_submitted_rival_holds_its_code_after_its_dataset_changed(tmp_pa
 
 
 async def test_the_facts_are_read_whole_from_the_store(tmp_path, campaign, served):  # noqa: F811
-    """Kills the mutants of `_facts` that drop or replace one field: every fact the policy (and the
-    packer) reads, from the dataset, its experiment and its deposition."""
+    """Kills the mutants of `_facts` that drop or replace one field (the run number too, which titles may
+    name): every fact the policy (and the packer) reads, from the dataset, its experiment and its deposition."""
     config = config_for(tmp_path, served)
     col = next(c for c in campaign.collections if campaign.experiment(c.sample)[1].pdb_code)
     [dataset_id] = await add_datasets(config, campaign, tmp_path / "dls", [col])
@@ -266,6 +286,7 @@ async def test_the_facts_are_read_whole_from_the_store(tmp_path, campaign, serve
             deposition = Deposition(dataset_id=dataset_id, state="uploaded", upload_token="tok",
                                     submitted_at=None)
             session.add(deposition)
+            (await session.get(Dataset, dataset_id)).run_number = 3
             await session.flush()
             deposition_id = deposition.id
         async with store.read() as session:
@@ -283,7 +304,7 @@ async def test_the_facts_are_read_whole_from_the_store(tmp_path, campaign, serve
         dataset_id=dataset_id, dataset_state="complete", collection_id=col.collection_id, proposal=row.proposal,
         beamline=col.beamline, session_name=col.session, sample_name=col.sample, protein_acronym=row.protein_acronym,
         local_dir=row.local_dir, files=tuple(row.files), total_bytes=row.total_bytes,
-        experiment_type=col.experiment_type, number_of_images=col.images, collected_at=row.end,
+        experiment_type=col.experiment_type, number_of_images=col.images, run_number=3, collected_at=row.end,
         experiment_code=col.sample, pdb_code=experiment.pdb_code, deposition_id=deposition_id,
         deposition_state="uploaded", uploaded=True, submitted=False)
     assert found.protein_acronym and found.total_bytes and found.files and found.collected_at is not None
