@@ -59,8 +59,7 @@ def narrowed_pyproject(module: str, tests: list[str], shared: dict) -> str:
 
 def scratch(module: str, tests: list[str], shared: dict, *, resume: bool = False) -> Path:
     """The module's directory, anew; with `resume`, the last run's, its verdicts kept and its sources and
-    tests brought up to date (mutmut tests again the mutants of a function whose code changed, and maps
-    new tests to the functions they reach)."""
+    tests brought up to date (mutmut tests again the mutants of a function whose code changed)."""
     work = OUT / module.removesuffix(".py").replace("/", ".")
     if not (resume and (work / "mutants").is_dir()):
         shutil.rmtree(work, ignore_errors=True)
@@ -71,6 +70,8 @@ def scratch(module: str, tests: list[str], shared: dict, *, resume: bool = False
     if resume and (work / "mutants").is_dir():
         shutil.rmtree(work / "mutants" / "tests", ignore_errors=True)
         shutil.copytree(ROOT / "tests", work / "mutants" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        # mutmut maps only new tests to the functions they reach: a changed test may reach more, so map all.
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     (work / "pyproject.toml").write_text(narrowed_pyproject(module, tests, shared))
     return work
 
