@@ -177,6 +177,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_async(main())
 
 
+def _more(unlisted: int, what: str) -> None:
+    if unlisted > 0:
+        print(f"… and {unlisted} more {what} (not listed here: `mirrord status` lists the most recent, "
+              "`mirrord show KIND ID` tells one)")
+
+
 def cmd_once(args: argparse.Namespace) -> int:
     config = _load(args)
     stopped_by: list[signal.Signals] = []
@@ -198,15 +204,17 @@ def cmd_once(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         for line in outcome.attention:
             print(f"needs attention: {line}")
+        _more(outcome.attention_total - len(outcome.attention), "need attention")
         for line in outcome.approvals:
             print(f"awaiting approval: {line}")
         for line in outcome.failed:
             print(f"failed: {line}")
-        print(f"mirrord once: {outcome.passes} pass(es); {len(outcome.failed)} failed, "
-              f"{len(outcome.attention)} need attention, {len(outcome.approvals)} await approval")
-        if outcome.failed:
+        _more(outcome.failed_total - len(outcome.failed), "failed")
+        print(f"mirrord once: {outcome.passes} pass(es); {outcome.failed_total} failed, "
+              f"{outcome.attention_total} need attention, {len(outcome.approvals)} await approval")
+        if outcome.failed_total:
             return EXIT_FAILED
-        return EXIT_ATTENTION if outcome.attention or outcome.approvals else EXIT_OK
+        return EXIT_ATTENTION if outcome.attention_total or outcome.approvals else EXIT_OK
 
     code = _run_async(main())
     if stopped_by:  # end as the signal would have, once everything is closed (systemd: a clean stop)

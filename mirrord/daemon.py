@@ -37,6 +37,7 @@ from mirrord.workdirs import check_directories
 
 log = structlog.get_logger("mirrord.daemon")
 PRUNE = "prune"  # the scheduler's retention job (store/retention.py)
+ONCE_LISTED = 50  # problem items `once` names of each kind; the rest it counts (`mirrord status` lists them)
 
 # States in which an item is done for good or waits for a person: `once` does not wait for these.
 RESTING_STATES = {"mirrored", "pruned", "superseded", "skipped", "eligible", "published", "attached", "unmatched",
@@ -45,12 +46,22 @@ RESTING_STATES = {"mirrored", "pruned", "superseded", "skipped", "eligible", "pu
 
 
 @dataclass
+class Listed:
+    """The first lines of a list that may be too long to print whole, and how many it holds."""
+
+    lines: list[str] = field(default_factory=list)
+    total: int = 0
+
+
+@dataclass
 class Outcome:
     exit_code: int
     passes: int
-    failed: list[str]
-    attention: list[str]
+    failed: list[str]  # the first ONCE_LISTED of each kind of item (then the jobs that failed)
+    attention: list[str]  # the first ONCE_LISTED of each kind of item
     approvals: list[str] = field(default_factory=list)  # depositions waiting for a person's approval
+    failed_total: int = 0
+    attention_total: int = 0
 
 
 class Mirrord:
@@ -164,9 +175,11 @@ class Mirrord:
         await self.prune_if_due()
         failed, attention = await self.problem_items()
         # A job whose last run failed (upstream down, credentials refused) did not finish its work either.
-        failed += [f"job {name}: {health.last_error}" for name, health in self.runner.health.items()
-                   if health.failing_since is not None]
-        return Outcome(1 if failed else 0, passes, failed, attention, await self.waiting_approval())
+        jobs = [f"job {name}: {health.last_error}" for name, health in self.runner.health.items()
+                if health.failing_since is not None]
+        failed_total = failed.total + len(jobs)
+        return Outcome(1 if failed_total else 0, passes, failed.lines + jobs, attention.lines,
+                       await self.waiting_approval(), failed_total, attention.total)
 
     async def _event_count(self) -> int:
         """Changes when an event is recorded: the newest id (a count read every event ever kept)."""
@@ -200,23 +213,25 @@ class Mirrord:
         except Exception:  # retention failing must never stop the work; it is tried again next time
             log.exception("store.prune_failed")
 
-    async def problem_items(self) -> tuple[list[str], list[str]]:
-        """Items that failed (gave up, or erred and wait for a retry) and items that need a person,
-        each with its id (for `mirrord show` and `retry`) and its reason."""
-        failed, attention = [], []
+    async def problem_items(self, limit: int = ONCE_LISTED) -> tuple[Listed, Listed]:
+        """Items that failed (gave up, or erred and wait for a retry) and items that need a person: of
+        each kind, the first `limit` by id, each with its id (for `mirrord show` and `retry`) and its
+        reason, and how many there are (a year's store may hold thousands: `status` pages them)."""
+        failed, attention = Listed(), Listed()
         async with self.store.read() as session:
             for kind, model in ITEM_MODELS.items():
-                items = (await session.scalars(
-                    select(model).where((model.state.in_(FAILED_STATES))
-                                        | (model.last_error.is_not(None) & (model.state != DISMISSED)))
-                    .order_by(model.id))).all()
-                advice = await remedies.for_items(session, kind, items)
-                for item in items:
-                    reason = why(kind, item) or "no reason recorded"
-                    if item.state in FAILED_STATES:
-                        reason = remedies.explain(reason, advice[item.id])
-                    line = f"{kind} {item.id} [{item.state}]: {reason}"
-                    (attention if item.state == "needs_attention" else failed).append(line)
+                erred = (model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None) & (model.state != DISMISSED))
+                for listed, which in ((attention, model.state == "needs_attention"),
+                                      (failed, model.state != "needs_attention")):
+                    where = erred & which
+                    listed.total += await session.scalar(select(func.count()).select_from(model).where(where))
+                    items = (await session.scalars(select(model).where(where).order_by(model.id).limit(limit))).all()
+                    advice = await remedies.for_items(session, kind, items)
+                    for item in items:
+                        reason = why(kind, item) or "no reason recorded"
+                        if item.state in FAILED_STATES:
+                            reason = remedies.explain(reason, advice[item.id])
+                        listed.lines.append(f"{kind} {item.id} [{item.state}]: {reason}")
         return failed, attention
 
     # -- daemon ---------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ async def _demo(root: Path, *, keep: bool, kept: bool) -> int:
                     console.print(f"\nmirrored {counts['mirrored']} target version(s), discovered "
                                   f"{counts['datasets']} datasets, published {counts['published']} deposition(s), "
                                   f"attached evidence to {counts['attached']} compound(s), "
-                                  f"{len(outcome.attention)} item(s) need attention; {elapsed:.1f}s.")
+                                  f"{outcome.attention_total} item(s) need attention; {elapsed:.1f}s.")
                     if kept:
                         console.print(f"state in {root}")
                     if keep:

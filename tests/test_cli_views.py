@@ -19,7 +19,7 @@ from mirrord.config import load_config
 from mirrord.emulators.bundle import EmulatorBundle
 from mirrord.emulators.campaign import Campaign
 from mirrord.store import Store, migrate
-from mirrord.store.models import Dataset, Deposition, Event, Upload
+from mirrord.store.models import ITEM_MODELS, Dataset, Deposition, Event, Upload
 from mirrord.ui.actions import RESTART_STATES, check_upstreams
 from mirrord.ui.terminal import print_checks
 from tests.test_web import seed
@@ -256,7 +256,7 @@ def test_reading_commands_explain_an_older_schema(seeded: Path, capsys: pytest.C
 def test_once_exits_3_and_gives_each_reason_when_items_need_a_person(seeded: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     async def only_attention(session) -> None:  # noqa: ANN001
-        for model in (Upload, Dataset, Deposition):
+        for model in ITEM_MODELS.values():
             for item in (await session.scalars(select(model))).all():
                 item.last_error = None
                 if item.state == "failed":
@@ -267,6 +267,53 @@ def test_once_exits_3_and_gives_each_reason_when_items_need_a_person(seeded: Pat
     out = capsys.readouterr().out
     assert "needs attention: deposition 2 [needs_attention]: PDIS status header_not_readable" in out
     assert "0 failed, 1 need attention" in out
+
+
+def test_once_names_the_first_fifty_problems_of_a_kind_and_counts_the_rest(seeded: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A year's store may hold thousands of items in trouble: `once` names the first ONCE_LISTED of each kind
+    (by id) and counts the rest, whose number the summary line and the exit code still reflect."""
+    from mirrord.daemon import ONCE_LISTED
+
+    async def many(session) -> None:  # noqa: ANN001
+        template = (await session.scalars(select(Dataset).order_by(Dataset.id))).first()
+        for n in range(2 * (ONCE_LISTED + 10)):
+            state = "needs_attention" if n % 2 else "failed"
+            session.add(Dataset(group_id=90_000 + n, collection_id=90_000 + n, session_id=template.session_id,
+                                session_name=template.session_name, proposal=template.proposal,
+                                state=state, last_error=f"files of collection {90_000 + n} not found"))
+
+    async def totals(session) -> tuple[int, int]:  # noqa: ANN001
+        failed = attention = 0
+        for model in ITEM_MODELS.values():
+            for item in (await session.scalars(select(model))).all():
+                if item.state == "needs_attention":
+                    attention += 1
+                elif item.state == "failed" or (item.last_error is not None and item.state != "dismissed"):
+                    failed += 1
+        return failed, attention
+
+    def ids_in(state: str):
+        async def ids(session) -> list[int]:  # noqa: ANN001
+            return list((await session.scalars(
+                select(Dataset.id).where(Dataset.state == state).order_by(Dataset.id))).all())
+        return ids
+
+    write(seeded, many)
+    failed, attention = read(seeded, totals)
+    assert main(["once", "-c", str(seeded)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    for state, prefix, what, total in (("needs_attention", "needs attention: ", "need attention", attention),
+                                       ("failed", "failed: ", "failed", failed)):
+        ids = read(seeded, ids_in(state))
+        assert len(ids) > ONCE_LISTED
+        named = [line for line in out if line.startswith(f"{prefix}dataset ")]
+        assert [int(line.removeprefix(prefix).split()[1]) for line in named] == ids[:ONCE_LISTED]
+        unlisted = total - sum(line.startswith(prefix) for line in out)
+        assert unlisted == len(ids) - ONCE_LISTED
+        assert (f"… and {unlisted} more {what} (not listed here: `mirrord status` lists the most recent, "
+                "`mirrord show KIND ID` tells one)") in out
+    assert f"{failed} failed, {attention} need attention" in out[-1]
 
 
 def test_retry_takes_a_name_like_show(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
