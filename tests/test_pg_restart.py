@@ -89,13 +89,13 @@ async def test_a_restart_during_a_pdis_upload_converges_exactly_once(
         pytest.skip("restarts the suite's own PostgreSQL server; MIRRORD_TEST_PG_URL names another")
     campaign = Campaign.demo(seed=0, targets=1, experiments=6)
     emulator = PdisEmulator(storage_dir=tmp_path / "pdis", users={USER: PASSWORD}, step_seconds=0.02)
-    stopped: list[float] = []
+    stopping: list[asyncio.Task] = []
 
     @web.middleware
     async def stop_database_on_first_upload(request: web.Request, handler):  # noqa: ANN001
-        if request.method == "POST" and request.path.endswith("/upload/") and not stopped:
-            stopped.append(time.monotonic())
-            await asyncio.to_thread(pg_server.stop_server)
+        if request.method == "POST" and request.path.endswith("/upload/") and not stopping:
+            stopping.append(asyncio.create_task(asyncio.to_thread(pg_server.stop_server)))
+            await stopping[0]
         return await handler(request)
 
     emulator.app.middlewares.insert(0, stop_database_on_first_upload)
@@ -105,7 +105,10 @@ async def test_a_restart_during_a_pdis_upload_converges_exactly_once(
             await add_datasets(config, campaign, tmp_path / "dls")
             async with Mirrord(config) as app:
                 await app.runner.run("pdis", force_poll=True)  # cut by the restart; must not raise
-                assert stopped, "no upload was made"
+                assert stopping, "no upload was made"
+                # Another worker's write, cut first, may end the run while the server is still shutting
+                # down (a start then finds its postmaster.pid): the restart begins once the stop is done.
+                await stopping[0]
                 await asyncio.to_thread(pg_server.start_server)
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline:
