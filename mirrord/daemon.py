@@ -220,7 +220,7 @@ class Mirrord:
         failed, attention = Listed(), Listed()
         async with self.store.read() as session:
             for kind, model in ITEM_MODELS.items():
-                erred = (model.state.in_(FAILED_STATES)) | (model.last_error.is_not(None) & (model.state != DISMISSED))
+                erred = model.state.in_(FAILED_STATES) | (model.last_error.is_not(None) & (model.state != DISMISSED))
                 for listed, which in ((attention, model.state == "needs_attention"),
                                       (failed, model.state != "needs_attention")):
                     where = erred & which

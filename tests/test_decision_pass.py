@@ -453,9 +453,10 @@ async def test_a_changed_dataset_brings_every_rival_for_each_code_it_had(store: 
                                                                        db_url: str) -> None:
     """Kills `_rival_ids`' `func.lower` (of the experiment's code and of the deposition's), its queries'
     `is_not(None)` as None (nothing found), `discard("")` changed, and its pdb_codes_file left unread; and
-    `_competing`'s file codes taken for the wrong codes, with no filter, or by the wrong experiments: a dataset that changed brings back every unchanged one competing with it,
-    by its experiment's code whatever its case, by the code its deposition was last decided for, and by
-    the person's file; an empty code is no code and makes no rivals."""
+    `_competing`'s file codes taken for the wrong codes, with no filter, or by the wrong experiments.
+    A dataset that changed brings back every unchanged one competing with it: by its experiment's code
+    whatever its case, by the code its deposition was last decided for, and by the person's file (by
+    sample and by experiment code). An empty code is no code and makes no rivals."""
     codes = tmp_path / "codes.csv"
     codes.write_text("X00008,5ABC\ne10,5ABC\n")
     section = config_for(tmp_path, db_url, pdb_codes_file=str(codes)).pdis
@@ -484,24 +485,25 @@ async def test_a_pass_always_decides_what_is_about_to_leave_the_host(store: Stor
     without `_undecided_where`: a deposition queued, packed, waiting for approval or dry-run (and, with
     `allow_additional_datasets`, one PDIS said holds its code) is decided on every pass, changed or not,
     the last chance before its archive leaves; those at rest are not, even when they changed."""
-    always = ["queued", "packed", "awaiting_approval", "dry_run"]
-    at_rest = ["not_deposited", "published", "needs_attention", "submitted", "already_in_pdis"]
+    states = ["queued", "packed", "awaiting_approval", "dry_run",  # 1-4: always
+              "not_deposited", "published", "needs_attention", "submitted", "already_in_pdis"]  # 5-9: at rest
     async with store.write() as session:
         session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
         await session.flush()
-        await session.execute(insert(Dataset), [dataset_row(n) for n in range(1, len(always + at_rest) + 1)])
-        session.add_all([Deposition(dataset_id=n, state=state) for n, state in enumerate(always + at_rest, start=1)])
+        await session.execute(insert(Dataset), [dataset_row(n) for n in range(1, len(states) + 1)])
+        session.add_all([Deposition(dataset_id=n, state=state) for n, state in enumerate(states, start=1)])
+    plain = config_for(tmp_path, db_url).pdis
+    allowed = config_for(tmp_path, db_url, allow_additional_datasets=True).pdis
     await changed_only(store, set())
     async with store.read() as session:
-        assert await deposit_policy.undecided_ids(session, config_for(tmp_path, db_url).pdis, SINCE) == [1, 2, 3, 4]
-        allowed = config_for(tmp_path, db_url, allow_additional_datasets=True).pdis
-        assert await deposit_policy.undecided_ids(session, allowed, SINCE) == [1, 2, 3, 4, len(always + at_rest)]
+        assert await deposit_policy.undecided_ids(session, plain, SINCE) == [1, 2, 3, 4]
+        assert await deposit_policy.undecided_ids(session, allowed, SINCE) == [1, 2, 3, 4, 9]
     # Changed, those whose decision can no longer change stay out: a published or submitted deposition,
     # one waiting for a person (they settle it), and one PDIS holds the code of unless more are allowed.
-    await changed_only(store, set(range(1, len(always + at_rest) + 1)))
+    await changed_only(store, set(range(1, len(states) + 1)))
     async with store.read() as session:
-        assert await deposit_policy.undecided_ids(session, config_for(tmp_path, db_url).pdis, SINCE) == [1, 2, 3, 4, 5]
-        assert await deposit_policy.undecided_ids(session, allowed, SINCE) == [1, 2, 3, 4, 5, len(always + at_rest)]
+        assert await deposit_policy.undecided_ids(session, plain, SINCE) == [1, 2, 3, 4, 5]
+        assert await deposit_policy.undecided_ids(session, allowed, SINCE) == [1, 2, 3, 4, 5, 9]
 
 
 async def test_an_edit_of_the_pdb_codes_file_decides_everything_again(small: Store, tmp_path: Path,
