@@ -48,6 +48,16 @@ def dataset_row(n: int, **values) -> dict:
             **values}
 
 
+async def add_visit(session, pdb_codes: dict[int, str | None]) -> None:
+    """Visit lb1-1 (session 1) of target A71, and its experiments E<id> with these PDB codes, by id."""
+    session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
+    session.add(Target(id=1, name="A71", tas="lb1-1"))
+    await session.flush()
+    if pdb_codes:
+        await session.execute(insert(Experiment), [{"id": i, "target_id": 1, "upload_index": 1, "code": f"E{i}",
+                                                    "pdb_code": code} for i, code in pdb_codes.items()])
+
+
 @pytest.fixture
 async def year(tmp_path: Path, db_url: str):
     """A store with QUIET unlinked collections, 3 experiments without a PDB code yet (one collection
@@ -55,12 +65,7 @@ async def year(tmp_path: Path, db_url: str):
     store = Store(db_url)
     await migrate.upgrade(store)
     async with store.write() as session:
-        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
-        session.add(Target(id=1, name="A71", tas="lb1-1"))
-        await session.flush()
-        await session.execute(insert(Experiment), [
-            {"id": i, "target_id": 1, "upload_index": 1, "code": f"E{i}", "pdb_code": "5ABC" if i == 4 else None}
-            for i in range(1, 5)])
+        await add_visit(session, {1: None, 2: None, 3: None, 4: "5ABC"})
         await session.execute(insert(Dataset), [dataset_row(n) for n in range(1, QUIET + 1)] + [
             dataset_row(QUIET + i, experiment_id=i) for i in (1, 2, 3, 4)] + [dataset_row(QUIET + 5, experiment_id=4)])
     try:
@@ -270,10 +275,7 @@ async def test_plan_lists_what_is_open_and_counts_what_rests(year: DepositJob, t
 async def small(store: Store) -> Store:
     """Three complete collections, one incomplete (no deposition), one experiment; nothing decided."""
     async with store.write() as session:
-        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
-        session.add(Target(id=1, name="A71", tas="lb1-1"))
-        await session.flush()
-        await session.execute(insert(Experiment), [{"id": 1, "target_id": 1, "upload_index": 1, "code": "E1"}])
+        await add_visit(session, {1: None})
         await session.execute(insert(Dataset), [dataset_row(1), dataset_row(2, experiment_id=1), dataset_row(3),
                                                 dataset_row(4, state="waiting")])
     return store
@@ -462,11 +464,7 @@ async def test_a_changed_dataset_brings_every_rival_for_each_code_it_had(store: 
     section = config_for(tmp_path, db_url, pdb_codes_file=str(codes)).pdis
     pdb = {1: "5abc", 2: "5ABC", 3: None, 4: "", 5: "", 6: "6DEF", 7: "7OLD", 10: None}
     async with store.write() as session:
-        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
-        session.add(Target(id=1, name="A71", tas="lb1-1"))
-        await session.flush()
-        await session.execute(insert(Experiment), [{"id": i, "target_id": 1, "upload_index": 1, "code": f"E{i}",
-                                                    "pdb_code": code} for i, code in pdb.items()])
+        await add_visit(session, pdb)
         await session.execute(insert(Dataset), [dataset_row(n, id=n, experiment_id=n) for n in pdb]
                               + [dataset_row(8, id=8), dataset_row(9, id=9)])
         # 6 was decided for 7OLD before its experiment's code changed; 3 was decided not to go (no code).
@@ -488,8 +486,7 @@ async def test_a_pass_always_decides_what_is_about_to_leave_the_host(store: Stor
     states = ["queued", "packed", "awaiting_approval", "dry_run",  # 1-4: always
               "not_deposited", "published", "needs_attention", "submitted", "already_in_pdis"]  # 5-9: at rest
     async with store.write() as session:
-        session.add(SessionRow(id=1, name="lb1-1", proposal="lb1"))
-        await session.flush()
+        await add_visit(session, {})
         await session.execute(insert(Dataset), [dataset_row(n) for n in range(1, len(states) + 1)])
         session.add_all([Deposition(dataset_id=n, state=state) for n, state in enumerate(states, start=1)])
     plain = config_for(tmp_path, db_url).pdis
