@@ -33,6 +33,7 @@ from tests.test_deposit_job import (  # noqa: F401 - pytest fixtures
     last_reason,
     open_store,
     served,
+    spool_files,
 )
 from tests.test_deposit_steps import (
     Progressed,
@@ -48,10 +49,6 @@ from tests.test_deposit_steps import (
 )
 
 RESERVE = 256 * 1024**2  # room_for's default: what a spool leaves the lab's other software
-
-
-def spool_files(config) -> list[str]:
-    return sorted(p.name for p in config.spool_dir.iterdir())
 
 
 async def test_a_pack_decided_against_packs_nothing(tmp_path, campaign, emulator, served):  # noqa: F811
