@@ -61,13 +61,14 @@ def scratch(module: str, tests: list[str], shared: dict, *, resume: bool = False
     """The module's directory, anew; with `resume`, the last run's, its verdicts kept and its sources and
     tests brought up to date (mutmut tests again the mutants of a function whose code changed)."""
     work = OUT / module.removesuffix(".py").replace("/", ".")
-    if not (resume and (work / "mutants").is_dir()):
+    resuming = resume and (work / "mutants").is_dir()
+    if not resuming:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     for tree in ("mirrord", "tests"):
         shutil.rmtree(work / tree, ignore_errors=True)
         shutil.copytree(ROOT / tree, work / tree, ignore=shutil.ignore_patterns("__pycache__"))
-    if resume and (work / "mutants").is_dir():
+    if resuming:
         shutil.rmtree(work / "mutants" / "tests", ignore_errors=True)
         shutil.copytree(ROOT / "tests", work / "mutants" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
         # mutmut maps only new tests to the functions they reach: a changed test may reach more, so map all.
